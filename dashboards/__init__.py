@@ -1,0 +1,1 @@
+"""evoforge: dashboards."""

@@ -1,0 +1,273 @@
+"""One entry point for every merge: resolve parameters per tensor, stream tensors, dispatch.
+
+`merge(method, base, models, **params)` merges in-memory state dicts; `iter_merge(spec, ...)`
+streams (name, tensor) pairs from any sources (checkpoints on disk included) so callers can write
+each merged tensor out before the next one is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from operators import rng
+from operators.errors import MergeInputError, MergeParameterError
+from operators.interpolation import linear, slerp
+from operators.methods import Engine, Method, TrimScope, check_parameter_names, get_method
+from operators.pcb import pcb_merge
+from operators.quantiles import kth_smallest_streaming
+from operators.settings import Setting, TensorSite, check_setting, count_layers, resolve_first
+from operators.sources import StateDictSource, TensorSource
+from operators.sparsify import Keep, Sparsifier, sparsify
+from operators.task_arithmetic import Aggregation, merge_task_vectors
+
+
+@dataclass
+class MergeSpec:
+    """A serializable merge: method, parameters (shared and per model) and the random seed.
+
+    `parameters` holds shared parameters and defaults for per-model ones (mergekit's top-level
+    `parameters:`); `model_parameters[i]` holds model i's own settings, which take precedence.
+    """
+
+    method: str
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    model_parameters: list[dict[str, Setting]] = field(default_factory=list)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "parameters": self.parameters,
+                "model_parameters": self.model_parameters, "seed": self.seed}
+
+    @classmethod
+    def from_kwargs(cls, method: str, n_models: int, seed: int = 0, **params: Any) -> MergeSpec:
+        """Python-API form: a list/tuple value gives one setting per model, anything else is shared."""
+        info = get_method(method)
+        shared: dict[str, Setting] = {}
+        per_model: list[dict[str, Setting]] = [{} for _ in range(n_models)]
+        for name, value in params.items():
+            if name in info.per_model and isinstance(value, list | tuple):
+                if len(value) != n_models:
+                    raise MergeParameterError(
+                        f"{name} has {len(value)} values for {n_models} models: give one per "
+                        "model (in the order of `models`) or a single value for all")
+                for entry, setting in zip(per_model, value, strict=True):
+                    entry[name] = setting
+            else:
+                shared[name] = value
+        return cls(method, shared, per_model, seed)
+
+
+def _validate(spec: MergeSpec, method: Method, n_models: int, has_base: bool) -> None:
+    if spec.model_parameters and len(spec.model_parameters) != n_models:
+        raise MergeParameterError(
+            f"{len(spec.model_parameters)} model parameter sets for {n_models} models")
+    check_parameter_names(method, spec.parameters, spec.model_parameters)
+    for name, setting in spec.parameters.items():
+        check_setting(name, setting)
+    for params in spec.model_parameters:
+        for name, setting in params.items():
+            check_setting(name, setting)
+    if method.needs_base and not has_base:
+        raise MergeInputError(f"method {method.name!r} needs a base model (base_model:)")
+    if not method.needs_base and has_base:
+        raise MergeInputError(
+            f"method {method.name!r} takes no base model: list every input under models")
+    if n_models == 0 and method.engine is not Engine.TASK_VECTORS:
+        raise MergeInputError(f"method {method.name!r} needs at least one model to merge")
+    if method.engine is Engine.SLERP and n_models != 1:
+        raise MergeInputError(f"slerp interpolates the base and exactly one other model, got "
+                              f"{n_models} other models")
+
+
+def _check_sources(sources: Sequence[TensorSource]) -> list[str]:
+    """Names to merge, after checking every input has the same tensors with the same shapes."""
+    reference = sources[0]
+    names = reference.names()
+    wanted = set(names)
+    for source in sources[1:]:
+        have = set(source.names())
+        if have != wanted:
+            missing, extra = sorted(wanted - have)[:5], sorted(have - wanted)[:5]
+            raise MergeInputError(
+                f"{source.label} and {reference.label} have different tensors (missing in "
+                f"{source.label}: {missing}; only in {source.label}: {extra}). Merge only models "
+                "fine-tuned from the same base architecture.")
+        for name in names:
+            if source.shape(name) != reference.shape(name):
+                raise MergeInputError(
+                    f"tensor {name!r}: shape {list(source.shape(name))} in {source.label} but "
+                    f"{list(reference.shape(name))} in {reference.label}. The models differ in "
+                    "architecture or vocabulary size; resize embeddings or pick compatible models.")
+    return names
+
+
+def _check_finite(tensor: torch.Tensor, name: str, label: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise MergeInputError(
+            f"tensor {name!r} of {label} holds {bad} NaN/Inf values: the checkpoint is corrupt or "
+            "diverged; re-export it or drop this model from the merge")
+
+
+class _Resolver:
+    """Resolves and validates every parameter of the method for one tensor."""
+
+    def __init__(self, spec: MergeSpec, method: Method, n_models: int):
+        self.spec, self.method, self.n_models = spec, method, n_models
+
+    def shared(self, site: TensorSite) -> dict[str, Any]:
+        values = {}
+        for name, param in self.method.shared.items():
+            value = resolve_first([self.spec.parameters], name, site)
+            values[name] = self._checked(name, param, value, site, None)
+        return values
+
+    def per_model(self, site: TensorSite) -> list[dict[str, Any]]:
+        result = []
+        for index in range(self.n_models):
+            own = self.spec.model_parameters[index] if self.spec.model_parameters else {}
+            values = {}
+            for name, param in self.method.per_model.items():
+                value = resolve_first([own, self.spec.parameters], name, site)
+                values[name] = self._checked(name, param, value, site, index)
+            result.append(values)
+        return result
+
+    def _checked(self, name: str, param: Any, value: Any, site: TensorSite, index: int | None):
+        where = f" (tensor {site.name!r}" + (f", model #{index})" if index is not None else ")")
+        if value is None:
+            if param.default is None:
+                raise MergeParameterError(
+                    f"method {self.method.name!r} needs parameter {name!r}{where}: set it in "
+                    "parameters (for all models) or in each model's parameters")
+            value = param.default
+        return param.check(name, value, where)
+
+
+def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
+                        models: Sequence[TensorSource], names: list[str], num_layers: int
+                        ) -> list[tuple[float, float]]:
+    """Per-model magnitude band (low, high) for the TIES paper's whole-model trim."""
+    floating = [n for n in names if base.dtype(n).is_floating_point]
+    total = sum(int(torch.Size(base.shape(n)).numel()) for n in floating)
+    bounds = []
+    for index, model in enumerate(models):
+        settings = {resolver.per_model(TensorSite.of(n, num_layers))[index]["density"]
+                    for n in floating}
+        if len(settings) != 1:
+            raise MergeParameterError(
+                f"trim_scope: model needs one density per model (model #{index} has "
+                f"{sorted(settings)} across tensors); use trim_scope: tensor for layer-wise density")
+        density = settings.pop()
+
+        def magnitudes(model=model):
+            return ((model.get(n).float() - base.get(n).float()).abs() for n in floating)
+
+        if density >= 1:
+            bounds.append((0.0, float("inf")))
+            continue
+        if method.sparsifier is Sparsifier.MAGNITUDE:
+            k = max(1, int(density * total))
+            bounds.append((kth_smallest_streaming(magnitudes, total - k), float("inf")))
+        else:
+            gamma = resolver.per_model(TensorSite.of(floating[0], num_layers))[index]["gamma"]
+            keep = int(density * total)
+            bottom = max(0, total - keep - int(gamma * total))
+            bounds.append((kth_smallest_streaming(magnitudes, bottom),
+                           kth_smallest_streaming(magnitudes, bottom + keep - 1)))
+    return bounds
+
+
+def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
+                  models: list[torch.Tensor], shared: dict[str, Any],
+                  per_model: list[dict[str, Any]], seed: int,
+                  bounds: list[tuple[float, float]] | None) -> torch.Tensor:
+    if method.engine is Engine.LINEAR:
+        return linear(models, [p["weight"] for p in per_model], shared["normalize"])
+    if method.engine is Engine.SLERP:
+        return slerp(shared["t"], base, models[0])
+    if method.engine is Engine.PCB:
+        return pcb_merge(base, models, densities=[p["density"] for p in per_model],
+                         weights=[p["weight"] for p in per_model], lam=shared["lambda"],
+                         clip=shared["clip"], inter=shared["inter"])
+    keeps = []
+    for index, (model, params) in enumerate(zip(models, per_model, strict=True)):
+        if method.sparsifier is None or params["density"] >= 1 and bounds is None:
+            keeps.append(Keep(None))
+            continue
+        delta = model.to(torch.float32) - base.to(torch.float32)
+        if bounds is not None:
+            low, high = bounds[index]
+            magnitudes = delta.abs()
+            mask = (magnitudes >= low) & (magnitudes <= high)
+            keeps.append(Keep(mask, 1.0))
+            continue
+        keeps.append(sparsify(
+            delta, method.sparsifier, density=params["density"], gamma=params.get("gamma", 0.0),
+            epsilon=params.get("epsilon", 0.0), rescale=shared["rescale"],
+            rescale_mode=shared.get("rescale_mode", "l1"),
+            key=rng.stream_key(seed, site.name, f"trim:{index}")))
+        if method.sparsifier is Sparsifier.DELLA:
+            _check_della(params, site, index)
+    how = Aggregation(method.consensus, shared["normalize"], shared["lambda"],
+                      shared["weight_before_election"])
+    return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how)
+
+
+def _check_della(params: dict[str, Any], site: TensorSite, index: int) -> None:
+    density, epsilon = params["density"], params["epsilon"]
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise MergeParameterError(
+            f"della (tensor {site.name!r}, model #{index}): density ± epsilon must stay inside "
+            f"(0, 1), got density={density}, epsilon={epsilon}")
+
+
+def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[TensorSource],
+               device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor) for every tensor, streaming one tensor at a time."""
+    method = get_method(spec.method)
+    _validate(spec, method, len(models), base is not None)
+    sources = ([base] if base is not None else []) + list(models)
+    names = _check_sources(sources)
+    num_layers = count_layers(names)
+    resolver = _Resolver(spec, method, len(models))
+    bounds = None
+    if method.shared.get("trim_scope") is not None:
+        scope = resolver.shared(TensorSite(names[0] if names else "", 0.0))["trim_scope"]
+        if scope is TrimScope.MODEL:
+            bounds = _model_scope_bounds(method, resolver, base, models, names, num_layers)
+    for name in names:
+        tensors = [source.get(name).to(device) for source in sources]
+        for tensor, source in zip(tensors, sources, strict=True):
+            _check_finite(tensor, name, source.label)
+        if not tensors[0].is_floating_point():
+            if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
+                raise MergeInputError(
+                    f"non-float tensor {name!r} differs between inputs; it cannot be averaged. "
+                    "Merge models that share it (e.g. position ids) or drop it from the inputs.")
+            yield name, tensors[0]
+            continue
+        site = TensorSite.of(name, num_layers)
+        base_tensor = tensors[0] if base is not None else None
+        model_tensors = tensors[1:] if base is not None else tensors
+        yield name, _merge_tensor(method, site, base_tensor, model_tensors, resolver.shared(site),
+                                  resolver.per_model(site), spec.seed, bounds)
+
+
+def merge(method: str, base: Mapping[str, torch.Tensor] | None,
+          models: Sequence[Mapping[str, torch.Tensor]], *, seed: int = 0,
+          **params: Any) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts: ``merge("ties", base, [a, b], weight=[0.7, 0.3], density=0.4)``.
+
+    Per-model parameters take a list (one setting per model) or one setting for all; a setting is
+    a number, a gradient over layer depth ``[0.2, 0.8]`` or filter conditions (see
+    `operators.settings`). `seed` drives every random choice (DARE, DELLA), per tensor.
+    """
+    spec = MergeSpec.from_kwargs(method, len(models), seed=seed, **params)
+    base_source = StateDictSource(base, "base") if base is not None else None
+    sources = [StateDictSource(m, f"model #{i}") for i, m in enumerate(models)]
+    return dict(iter_merge(spec, base_source, sources))
