@@ -106,8 +106,12 @@ def _check_sources(sources: Sequence[TensorSource]) -> list[str]:
 
 
 def _check_finite(tensor: torch.Tensor, name: str, label: str) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    """Reject NaN/Inf weights. A sum (one cheap pass, no allocation) is finite unless the tensor
+    holds NaN/Inf (or sums past 3e38, which real weights never do); only then count them."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
         raise MergeInputError(
             f"tensor {name!r} of {label} holds {bad} NaN/Inf values: the checkpoint is corrupt or "
             "diverged; re-export it or drop this model from the merge")
@@ -172,13 +176,13 @@ def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
             continue
         if method.sparsifier is Sparsifier.MAGNITUDE:
             k = max(1, int(density * total))
-            bounds.append((kth_smallest_streaming(magnitudes, total - k), float("inf")))
+            bounds.append((kth_smallest_streaming(magnitudes, total - k, True), float("inf")))
         else:
             gamma = resolver.per_model(TensorSite.of(floating[0], num_layers))[index]["gamma"]
             keep = int(density * total)
             bottom = max(0, total - keep - int(gamma * total))
-            bounds.append((kth_smallest_streaming(magnitudes, bottom),
-                           kth_smallest_streaming(magnitudes, bottom + keep - 1)))
+            bounds.append((kth_smallest_streaming(magnitudes, bottom, True),
+                           kth_smallest_streaming(magnitudes, bottom + keep - 1, True)))
     return bounds
 
 
@@ -226,9 +230,21 @@ def _check_della(params: dict[str, Any], site: TensorSite, index: int) -> None:
             f"(0, 1), got density={density}, epsilon={epsilon}")
 
 
+def _load(source: TensorSource, name: str, device: torch.device | str,
+          dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = source.get(name)
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device)
+
+
 def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[TensorSource],
-               device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor) for every tensor, streaming one tensor at a time."""
+               device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor) for every tensor, streaming one tensor at a time.
+
+    `dtype` casts floating inputs first (mergekit's ``dtype:``); otherwise they keep their own.
+    """
     method = get_method(spec.method)
     _validate(spec, method, len(models), base is not None)
     sources = ([base] if base is not None else []) + list(models)
@@ -241,7 +257,7 @@ def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[Tens
         if scope is TrimScope.MODEL:
             bounds = _model_scope_bounds(method, resolver, base, models, names, num_layers)
     for name in names:
-        tensors = [source.get(name).to(device) for source in sources]
+        tensors = [_load(source, name, device, dtype) for source in sources]
         for tensor, source in zip(tensors, sources, strict=True):
             _check_finite(tensor, name, source.label)
         if not tensors[0].is_floating_point():

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from operators.chunks import flat, spans
+from operators.chunks import CHUNK_ELEMENTS, flat, spans
 
 # mergekit computes SLERP norms and dots over chunks of this many elements; keeping the same
 # chunking keeps the float32 rounding, hence the bits, identical.
@@ -30,13 +30,18 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     denominator = coefficients.sum()
     out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
     out_flat, sources = flat(out), [flat(t) for t in tensors]
+    # Accumulate straight into the output when it has the work dtype: no scratch at all.
+    scratch = None if first.dtype == dtype else torch.empty(
+        min(first.numel(), CHUNK_ELEMENTS), dtype=dtype, device=first.device)
     for start, stop in spans(first.numel()):
-        acc = torch.zeros(stop - start, dtype=dtype, device=first.device)
+        acc = out_flat[start:stop] if scratch is None else scratch[: stop - start]
+        acc.zero_()
         for source, coefficient in zip(sources, coefficients.unbind(), strict=True):
             acc.addcmul_(source[start:stop], coefficient)
         if normalize:
             acc.div_(denominator)
-        out_flat[start:stop] = acc
+        if scratch is not None:
+            out_flat[start:stop] = acc
     return out
 
 

@@ -44,8 +44,8 @@ def _clip_magnitudes(tau: torch.Tensor, clip: float) -> tuple[torch.Tensor, floa
     """tau with |tau| clipped to its [clip, 1 - clip] quantiles, and the clip bounds."""
     magnitudes = tau.abs()
     n = tau.numel()
-    low = kth_smallest(magnitudes, int(n * clip))
-    high = kth_smallest(magnitudes, max(0, int(n * (1 - clip)) - 1))
+    low = kth_smallest(magnitudes, int(n * clip), nonnegative=True)
+    high = kth_smallest(magnitudes, max(0, int(n * (1 - clip)) - 1), nonnegative=True)
     return torch.sign(tau) * magnitudes.clamp_(low, high), low, high
 
 

@@ -41,39 +41,53 @@ def _select_in_histogram(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     return bucket, below
 
 
-def _high(keys: torch.Tensor) -> torch.Tensor:
-    return (keys >> 16) + (_HALF // 2)  # signed high half shifted into [0, 65536)
+def _keys_and_high(chunk: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sortable keys and their high 16 bits as bucket indices in [0, 65536)."""
+    if nonnegative:  # the bit pattern of a non-negative float already sorts: no remapping
+        keys = chunk.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+        return keys, keys >> 16
+    keys = sortable_keys(chunk).reshape(-1)
+    return keys, (keys >> 16) + (_HALF // 2)
 
 
-def kth_smallest_streaming(make_chunks: Callable[[], Iterable[torch.Tensor]], rank: int) -> float:
+def kth_smallest_streaming(make_chunks: Callable[[], Iterable[torch.Tensor]], rank: int,
+                           nonnegative: bool = False) -> float:
     """Exact value of 0-based ascending `rank` over all chunks that `make_chunks()` yields.
 
     Reads the chunks twice (a histogram of high bits, then of low bits in one bucket), holding one
     chunk at a time: how the whole-model TIES trim finds its threshold while streaming.
+    `nonnegative` (magnitudes) skips the remapping of negative floats.
     """
     counts = None
     total = 0
+    single = None
     for chunk in make_chunks():
-        keys = sortable_keys(chunk).reshape(-1)
+        keys, high = _keys_and_high(chunk, nonnegative)
         total += keys.numel()
-        histogram = torch.bincount(_high(keys), minlength=_HALF)
+        histogram = torch.bincount(high, minlength=_HALF)
         counts = histogram if counts is None else counts + histogram
+        single = (keys, high) if single is None else False
     if counts is None or not 0 <= rank < total:
         raise IndexError(f"rank {rank} out of range for {total} values")
     bucket, below = _select_in_histogram(counts, rank)
-    low_counts = torch.zeros(_HALF, dtype=torch.int64, device=counts.device)
-    for chunk in make_chunks():
-        keys = sortable_keys(chunk).reshape(-1)
-        low_counts += torch.bincount(keys[_high(keys) == bucket] & 0xFFFF, minlength=_HALF)
+    offset = 0 if nonnegative else _HALF // 2
+    if single:  # one chunk: reuse its keys instead of reading it again
+        keys, high = single
+        low_counts = torch.bincount(keys[high == bucket] & 0xFFFF, minlength=_HALF)
+    else:
+        low_counts = torch.zeros(_HALF, dtype=torch.int64, device=counts.device)
+        for chunk in make_chunks():
+            keys, high = _keys_and_high(chunk, nonnegative)
+            low_counts += torch.bincount(keys[high == bucket] & 0xFFFF, minlength=_HALF)
     low_bucket, _ = _select_in_histogram(low_counts, rank - below)
-    return _key_to_float(((bucket - _HALF // 2) << 16) | low_bucket)
+    return _key_to_float(((bucket - offset) << 16) | low_bucket)
 
 
-def kth_smallest(values: torch.Tensor, rank: int) -> float:
+def kth_smallest(values: torch.Tensor, rank: int, nonnegative: bool = False) -> float:
     """The value of 0-based ascending `rank` among `values` (any shape, no NaN), exactly."""
-    return kth_smallest_streaming(lambda: (values,), rank)
+    return kth_smallest_streaming(lambda: (values,), rank, nonnegative)
 
 
-def kth_largest(values: torch.Tensor, k: int) -> float:
+def kth_largest(values: torch.Tensor, k: int, nonnegative: bool = False) -> float:
     """The k-th largest value (k >= 1) of `values`, exactly."""
-    return kth_smallest(values, values.numel() - k)
+    return kth_smallest(values, values.numel() - k, nonnegative)

@@ -60,7 +60,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
         return None
     magnitudes = delta.abs()
     k = max(1, int(density * delta.numel()))
-    return magnitudes >= kth_largest(magnitudes, k)
+    return magnitudes >= kth_largest(magnitudes, k, nonnegative=True)
 
 
 def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
@@ -73,8 +73,8 @@ def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
         return torch.zeros_like(delta, dtype=torch.bool)
     bottom = max(0, n - keep - int(gamma * n))
     magnitudes = delta.abs()
-    low = kth_smallest(magnitudes, bottom)
-    high = kth_smallest(magnitudes, bottom + keep - 1)
+    low = kth_smallest(magnitudes, bottom, nonnegative=True)
+    high = kth_smallest(magnitudes, bottom + keep - 1, nonnegative=True)
     return (magnitudes >= low) & (magnitudes <= high)
 
 

@@ -24,7 +24,7 @@ from enum import StrEnum
 
 import torch
 
-from operators.chunks import flat, spans
+from operators.chunks import CHUNK_ELEMENTS, flat, spans
 from operators.sparsify import Keep
 
 
@@ -65,11 +65,14 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps
     mask_flats = [flat(k.mask) if k.mask is not None else None for k in keeps]
     weight_column = torch.tensor(list(weights), dtype=dtype, device=device).reshape(n, 1)
     out = torch.empty(base.numel(), dtype=base.dtype, device=device)
+    # Scratch reused by every chunk: fresh buffers per chunk cost page faults, not arithmetic.
+    width = min(base.numel(), CHUNK_ELEMENTS)
+    delta_buffer = torch.empty((n, width), dtype=dtype, device=device)
     for start, stop in spans(base.numel()):
         b = base_flat[start:stop].to(dtype)
-        deltas = torch.empty((n, stop - start), dtype=dtype, device=device)
+        deltas = delta_buffer[:, : stop - start]
         for i in range(n):
-            torch.sub(model_flats[i][start:stop].to(dtype), b, out=deltas[i])
+            torch.sub(model_flats[i][start:stop], b, out=deltas[i])
             if mask_flats[i] is not None:
                 deltas[i].mul_(mask_flats[i][start:stop])
             if keeps[i].scale != 1.0:
@@ -80,7 +83,7 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps
             agree = _elected_agreement(deltas, how.consensus)
             if not how.weight_before_election:
                 deltas.mul_(weight_column)
-            mixed = (deltas * agree).sum(dim=0)
+            mixed = deltas.mul_(agree).sum(dim=0)
             divisor = (weight_column * agree).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
@@ -93,5 +96,5 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps
             mixed /= divisor
         if how.lam != 1:
             mixed *= how.lam
-        out[start:stop] = b + mixed
+        torch.add(b, mixed, out=out[start:stop])
     return out.reshape(base.shape)

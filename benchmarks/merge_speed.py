@@ -1,0 +1,138 @@
+"""Merge speed and peak memory: evoforge vs mergekit 0.1.5's in-memory API, in one process.
+
+Merges a base plus 3 models (>= 100M parameters each, float32, Llama-shaped tensors) with each
+method, checks that both give the same tensors, and prints the time ratio and the peak resident
+memory each merge added above the inputs. Run: ``python benchmarks/merge_speed.py [--layers N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from operators import merge
+
+try:
+    from mergekit.merge_methods.api import merge_state_dicts
+except ImportError:  # pragma: no cover - mergekit is a dependency, but keep the script usable
+    merge_state_dicts = None
+
+WEIGHTS = [0.5, 0.3, 0.7]
+DENSITY = 0.3
+
+
+def _peak_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def build_models(layers: int, hidden: int, seed: int = 0) -> tuple[dict, list[dict]]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (8000, hidden)}
+    for i in range(layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"model.layers.{i}.self_attn.{name}.weight"] = (hidden, hidden)
+        for name, shape in (("gate_proj", (hidden * 11 // 4, hidden)),
+                            ("up_proj", (hidden * 11 // 4, hidden)),
+                            ("down_proj", (hidden, hidden * 11 // 4))):
+            shapes[f"model.layers.{i}.mlp.{name}.weight"] = shape
+        shapes[f"model.layers.{i}.input_layernorm.weight"] = (hidden,)
+    base = {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
+    models = [{k: v + torch.randn(v.shape, generator=generator) * 0.002 for k, v in base.items()}
+              for _ in range(3)]
+    return base, models
+
+
+def timed(fn):
+    gc.collect()
+    before = _rss_gib()
+    _peak_reset()
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    return result, elapsed, _peak_gib() - before
+
+
+def mergekit_reference(method, base, models, params, masks=None):
+    inputs = {"base": base} | {f"m{i}": m for i, m in enumerate(models)}
+    mk_params = {k: ({f"m{i}": x for i, x in enumerate(v)} if isinstance(v, list) else v)
+                 for k, v in params.items()}
+    if method == "linear":
+        inputs.pop("base")
+        return merge_state_dicts(inputs, method, parameters=mk_params)
+    return merge_state_dicts(inputs, method, parameters=mk_params, base="base")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--skip-mergekit", action="store_true",
+                        help="time evoforge only (mergekit's TIES sorts every tensor: slow)")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    base, models = build_models(args.layers, args.hidden)
+    n_params = sum(v.numel() for v in base.values())
+    print(f"inputs: base + {len(models)} models x {n_params / 1e6:.1f}M parameters (float32), "
+          f"{torch.get_num_threads()} threads")
+    cases = {
+        "linear": {"weight": WEIGHTS},
+        "task_arithmetic": {"weight": WEIGHTS},
+        "ties": {"weight": WEIGHTS, "density": DENSITY},
+        "dare_ties": {"weight": WEIGHTS, "density": DENSITY},
+        "pcb": {"density": DENSITY},
+    }
+    ours_time = {}
+    header = f"{'method':16} {'evoforge s':>10} {'mergekit s':>10} {'speedup':>8} " \
+             f"{'vs linear':>9} {'peak GiB ours/mk':>17}  same result"
+    print(header)
+    for method, params in cases.items():
+        if method == "linear":
+            out, t_ours, m_ours = timed(lambda: merge("linear", None, [base, *models],
+                                                      weight=[1.0, *WEIGHTS]))
+        else:
+            out, t_ours, m_ours = timed(lambda m=method, p=params: merge(m, base, models, **p))
+        ours_time[method] = t_ours
+        t_mk = m_mk = None
+        same = "n/a (mergekit has no pcb)"
+        if merge_state_dicts is not None and method != "pcb" and not args.skip_mergekit:
+            mk_params = {"weight": [1.0, *WEIGHTS]} if method == "linear" else params
+            ref, t_mk, m_mk = timed(lambda m=method, p=mk_params: mergekit_reference(
+                m, base, models, p) if m != "linear" else merge_state_dicts(
+                {"base": base} | {f"m{i}": x for i, x in enumerate(models)}, "linear",
+                parameters={"weight": {"base": 1.0} | {f"m{i}": w for i, w in
+                                                        enumerate(WEIGHTS)}}))
+            if method == "dare_ties":
+                same = "masks differ by design (seeded per tensor); equal given masks: tests"
+            else:
+                same = "bit-identical" if all(torch.equal(out[k], ref[k]) for k in out) else \
+                    f"max |diff| {max((out[k] - ref[k]).abs().max().item() for k in out):.2e}"
+            del ref
+        del out
+        speedup = f"{t_mk / t_ours:7.1f}x" if t_mk else "      -"
+        vs_linear = f"{t_ours / ours_time['linear']:8.2f}x"
+        mk_s = f"{t_mk:10.2f}" if t_mk else f"{'-':>10}"
+        mk_m = f"{m_mk:.2f}" if m_mk is not None else "-"
+        print(f"{method:16} {t_ours:10.2f} {mk_s} {speedup:>8} {vs_linear:>9} "
+              f"{m_ours:8.2f}/{mk_m:<8}  {same}")
+
+
+if __name__ == "__main__":
+    main()
