@@ -200,7 +200,7 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                          clip=shared["clip"], inter=shared["inter"])
     keeps = []
     for index, (model, params) in enumerate(zip(models, per_model, strict=True)):
-        if method.sparsifier is None or params["density"] >= 1 and bounds is None:
+        if method.sparsifier is None or (params["density"] >= 1 and bounds is None):
             keeps.append(Keep(None))
             continue
         delta = model.to(torch.float32) - base.to(torch.float32)
@@ -224,7 +224,7 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
 
 def _check_della(params: dict[str, Any], site: TensorSite, index: int) -> None:
     density, epsilon = params["density"], params["epsilon"]
-    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
         raise MergeParameterError(
             f"della (tensor {site.name!r}, model #{index}): density ± epsilon must stay inside "
             f"(0, 1), got density={density}, epsilon={epsilon}")

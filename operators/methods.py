@@ -57,7 +57,8 @@ class Param:
         value = float(value)
         if not math.isfinite(value):
             raise MergeParameterError(f"{name}={value!r}{where}: must be a finite number")
-        if self.low is not None and value <= self.low or self.high is not None and value > self.high:
+        below = self.low is not None and value <= self.low
+        if below or (self.high is not None and value > self.high):
             low = "-inf" if self.low is None else self.low
             high = "inf" if self.high is None else self.high
             raise MergeParameterError(
