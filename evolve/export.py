@@ -55,7 +55,7 @@ def _model_card(plan: MergePlan) -> str:
              "tags": ["merge", "evoforge", "mergekit", plan.spec.method],
              "library_name": "transformers"}
     models = "\n".join(f"- {name}" for name in plan.model_names)
-    config = yaml.safe_dump(plan.raw, sort_keys=False).rstrip()
+    config = yaml.safe_dump(plan.mergekit_config(), sort_keys=False).rstrip()
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# Merged model\n\n"
             f"Made with [evoforge](https://pypi.org/project/evoforge/) using the "
             f"**{plan.spec.method}** merge method"
@@ -103,6 +103,7 @@ def export_merge(plan: MergePlan, out_dir: Path, device: str = "cpu",
         for file in TOKENIZER_FILES:
             if (plan.tokenizer_source / file).exists():
                 shutil.copy2(plan.tokenizer_source / file, out_dir / file)
-    (out_dir / "mergekit_config.yml").write_text(yaml.safe_dump(plan.raw, sort_keys=False))
+    (out_dir / "mergekit_config.yml").write_text(
+        yaml.safe_dump(plan.mergekit_config(), sort_keys=False))
     (out_dir / "README.md").write_text(_model_card(plan))
     return out_dir

@@ -9,6 +9,7 @@ config). Layer stacking with different ranges (passthrough) is refused with a cl
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import yaml
 from operators.engine import MergeSpec
 from operators.errors import MergeParameterError
 from operators.methods import get_method
-from search_spaces.models import resolve_model
+from search_spaces.models import BUILTIN_PREFIXES, resolve_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16,
@@ -39,6 +40,28 @@ class MergePlan:
     out_dtype: torch.dtype | None = None
     tokenizer_source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+
+    def mergekit_config(self) -> dict[str, Any]:
+        """The config as mergekit can run it: built-in names replaced by their local folders."""
+        folders = dict(zip(self.model_names, map(str, self.models), strict=True))
+        if self.base_name is not None and self.base is not None:
+            folders[self.base_name] = str(self.base)
+
+        def local(reference: Any) -> Any:
+            name = str(reference)
+            return folders.get(name, reference) if name.startswith(BUILTIN_PREFIXES) else reference
+
+        config = copy.deepcopy(self.raw)
+        config.pop("seed", None)  # evoforge-only key
+        for key in ("base_model", "tokenizer_source"):
+            if key in config:
+                config[key] = local(config[key])
+        for entry in config.get("models") or []:
+            entry["model"] = local(entry["model"])
+        for piece in config.get("slices") or []:
+            for source in piece.get("sources") or []:
+                source["model"] = local(source["model"])
+        return config
 
 
 def _dtype(value: Any, key: str) -> torch.dtype | None:
