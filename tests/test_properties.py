@@ -140,3 +140,34 @@ def test_mutation_is_reproducible_and_sparse():
     assert 0.01 < changed < 0.12
     assert all(torch.equal(x, y) for x, y in zip(mutate(base, seed=1, sigma=0.1, rate=0).values(),
                                                  base.values(), strict=True))
+
+
+def test_model_scope_trim_keeps_the_global_top_k():
+    base, models = make_family(1, seed=6)
+    density = 0.3
+    out = merge("ties", base, models, weight=1.0, density=density, trim_scope="model")
+    total = sum(v.numel() for v in base.values())
+    kept = sum(int((out[k] != base[k]).sum()) for k in base)
+    assert kept == max(1, int(density * total))
+    # The kept entries are the globally largest |delta|: the smallest kept beats the largest dropped.
+    deltas = {k: (models[0][k] - base[k]).abs() for k in base}
+    kept_min = min(deltas[k][out[k] != base[k]].min().item() for k in base if (out[k] != base[k]).any())
+    dropped_max = max(deltas[k][out[k] == base[k]].max().item() for k in base
+                      if (out[k] == base[k]).any())
+    assert kept_min >= dropped_max
+    single_base, single = {"w": base["model.embed_tokens.weight"]}, [
+        {"w": models[0]["model.embed_tokens.weight"]}]
+    a = merge("ties", single_base, single, weight=1.0, density=density, trim_scope="model")
+    b = merge("ties", single_base, single, weight=1.0, density=density)
+    assert torch.equal(a["w"], b["w"])
+
+
+def test_weights_after_election_follow_the_ties_paper():
+    base = {"w": torch.zeros(3)}
+    models = [{"w": torch.tensor([1.0, -1.0, 2.0])}, {"w": torch.tensor([-3.0, 2.0, 1.0])}]
+    # Unweighted votes: [-2, 1, 3] elect [-, +, +]; weighted by [3, 1]: [0, -1, 7] elect [+, -, +].
+    paper = merge("ties", base, models, weight=[3.0, 1.0], density=1.0,
+                  weight_before_election=False)["w"]
+    torch.testing.assert_close(paper, torch.tensor([-3.0, 2.0, 7.0 / 4.0]))
+    mergekit_order = merge("ties", base, models, weight=[3.0, 1.0], density=1.0)["w"]
+    torch.testing.assert_close(mergekit_order, torch.tensor([1.0, -1.0, 7.0 / 4.0]))
