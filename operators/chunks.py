@@ -23,3 +23,8 @@ def spans(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
 def flat(tensor: torch.Tensor) -> torch.Tensor:
     """A flat view (a copy only if the tensor is not contiguous)."""
     return tensor.reshape(-1)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merge arithmetic runs in: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

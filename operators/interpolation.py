@@ -10,22 +10,19 @@ from collections.abc import Sequence
 
 import torch
 
-from operators.chunks import CHUNK_ELEMENTS, flat, spans
+from operators.chunks import CHUNK_ELEMENTS, flat, spans, work_dtype
 
 # mergekit computes SLERP norms and dots over chunks of this many elements; keeping the same
 # chunking keeps the float32 rounding, hence the bits, identical.
 _SLERP_CHUNK = 1024 * 1024
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
            ) -> torch.Tensor:
     """Weighted sum of the tensors, divided by the weight sum when `normalize`."""
     first = tensors[0]
-    dtype = _work_dtype(first.dtype)
+    dtype = work_dtype(first.dtype)
     coefficients = torch.tensor(list(weights), dtype=dtype, device=first.device)
     denominator = coefficients.sum()
     out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
@@ -51,7 +48,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
 
     Falls back to linear interpolation when the tensors are (anti)collinear.
     """
-    dtype = _work_dtype(v0.dtype)
+    dtype = work_dtype(v0.dtype)
     a, b = flat(v0), flat(v1)
     if a.numel() == 0:
         return v0.clone()

@@ -49,10 +49,6 @@ class Keep:
     mask: torch.Tensor | None  # None: keep everything
     scale: float = 1.0
 
-    @property
-    def is_identity(self) -> bool:
-        return self.mask is None and self.scale == 1.0
-
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     """Top-k by magnitude; ties at the threshold are all kept (exact top-k without ties)."""

@@ -24,7 +24,7 @@ from enum import StrEnum
 
 import torch
 
-from operators.chunks import CHUNK_ELEMENTS, flat, spans
+from operators.chunks import CHUNK_ELEMENTS, flat, spans, work_dtype
 from operators.sparsify import Keep
 
 
@@ -41,9 +41,6 @@ class Aggregation:
     weight_before_election: bool = True
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _elected_agreement(deltas: torch.Tensor, consensus: Consensus) -> torch.Tensor:
     """Mask of entries whose sign agrees with the elected sign (a zero never agrees)."""
@@ -56,7 +53,7 @@ def _elected_agreement(deltas: torch.Tensor, consensus: Consensus) -> torch.Tens
 def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[Keep],
                        weights: Sequence[float], how: Aggregation) -> torch.Tensor:
     """Merge one tensor; `keeps` are the trims decided by `operators.sparsify` per model."""
-    dtype = _work_dtype(base.dtype)
+    dtype = work_dtype(base.dtype)
     device = base.device
     n = len(models)
     if n == 0:
