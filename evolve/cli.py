@@ -35,18 +35,14 @@ def merge(
 
     try:
         plan = load_merge_config(config)
-        from operators.sources import CheckpointSource
-
-        reference = CheckpointSource(plan.base or plan.models[0])
-        total = len(reference.names())
-        reference.close()
         started = time.perf_counter()
         with Progress(TextColumn("[bold]merging[/] {task.description}"), BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                       transient=True) as progress:
-            task = progress.add_task(plan.spec.method, total=total)
+            task = progress.add_task(plan.spec.method, total=None)
             export_merge(plan, out, device=device, max_shard_bytes=int(max_shard_gb * 2**30),
-                         on_tensor=lambda name: progress.advance(task))
+                         on_tensor=lambda done, total: progress.update(task, completed=done,
+                                                                       total=total))
     except MergeError as error:
         _fail(error)
     console.print(f"merged {len(plan.models)} model(s) with [bold]{plan.spec.method}[/] in "

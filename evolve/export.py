@@ -24,8 +24,6 @@ from operators.sources import CheckpointSource
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-                torch.float64: "float64"}
 
 
 def _ensure_writable(out_dir: Path) -> None:
@@ -45,7 +43,7 @@ def _copy_config(source: Path, out_dir: Path, dtype: torch.dtype | None) -> None
         raise CheckpointError(f"{source} has no config.json: not a Hugging Face model folder")
     config = json.loads(config_path.read_text())
     if dtype is not None:
-        config["dtype"] = _DTYPE_NAMES[dtype]
+        config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -68,8 +66,11 @@ def _model_card(plan: MergePlan) -> str:
 
 def export_merge(plan: MergePlan, out_dir: Path, device: str = "cpu",
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 on_tensor: Callable[[str], None] | None = None) -> Path:
-    """Merge `plan` from its checkpoints straight into a Hugging Face folder at `out_dir`."""
+                 on_tensor: Callable[[int, int], None] | None = None) -> Path:
+    """Merge `plan` from its checkpoints straight into a Hugging Face folder at `out_dir`.
+
+    `on_tensor(done, total)` is called after each merged tensor (for progress bars).
+    """
     _ensure_writable(out_dir)
     base = CheckpointSource(plan.base) if plan.base is not None else None
     models = [CheckpointSource(path) for path in plan.models]
@@ -83,9 +84,10 @@ def export_merge(plan: MergePlan, out_dir: Path, device: str = "cpu",
         return TensorSpec(name, reference.shape(name), dtype)
 
     def tensors():
-        for name, tensor in iter_merge(plan.spec, base, models, device=device, dtype=plan.dtype):
+        merged = iter_merge(plan.spec, base, models, device=device, dtype=plan.dtype)
+        for done, (name, tensor) in enumerate(merged, start=1):
             if on_tensor is not None:
-                on_tensor(name)
+                on_tensor(done, len(specs))
             yield name, tensor
 
     try:

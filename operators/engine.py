@@ -154,33 +154,32 @@ class _Resolver:
 
 def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
                         models: Sequence[TensorSource], names: list[str], num_layers: int
-                        ) -> list[tuple[float, float]]:
-    """Per-model magnitude band (low, high) for the TIES paper's whole-model trim."""
+                        ) -> list[tuple[float, float] | None]:
+    """Per-model magnitude band (low, high) for the TIES paper's whole-model trim (None: keep all)."""
     floating = [n for n in names if base.dtype(n).is_floating_point]
     total = sum(int(torch.Size(base.shape(n)).numel()) for n in floating)
-    bounds = []
+    per_tensor = [resolver.per_model(TensorSite.of(n, num_layers)) for n in floating]
+    bounds: list[tuple[float, float] | None] = []
     for index, model in enumerate(models):
-        settings = {resolver.per_model(TensorSite.of(n, num_layers))[index]["density"]
-                    for n in floating}
+        settings = {params[index]["density"] for params in per_tensor}
         if len(settings) != 1:
             raise MergeParameterError(
                 f"trim_scope: model needs one density per model (model #{index} has "
                 f"{sorted(settings)} across tensors); use trim_scope: tensor for layer-wise density")
         density = settings.pop()
+        if density >= 1:
+            bounds.append(None)
+            continue
 
         def magnitudes(model=model):
             return ((model.get(n).float() - base.get(n).float()).abs() for n in floating)
 
-        if density >= 1:
-            bounds.append((0.0, float("inf")))
-            continue
         if method.sparsifier is Sparsifier.MAGNITUDE:
             k = max(1, int(density * total))
             bounds.append((kth_smallest_streaming(magnitudes, total - k, True), float("inf")))
         else:
-            gamma = resolver.per_model(TensorSite.of(floating[0], num_layers))[index]["gamma"]
             keep = int(density * total)
-            bottom = max(0, total - keep - int(gamma * total))
+            bottom = max(0, total - keep - int(per_tensor[0][index]["gamma"] * total))
             bounds.append((kth_smallest_streaming(magnitudes, bottom, True),
                            kth_smallest_streaming(magnitudes, bottom + keep - 1, True)))
     return bounds
@@ -189,7 +188,7 @@ def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
 def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                   models: list[torch.Tensor], shared: dict[str, Any],
                   per_model: list[dict[str, Any]], seed: int,
-                  bounds: list[tuple[float, float]] | None) -> torch.Tensor:
+                  bounds: list[tuple[float, float] | None] | None) -> torch.Tensor:
     if method.engine is Engine.LINEAR:
         return linear(models, [p["weight"] for p in per_model], shared["normalize"])
     if method.engine is Engine.SLERP:
@@ -200,23 +199,23 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                          clip=shared["clip"], inter=shared["inter"])
     keeps = []
     for index, (model, params) in enumerate(zip(models, per_model, strict=True)):
-        if method.sparsifier is None or (params["density"] >= 1 and bounds is None):
+        band = bounds[index] if bounds is not None else None
+        if method.sparsifier is None or (bounds is None and params["density"] >= 1) or (
+                bounds is not None and band is None):
             keeps.append(Keep(None))
             continue
         delta = model.to(torch.float32) - base.to(torch.float32)
-        if bounds is not None:
-            low, high = bounds[index]
+        if band is not None:
             magnitudes = delta.abs()
-            mask = (magnitudes >= low) & (magnitudes <= high)
-            keeps.append(Keep(mask, 1.0))
+            keeps.append(Keep((magnitudes >= band[0]) & (magnitudes <= band[1])))
             continue
+        if method.sparsifier is Sparsifier.DELLA:
+            _check_della(params, site, index)
         keeps.append(sparsify(
             delta, method.sparsifier, density=params["density"], gamma=params.get("gamma", 0.0),
             epsilon=params.get("epsilon", 0.0), rescale=shared["rescale"],
             rescale_mode=shared.get("rescale_mode", "l1"),
             key=rng.stream_key(seed, site.name, f"trim:{index}")))
-        if method.sparsifier is Sparsifier.DELLA:
-            _check_della(params, site, index)
     how = Aggregation(method.consensus, shared["normalize"], shared["lambda"],
                       shared["weight_before_election"])
     return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how)

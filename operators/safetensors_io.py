@@ -19,7 +19,7 @@ import torch
 
 from operators.errors import CheckpointError
 
-_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
           torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -53,7 +53,7 @@ def _header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for spec in specs:
-        entries[spec.name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape),
+        entries[spec.name] = {"dtype": DTYPE_CODES[spec.dtype], "shape": list(spec.shape),
                               "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()

@@ -17,12 +17,11 @@ import torch
 from safetensors import safe_open
 
 from operators.errors import CheckpointError
+from operators.safetensors_io import DTYPE_CODES
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 class TensorSource(Protocol):
