@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from operators import rng
+from operators.chunks import Workspace
 from operators.errors import MergeInputError, MergeParameterError
 from operators.interpolation import linear, slerp
 from operators.methods import Engine, Method, TrimScope, check_parameter_names, get_method
@@ -188,7 +189,7 @@ def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
 def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                   models: list[torch.Tensor], shared: dict[str, Any],
                   per_model: list[dict[str, Any]], seed: int,
-                  bounds: list[tuple[float, float] | None] | None) -> torch.Tensor:
+                  bounds: list[tuple[float, float] | None] | None, ws: Workspace) -> torch.Tensor:
     if method.engine is Engine.LINEAR:
         return linear(models, [p["weight"] for p in per_model], shared["normalize"])
     if method.engine is Engine.SLERP:
@@ -199,26 +200,23 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                          clip=shared["clip"], inter=shared["inter"])
     keeps = []
     for index, (model, params) in enumerate(zip(models, per_model, strict=True)):
-        band = bounds[index] if bounds is not None else None
-        if method.sparsifier is None or (bounds is None and params["density"] >= 1) or (
-                bounds is not None and band is None):
-            keeps.append(Keep(None))
+        if bounds is not None:
+            band = bounds[index]
+            keeps.append(Keep() if band is None else Keep(band=band))
             continue
-        delta = model.to(torch.float32) - base.to(torch.float32)
-        if band is not None:
-            magnitudes = delta.abs()
-            keeps.append(Keep((magnitudes >= band[0]) & (magnitudes <= band[1])))
+        if method.sparsifier is None:
+            keeps.append(Keep())
             continue
         if method.sparsifier is Sparsifier.DELLA:
             _check_della(params, site, index)
         keeps.append(sparsify(
-            delta, method.sparsifier, density=params["density"], gamma=params.get("gamma", 0.0),
-            epsilon=params.get("epsilon", 0.0), rescale=shared["rescale"],
-            rescale_mode=shared.get("rescale_mode", "l1"),
-            key=rng.stream_key(seed, site.name, f"trim:{index}")))
+            model, base, method.sparsifier, density=params["density"],
+            gamma=params.get("gamma", 0.0), epsilon=params.get("epsilon", 0.0),
+            rescale=shared["rescale"], rescale_mode=shared.get("rescale_mode", "l1"),
+            key=rng.stream_key(seed, site.name, f"trim:{index}"), ws=ws, slot=f"keep{index}"))
     how = Aggregation(method.consensus, shared["normalize"], shared["lambda"],
                       shared["weight_before_election"])
-    return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how)
+    return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how, ws)
 
 
 def _check_della(params: dict[str, Any], site: TensorSite, index: int) -> None:
@@ -255,6 +253,7 @@ def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[Tens
         scope = resolver.shared(TensorSite(names[0] if names else "", 0.0))["trim_scope"]
         if scope is TrimScope.MODEL:
             bounds = _model_scope_bounds(method, resolver, base, models, names, num_layers)
+    workspace = Workspace(device)
     for name in names:
         tensors = [_load(source, name, device, dtype) for source in sources]
         for tensor, source in zip(tensors, sources, strict=True):
@@ -270,7 +269,7 @@ def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[Tens
         base_tensor = tensors[0] if base is not None else None
         model_tensors = tensors[1:] if base is not None else tensors
         yield name, _merge_tensor(method, site, base_tensor, model_tensors, resolver.shared(site),
-                                  resolver.per_model(site), spec.seed, bounds)
+                                  resolver.per_model(site), spec.seed, bounds, workspace)
 
 
 def merge(method: str, base: Mapping[str, torch.Tensor] | None,

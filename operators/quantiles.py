@@ -2,14 +2,20 @@
 
 Magnitude trimming (TIES, breadcrumbs) and PCB need the k-th largest value of a tensor. mergekit
 sorts the whole tensor (O(n log n), the reason its TIES is slow); `torch.kthvalue` is a serial
-quickselect. We use a two-level radix select over the float's bit pattern instead: floats map to
-integers that sort in the same order, a 65,536-bucket histogram of the high 16 bits finds the bucket
-holding the k-th value, and a histogram of the low 16 bits inside that bucket finds the value. Two
-`bincount` passes, exact, deterministic, the same result on CPU and GPU.
+quickselect. We select in two ways, both exact and deterministic:
+
+- bracketing (the fast path): a strided sample of the values gives a narrow value range that holds
+  the k-th value with overwhelming probability; one streaming pass counts the values below it and
+  collects the few inside it, and `kthvalue` on those finishes the job. If the sample misled us
+  (the counts say the k-th value is outside the range), we fall back to
+- radix select: floats map to integers that sort in the same order, a 65,536-bucket histogram of
+  the high 16 bits finds the bucket holding the k-th value, and a histogram of the low 16 bits
+  inside that bucket finds the value. Two `bincount` passes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,6 +36,10 @@ def sortable_keys(values: torch.Tensor) -> torch.Tensor:
 def _key_to_float(key: int) -> float:
     bits = key ^ 0x7FFFFFFF if key < 0 else key
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def _float_key(value: float) -> int:
+    return torch.tensor(value, dtype=torch.float32).view(torch.int32).item()
 
 
 def _select_in_histogram(counts: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -91,3 +101,43 @@ def kth_smallest(values: torch.Tensor, rank: int, nonnegative: bool = False) -> 
 def kth_largest(values: torch.Tensor, k: int, nonnegative: bool = False) -> float:
     """The k-th largest value (k >= 1) of `values`, exactly."""
     return kth_smallest(values, values.numel() - k, nonnegative)
+
+
+def _bracket(sample: torch.Tensor, rank: int, total: int) -> tuple[float, float]:
+    """A value range that holds the element of `rank` (out of `total`) unless the sample is
+    wildly unrepresentative: +-4 binomial standard deviations of the sample rank, plus slack."""
+    values = sample.reshape(-1).to(torch.float32)
+    m = values.numel()
+    center = (rank + 0.5) * m / total
+    margin = 4 * math.sqrt(max(center * (1 - center / m), 1.0)) + 4
+    low_index, high_index = math.floor(center - margin), math.ceil(center + margin)
+    low = values.kthvalue(low_index + 1).values.item() if low_index >= 0 else -math.inf
+    high = values.kthvalue(high_index + 1).values.item() if high_index < m else math.inf
+    return low, high
+
+
+def kth_smallest_sampled(make_chunks: Callable[[], Iterable[torch.Tensor]], rank: int,
+                         total: int, sample: torch.Tensor, nonnegative: bool = False) -> float:
+    """Exact value of ascending `rank` over the streamed chunks, in one pass when `sample` (a few
+    thousand values spread over the data) brackets it, else by radix select (three passes)."""
+    low, high = _bracket(sample, rank, total)
+    below = 0
+    candidates = []
+    if nonnegative and math.isfinite(high):
+        # Non-negative floats sort like their int32 bit patterns, so "low <= x <= high" is one
+        # unsigned comparison of (bits - bits(low)) with the span: one boolean pass, not three.
+        key_low = _float_key(low)
+        span = _float_key(high) - key_low + 1
+        for chunk in make_chunks():
+            flags = torch.empty_like(chunk)
+            below += chunk.numel() - int(torch.ge(chunk, low, out=flags).sum().item())
+            offsets = torch.sub(chunk.view(torch.int32), key_low, out=flags.view(torch.int32))
+            candidates.append(chunk[offsets.bitwise_xor_(-(2**31)) < span - 2**31])
+    else:
+        for chunk in make_chunks():
+            below += int(torch.count_nonzero(chunk < low))
+            candidates.append(chunk[(chunk >= low) & (chunk <= high)])
+    pool = torch.cat(candidates) if candidates else torch.empty(0)
+    if below <= rank < below + pool.numel():
+        return pool.kthvalue(rank - below + 1).values.item()
+    return kth_smallest_streaming(make_chunks, rank, nonnegative)

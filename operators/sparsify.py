@@ -1,8 +1,9 @@
 """Which entries of a task vector survive, and how survivors are rescaled.
 
-A sparsifier looks at one model's whole task vector for one tensor (delta = model - base) once, and
-returns a `Keep`: a mask (bool, or float when survivors get per-entry scales) plus a scalar rescale.
-The merge engine then streams the tensor chunk by chunk and applies the `Keep` to each chunk.
+A sparsifier looks at one model's task vector for one tensor (delta = model - base) and returns a
+`Keep`; the merge engine then streams the tensor chunk by chunk and applies the `Keep` to each
+chunk of delta in place. Planning streams too: nothing here holds a full-size copy of delta except
+DELLA's rank computation and, for DARE, the keep mask itself.
 
 - ``magnitude`` (TIES): keep the k = max(1, int(density * n)) largest |delta| of the tensor.
 - ``magnitude_outliers`` (Model Breadcrumbs): drop the int(gamma * n) largest as outliers and the
@@ -13,21 +14,26 @@ The merge engine then streams the tensor chunk by chunk and applies the `Keep` t
   row, from density - epsilon to density + epsilon.
 
 Rescaling of random survivors (a documented convention switch, ``rescale_mode``):
-``l1`` multiplies them so the L1 norm matches the unpruned delta (mergekit 0.1.5), ``inverse_p``
-divides each survivor by its keep probability (the DARE and DELLA papers).
+``l1`` multiplies them so the L1 norm matches the unpruned delta (mergekit 0.1.5; the norms are
+summed in float64), ``inverse_p`` divides each survivor by its keep probability (the DARE and DELLA
+papers). Magnitude trims take ``rescale: true`` as l1 too, as in mergekit.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
 
 from operators import rng
-from operators.quantiles import kth_largest, kth_smallest
+from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
+from operators.quantiles import kth_smallest_sampled
 
 _L1_EPS = 1e-7  # below this L1 norm mergekit skips rescaling; so do we
+_SAMPLE = 1 << 14  # values sampled to bracket a trim threshold
 
 
 class Sparsifier(StrEnum):
@@ -44,42 +50,113 @@ class RescaleMode(StrEnum):
 
 @dataclass
 class Keep:
-    """Survivors of one task vector: delta_kept = delta * mask * scale."""
+    """Survivors of one task vector: delta_kept = delta * [low <= |delta| <= high] * mask * scale.
 
-    mask: torch.Tensor | None  # None: keep everything
+    `band` is decided per chunk from |delta| (magnitude trims); `mask` is a flat float tensor of
+    0/1 keeps or per-entry scales (random trims).
+    """
+
+    band: tuple[float, float] | None = None
+    mask: torch.Tensor | None = None
     scale: float = 1.0
 
+    def apply_(self, delta: torch.Tensor, start: int, stop: int, scratch: torch.Tensor,
+               flags: torch.Tensor) -> None:
+        """Trim one chunk of delta in place (`scratch`, `flags`: float buffers of its size)."""
+        if self.band is not None:
+            low, high = self.band
+            if high < math.inf:
+                torch.abs(delta, out=scratch)
+                delta.mul_(torch.le(scratch, high, out=flags))
+            # |delta| >= low, as hardshrink's |delta| > (the float32 just below low): one pass.
+            torch.hardshrink(delta, _below(low), out=delta)
+        if self.mask is not None:
+            delta.mul_(self.mask[start:stop])
+        if self.scale != 1.0:
+            delta.mul_(self.scale)
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
-    """Top-k by magnitude; ties at the threshold are all kept (exact top-k without ties)."""
-    if density >= 1:
-        return None
-    magnitudes = delta.abs()
-    k = max(1, int(density * delta.numel()))
-    return magnitudes >= kth_largest(magnitudes, k, nonnegative=True)
+
+def _below(value: float) -> float:
+    """The largest float32 strictly below `value` (for value > 0; 0 stays 0)."""
+    if value <= 0:
+        return 0.0
+    return torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(0.0)).item()
 
 
-def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
-    """Breadcrumbs: keep ascending magnitude ranks [n_bot, n_bot + int(density * n))."""
-    if density >= 1:
-        return None
-    n = delta.numel()
+def _delta_chunks(model: torch.Tensor, base: torch.Tensor, ws: Workspace
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, stop, delta chunk in a reused float32 buffer) over a flat tensor pair."""
+    buffer = ws.get("delta-chunk", min(model.numel(), CHUNK_ELEMENTS))
+    for start, stop in spans(model.numel()):
+        out = buffer[: stop - start]
+        torch.sub(model[start:stop].float(), base[start:stop].float(), out=out)
+        yield start, stop, out
+
+
+def _magnitude_stream(model: torch.Tensor, base: torch.Tensor, ws: Workspace
+                      ) -> Callable[[], Iterator[torch.Tensor]]:
+    def chunks() -> Iterator[torch.Tensor]:
+        for _, _, delta in _delta_chunks(model, base, ws):
+            yield delta.abs_()
+    return chunks
+
+
+def _magnitude_sample(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    step = max(1, model.numel() // _SAMPLE)
+    return (model[::step].float() - base[::step].float()).abs()
+
+
+def _kth_magnitude(model: torch.Tensor, base: torch.Tensor, rank: int, ws: Workspace) -> float:
+    return kth_smallest_sampled(_magnitude_stream(model, base, ws), rank, model.numel(),
+                                _magnitude_sample(model, base), nonnegative=True)
+
+
+def magnitude_band(model: torch.Tensor, base: torch.Tensor, density: float, ws: Workspace
+                   ) -> tuple[float, float]:
+    """TIES: |delta| of at least the k-th largest; ties at the threshold are all kept."""
+    n = model.numel()
+    k = max(1, int(density * n))
+    return _kth_magnitude(model, base, n - k, ws), math.inf
+
+
+def outlier_band(model: torch.Tensor, base: torch.Tensor, density: float, gamma: float,
+                 ws: Workspace) -> tuple[float, float] | None:
+    """Breadcrumbs: ascending magnitude ranks [n_bot, n_bot + int(density * n)); None: keep none."""
+    n = model.numel()
     keep = int(density * n)
     if keep == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
+        return None
     bottom = max(0, n - keep - int(gamma * n))
-    magnitudes = delta.abs()
-    low = kth_smallest(magnitudes, bottom, nonnegative=True)
-    high = kth_smallest(magnitudes, bottom + keep - 1, nonnegative=True)
-    return (magnitudes >= low) & (magnitudes <= high)
+    return (_kth_magnitude(model, base, bottom, ws),
+            _kth_magnitude(model, base, bottom + keep - 1, ws))
 
 
-def random_keep_probability_mask(
-    key: int, delta: torch.Tensor, probability: torch.Tensor | float
-) -> torch.Tensor:
-    """Keep entry j when its counter-based uniform u_j < p_j (p scalar or per-entry)."""
-    uniforms = rng.uniform(key, 0, delta.numel(), delta.device).reshape(delta.shape)
-    return uniforms < probability
+def random_mask(model: torch.Tensor, base: torch.Tensor, density: float, key: int,
+                ws: Workspace, slot: str, l1: bool) -> tuple[torch.Tensor, float]:
+    """DARE keep mask (a workspace buffer named `slot`) and, with `l1`, the L1 rescale factor."""
+    n = model.numel()
+    mask = ws.get(slot, n)
+    width = min(n, CHUNK_ELEMENTS)
+    bits, scratch = ws.get("rng-bits", width, torch.int32), ws.get("rng-scratch", width, torch.int32)
+    spread = ws.constant("rng-spread", width, lambda size: rng.golden_spread(size, ws.device))
+    if not l1:
+        for start, stop in spans(n):
+            rng.keep_mask(key, start, stop - start, density, out=mask[start:stop],
+                          bits=bits[: stop - start], scratch=scratch[: stop - start], spread=spread)
+        return mask, 1.0
+    before = after = 0.0
+    for start, stop, delta in _delta_chunks(model, base, ws):
+        chunk_mask = rng.keep_mask(key, start, stop - start, density, out=mask[start:stop],
+                                   bits=bits[: stop - start], scratch=scratch[: stop - start],
+                                   spread=spread)
+        delta.abs_()
+        before += delta.sum(dtype=torch.float64).item()
+        after += delta.mul_(chunk_mask).sum(dtype=torch.float64).item()
+    return mask, _l1_factor(before, after)
+
+
+def _l1_factor(before: float, after: float) -> float:
+    return 1.0 if before < _L1_EPS or after < _L1_EPS else before / after
 
 
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -92,42 +169,50 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     return ((density - epsilon) + normalized * 2 * epsilon).reshape(delta.shape)
 
 
-def l1_rescale(delta: torch.Tensor, mask: torch.Tensor) -> float:
-    """Factor that restores the L1 norm of `delta` after masking (float64 sums: any device)."""
-    before = delta.abs().sum(dtype=torch.float64).item()
-    after = (delta * mask).abs().sum(dtype=torch.float64).item()
-    if before < _L1_EPS or after < _L1_EPS:
-        return 1.0
-    return before / after
+def l1_rescale(model: torch.Tensor, base: torch.Tensor, keep: Keep, ws: Workspace) -> float:
+    """Factor that restores the L1 norm of delta after `keep` (float64 sums: any device)."""
+    before = after = 0.0
+    scratch, flags = ws.get("l1-scratch", CHUNK_ELEMENTS), ws.get("l1-flags", CHUNK_ELEMENTS)
+    for start, stop, delta in _delta_chunks(model, base, ws):
+        before += torch.abs(delta, out=scratch[: stop - start]).sum(dtype=torch.float64).item()
+        keep.apply_(delta, start, stop, scratch[: stop - start], flags[: stop - start])
+        after += delta.abs_().sum(dtype=torch.float64).item()
+    return _l1_factor(before, after)
 
 
-def sparsify(
-    delta: torch.Tensor,
-    method: Sparsifier,
-    *,
-    density: float,
-    gamma: float = 0.0,
-    epsilon: float = 0.0,
-    rescale: bool = False,
-    rescale_mode: RescaleMode = RescaleMode.L1,
-    key: int = 0,
-) -> Keep:
-    """Decide the survivors of one task vector (`key` seeds the random methods)."""
-    if method is Sparsifier.MAGNITUDE:
-        mask = magnitude_mask(delta, density)
-    elif method is Sparsifier.MAGNITUDE_OUTLIERS:
-        mask = band_mask(delta, density, gamma)
-    elif density >= 1:
-        mask = None
-    elif method is Sparsifier.RANDOM:
-        mask = random_keep_probability_mask(key, delta, density)
+def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, density: float,
+             gamma: float = 0.0, epsilon: float = 0.0, rescale: bool = False,
+             rescale_mode: RescaleMode = RescaleMode.L1, key: int = 0,
+             ws: Workspace | None = None, slot: str = "keep") -> Keep:
+    """Decide the survivors of one task vector (model - base); `key` seeds random trims.
+
+    Masks of random trims live in the workspace buffer `slot`: give each model its own slot.
+    """
+    ws = ws or Workspace(model.device)
+    if density >= 1:
+        return Keep()
+    if method is Sparsifier.DELLA:  # ranks run along the rows of the tensor's own shape
+        delta = model.float() - base.float()
+        probabilities = della_probabilities(delta, density, epsilon).reshape(-1)
+        uniforms = rng.uniform(key, 0, delta.numel(), delta.device)
+        mask = (uniforms < probabilities).to(torch.float32)
         if rescale and rescale_mode is RescaleMode.INVERSE_P:
-            return Keep(mask, 1.0 / density)
+            return Keep(mask=mask / probabilities)
+    model, base = flat(model), flat(base)
+    l1 = rescale and rescale_mode is RescaleMode.L1
+    if method is Sparsifier.RANDOM:
+        mask, scale = random_mask(model, base, density, key, ws, slot, l1)
+        if rescale and rescale_mode is RescaleMode.INVERSE_P:
+            scale = 1.0 / density
+        return Keep(mask=mask, scale=scale)
+    if method is Sparsifier.DELLA:
+        keep = Keep(mask=mask)
+    elif method is Sparsifier.MAGNITUDE:
+        keep = Keep(band=magnitude_band(model, base, density, ws))
     else:
-        probabilities = della_probabilities(delta, density, epsilon)
-        mask = random_keep_probability_mask(key, delta, probabilities)
-        if rescale and rescale_mode is RescaleMode.INVERSE_P:
-            return Keep(mask / probabilities)
-    if mask is None or not rescale:
-        return Keep(mask)
-    return Keep(mask, l1_rescale(delta, mask))
+        band = outlier_band(model, base, density, gamma, ws)
+        keep = Keep(mask=torch.zeros(model.numel(), device=model.device)) if band is None \
+            else Keep(band=band)
+    if rescale:
+        keep.scale = l1_rescale(model, base, keep, ws)
+    return keep

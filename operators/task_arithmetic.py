@@ -1,7 +1,7 @@
 """The generalized task-arithmetic engine: trim -> elect -> aggregate -> rescale -> lambda.
 
     delta_i = model_i - base                       (task vector of expert i)
-    delta_i = keep_i(delta_i)                      (trim: TIES magnitude, DARE random, breadcrumbs...)
+    delta_i = keep_i(delta_i)                      (trim: TIES magnitude, DARE random, ...)
     delta_i = w_i * delta_i                        (model weight; before or after the election)
     elect   = sign(sum_i delta_i)  or  majority of signs   (TIES "sum" / "count" consensus)
     mixed   = sum_i delta_i [sign(delta_i) == elect]  (disjoint sum; plain sum without consensus)
@@ -12,8 +12,10 @@ TIES, DARE-TIES, DARE-linear, breadcrumbs, DELLA and task arithmetic are configu
 `operators.methods`). With `weight_before_election` (mergekit's order, the default) the weights
 enter before the vote; the TIES paper votes on unweighted trimmed deltas.
 
-Per chunk the arithmetic is mergekit 0.1.5's, operation for operation, so results match it bit for
-bit in float32; the chunking only keeps the temporaries in cache.
+Per chunk the arithmetic is mergekit 0.1.5's, value for value, so results match it bit for bit in
+float32. Masks are float 0/1 tensors (sign agreement is tested as delta * elected > 0, which is
+sign(delta) == elected for every nonzero delta) and every step writes into workspace buffers:
+boolean tensors and fresh allocations cost more than the arithmetic on a CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from enum import StrEnum
 
 import torch
 
-from operators.chunks import CHUNK_ELEMENTS, flat, spans, work_dtype
+from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans, work_dtype
 from operators.sparsify import Keep
 
 
@@ -41,57 +43,59 @@ class Aggregation:
     weight_before_election: bool = True
 
 
-
-def _elected_agreement(deltas: torch.Tensor, consensus: Consensus) -> torch.Tensor:
-    """Mask of entries whose sign agrees with the elected sign (a zero never agrees)."""
-    signs = deltas.sign()
-    votes = deltas.sum(dim=0) if consensus is Consensus.SUM else signs.sum(dim=0)
-    elected = (votes >= 0).to(deltas.dtype) * 2 - 1
-    return signs == elected
-
-
 def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[Keep],
-                       weights: Sequence[float], how: Aggregation) -> torch.Tensor:
+                       weights: Sequence[float], how: Aggregation,
+                       ws: Workspace | None = None) -> torch.Tensor:
     """Merge one tensor; `keeps` are the trims decided by `operators.sparsify` per model."""
     dtype = work_dtype(base.dtype)
     device = base.device
+    ws = ws or Workspace(device)
     n = len(models)
     if n == 0:
         return base.clone()
     base_flat, model_flats = flat(base), [flat(m) for m in models]
-    mask_flats = [flat(k.mask) if k.mask is not None else None for k in keeps]
     weight_column = torch.tensor(list(weights), dtype=dtype, device=device).reshape(n, 1)
+    weight_total = weight_column.sum(dim=0)
+    if weight_total.abs() < 1e-8:
+        weight_total.fill_(1)
     out = torch.empty(base.numel(), dtype=base.dtype, device=device)
-    # Scratch reused by every chunk: fresh buffers per chunk cost page faults, not arithmetic.
     width = min(base.numel(), CHUNK_ELEMENTS)
-    delta_buffer = torch.empty((n, width), dtype=dtype, device=device)
+    deltas_buffer = ws.get("ta-deltas", (n, width), dtype)
+    agree_buffer = ws.get("ta-agree", (n, width), dtype)
+    row_buffers = [ws.get(f"ta-row{i}", width, dtype) for i in range(4)]
+    ones = ws.constant(f"ones-{dtype}", width, lambda size: torch.ones(size, dtype=dtype,
+                                                                      device=device))
     for start, stop in spans(base.numel()):
+        size = stop - start
+        deltas, agree = deltas_buffer[:, :size], agree_buffer[:, :size]
+        scratch, flags, votes, mixed = (buffer[:size] for buffer in row_buffers)
+        unit = ones[:size]
         b = base_flat[start:stop].to(dtype)
-        deltas = delta_buffer[:, : stop - start]
         for i in range(n):
-            torch.sub(model_flats[i][start:stop], b, out=deltas[i])
-            if mask_flats[i] is not None:
-                deltas[i].mul_(mask_flats[i][start:stop])
-            if keeps[i].scale != 1.0:
-                deltas[i].mul_(keeps[i].scale)
+            torch.sub(model_flats[i][start:stop].to(dtype), b, out=deltas[i])
+            keeps[i].apply_(deltas[i], start, stop, scratch, flags)
         if how.weight_before_election:
             deltas.mul_(weight_column)
-        if how.consensus is not None:
-            agree = _elected_agreement(deltas, how.consensus)
+        if how.consensus is None:
             if not how.weight_before_election:
                 deltas.mul_(weight_column)
-            mixed = deltas.mul_(agree).sum(dim=0)
-            divisor = (weight_column * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
+            torch.sum(deltas, dim=0, out=mixed)
+            divisor = weight_total
         else:
+            source = deltas if how.consensus is Consensus.SUM else torch.sign(deltas, out=agree)
+            torch.sum(source, dim=0, out=votes)
+            # +1 where votes >= 0, else -1. copysign differs from that only at votes == -0.0,
+            # which needs every vote to be -0.0: no delta there can agree with either sign.
+            elected = torch.copysign(unit, votes, out=votes)
+            torch.gt(torch.mul(deltas, elected, out=agree), 0, out=agree)
             if not how.weight_before_election:
                 deltas.mul_(weight_column)
-            mixed = deltas.sum(dim=0)
-            divisor = weight_column.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
+            torch.sum(deltas.mul_(agree), dim=0, out=mixed)
+            divisor = torch.sum(agree.mul_(weight_column), dim=0, out=votes)
+            divisor.add_(torch.eq(divisor, 0, out=flags))  # 0 -> 1: nobody agrees, keep base
         if how.normalize:
-            mixed /= divisor
+            mixed.div_(divisor)
         if how.lam != 1:
-            mixed *= how.lam
+            mixed.mul_(how.lam)
         torch.add(b, mixed, out=out[start:stop])
     return out.reshape(base.shape)
