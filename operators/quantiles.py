@@ -16,7 +16,7 @@ quickselect. We select in two ways, both exact and deterministic:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -116,28 +116,45 @@ def _bracket(sample: torch.Tensor, rank: int, total: int) -> tuple[float, float]
     return low, high
 
 
-def kth_smallest_sampled(make_chunks: Callable[[], Iterable[torch.Tensor]], rank: int,
-                         total: int, sample: torch.Tensor, nonnegative: bool = False) -> float:
-    """Exact value of ascending `rank` over the streamed chunks, in one pass when `sample` (a few
-    thousand values spread over the data) brackets it, else by radix select (three passes)."""
-    low, high = _bracket(sample, rank, total)
-    below = 0
-    candidates = []
-    if nonnegative and math.isfinite(high):
-        # Non-negative floats sort like their int32 bit patterns, so "low <= x <= high" is one
-        # unsigned comparison of (bits - bits(low)) with the span: one boolean pass, not three.
+def _in_range(chunk: torch.Tensor, low: float, high: float, nonnegative: bool,
+              scratch: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(how many values are below `low`, the values inside [low, high]) for one chunk."""
+    if low == -math.inf:
+        return 0, chunk[chunk <= high]
+    if high == math.inf:
+        inside = chunk[chunk >= low]
+        return chunk.numel() - inside.numel(), inside
+    below = chunk.numel() - int(torch.ge(chunk, low, out=scratch).sum().item())
+    if low > 0 or (nonnegative and low >= 0):
+        # Floats >= +0 sort like their int32 bit patterns (negative ones land far outside), so
+        # "low <= x <= high" is one unsigned comparison of bits(x) - bits(low) with the span.
         key_low = _float_key(low)
         span = _float_key(high) - key_low + 1
-        for chunk in make_chunks():
-            flags = torch.empty_like(chunk)
-            below += chunk.numel() - int(torch.ge(chunk, low, out=flags).sum().item())
-            offsets = torch.sub(chunk.view(torch.int32), key_low, out=flags.view(torch.int32))
-            candidates.append(chunk[offsets.bitwise_xor_(-(2**31)) < span - 2**31])
-    else:
-        for chunk in make_chunks():
-            below += int(torch.count_nonzero(chunk < low))
-            candidates.append(chunk[(chunk >= low) & (chunk <= high)])
-    pool = torch.cat(candidates) if candidates else torch.empty(0)
-    if below <= rank < below + pool.numel():
-        return pool.kthvalue(rank - below + 1).values.item()
-    return kth_smallest_streaming(make_chunks, rank, nonnegative)
+        offsets = torch.sub(chunk.view(torch.int32), key_low, out=scratch.view(torch.int32))
+        return below, chunk[offsets.bitwise_xor_(-(2**31)) < span - 2**31]
+    return below, chunk[(chunk >= low) & (chunk <= high)]
+
+
+def kth_smallest_sampled(make_chunks: Callable[[], Iterable[torch.Tensor]], ranks: Sequence[int],
+                         total: int, sample: torch.Tensor, nonnegative: bool = False
+                         ) -> list[float]:
+    """Exact values of the ascending `ranks` over the streamed chunks, all in one pass when
+    `sample` (values spread over the data) brackets them; a rank it misjudged falls back to radix
+    select (three passes)."""
+    brackets = [_bracket(sample, rank, total) for rank in ranks]
+    below = [0] * len(ranks)
+    pools: list[list[torch.Tensor]] = [[] for _ in ranks]
+    for chunk in make_chunks():
+        scratch = torch.empty_like(chunk)
+        for index, (low, high) in enumerate(brackets):
+            count, inside = _in_range(chunk, low, high, nonnegative, scratch)
+            below[index] += count
+            pools[index].append(inside)
+    values = []
+    for rank, count, parts in zip(ranks, below, pools, strict=True):
+        pool = torch.cat(parts) if parts else torch.empty(0)
+        if count <= rank < count + pool.numel():
+            values.append(pool.kthvalue(rank - count + 1).values.item())
+        else:
+            values.append(kth_smallest_streaming(make_chunks, rank, nonnegative))
+    return values

@@ -106,8 +106,10 @@ def _magnitude_sample(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (model[::step].float() - base[::step].float()).abs()
 
 
-def _kth_magnitude(model: torch.Tensor, base: torch.Tensor, rank: int, ws: Workspace) -> float:
-    return kth_smallest_sampled(_magnitude_stream(model, base, ws), rank, model.numel(),
+def kth_magnitudes(model: torch.Tensor, base: torch.Tensor, ranks: list[int], ws: Workspace
+                   ) -> list[float]:
+    """Exact |model - base| of each ascending rank, in one streamed pass (sample-bracketed)."""
+    return kth_smallest_sampled(_magnitude_stream(model, base, ws), ranks, model.numel(),
                                 _magnitude_sample(model, base), nonnegative=True)
 
 
@@ -116,7 +118,7 @@ def magnitude_band(model: torch.Tensor, base: torch.Tensor, density: float, ws: 
     """TIES: |delta| of at least the k-th largest; ties at the threshold are all kept."""
     n = model.numel()
     k = max(1, int(density * n))
-    return _kth_magnitude(model, base, n - k, ws), math.inf
+    return kth_magnitudes(model, base, [n - k], ws)[0], math.inf
 
 
 def outlier_band(model: torch.Tensor, base: torch.Tensor, density: float, gamma: float,
@@ -127,8 +129,8 @@ def outlier_band(model: torch.Tensor, base: torch.Tensor, density: float, gamma:
     if keep == 0:
         return None
     bottom = max(0, n - keep - int(gamma * n))
-    return (_kth_magnitude(model, base, bottom, ws),
-            _kth_magnitude(model, base, bottom + keep - 1, ws))
+    low, high = kth_magnitudes(model, base, [bottom, bottom + keep - 1], ws)
+    return low, high
 
 
 def random_mask(model: torch.Tensor, base: torch.Tensor, density: float, key: int,

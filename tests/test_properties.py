@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from operators import merge, mutate, rng
-from operators.quantiles import kth_smallest
+from operators.quantiles import kth_smallest, kth_smallest_sampled
 from tests.conftest import make_family
 
 FAST = settings(max_examples=25, deadline=None)
@@ -171,3 +171,20 @@ def test_weights_after_election_follow_the_ties_paper():
     torch.testing.assert_close(paper, torch.tensor([-3.0, 2.0, 7.0 / 4.0]))
     mergekit_order = merge("ties", base, models, weight=[3.0, 1.0], density=1.0)["w"]
     torch.testing.assert_close(mergekit_order, torch.tensor([1.0, -1.0, 7.0 / 4.0]))
+
+
+@FAST
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=2, max_size=400),
+       st.data(), st.booleans())
+def test_sampled_selection_is_exact_even_with_a_misleading_sample(values, data, misleading):
+    tensor = torch.tensor(values, dtype=torch.float32)
+    ranks = data.draw(st.lists(st.integers(0, len(values) - 1), min_size=1, max_size=3))
+    # A misleading sample brackets the wrong values and forces the radix fallback.
+    sample = torch.full((64,), 7.5e2) if misleading else tensor[::3]
+    chunks = lambda: tensor.split(37)  # noqa: E731
+    expected = [tensor.sort().values[r].item() for r in ranks]
+    assert kth_smallest_sampled(chunks, ranks, len(values), sample) == expected
+    magnitudes = tensor.abs()
+    expected = [magnitudes.sort().values[r].item() for r in ranks]
+    assert kth_smallest_sampled(lambda: magnitudes.split(37), ranks, len(values),
+                                magnitudes[::5], nonnegative=True) == expected
