@@ -34,6 +34,7 @@ from enum import StrEnum
 
 import torch
 
+from operators import native
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
 from operators.quantiles import kth_smallest_sampled
 from operators.sparsify import kth_magnitudes
@@ -107,6 +108,8 @@ def _drop_threshold(scores: torch.Tensor, density: float) -> float:
     """The score of the k-th best entry, k = max(1, int(density * n)): the lowest one kept."""
     n = scores.numel()
     keep = max(1, int(density * n))
+    if native.usable(scores):
+        return native.select_ranks(scores, None, [n - keep])[0]
     sample = scores[:: max(1, n // _SAMPLE)]
     return kth_smallest_sampled(lambda: (scores[a:b] for a, b in spans(n)), [n - keep], n,
                                 sample)[0]
@@ -127,6 +130,10 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
     fill(models, base, bounds, n_tasks, scores, ws)
     thresholds = [_drop_threshold(scores[i], densities[i]) for i in range(n_tasks)]
     spans_of_scores = [max(scores[i].max().item() - thresholds[i], _TINY) for i in range(n_tasks)]
+    if n_tasks <= native.MAX_MODELS and native.usable(base, *models):
+        merged = native.pcb_mix(base, models, bounds, scores, thresholds, spans_of_scores,
+                                weights, lam)
+        return merged.to(dtype).reshape(shape)
 
     out = torch.empty(numel, dtype=dtype, device=base.device)
     width = min(numel, CHUNK_ELEMENTS)
@@ -143,13 +150,14 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
             score = scores[i, start:stop]
             # Entries kept by rank but scored exactly at the threshold get zero balance in every
             # task (0/0); they fall back to the weighted mean of the kept values.
+            # Separate multiplies and adds (no fused alpha): the same rounding as the C kernel.
             kept = torch.ge(score, thresholds[i], out=scratch)
             kept_count.add_(kept)
-            kept_sum.add_(kept.mul_(taus[i]), alpha=weights[i])
+            kept_sum.add_(kept.mul_(taus[i]).mul_(weights[i]))
             torch.clamp_min(score, thresholds[i], out=balanced).sub_(thresholds[i])
             balanced.div_(spans_of_scores[i])
             denominator.add_(balanced)
-            numerator.add_(balanced.mul_(taus[i]), alpha=weights[i])
+            numerator.add_(balanced.mul_(taus[i]).mul_(weights[i]))
         # merged = numerator / denominator where some task gives weight, else the kept mean
         # (0 where nothing is kept); selected with exact 0/1 float masks.
         has_weight = torch.gt(denominator, 0, out=balanced)

@@ -28,7 +28,7 @@ from enum import StrEnum
 
 import torch
 
-from operators import rng
+from operators import native, rng
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
 from operators.quantiles import kth_smallest_sampled
 
@@ -109,6 +109,8 @@ def _magnitude_sample(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 def kth_magnitudes(model: torch.Tensor, base: torch.Tensor, ranks: list[int], ws: Workspace
                    ) -> list[float]:
     """Exact |model - base| of each ascending rank, in one streamed pass (sample-bracketed)."""
+    if len(ranks) <= native.MAX_RANKS and native.usable(model, base):
+        return native.select_ranks(model, base, ranks)
     return kth_smallest_sampled(_magnitude_stream(model, base, ws), ranks, model.numel(),
                                 _magnitude_sample(model, base), nonnegative=True)
 
@@ -138,6 +140,9 @@ def random_mask(model: torch.Tensor, base: torch.Tensor, density: float, key: in
     """DARE keep mask (a workspace buffer named `slot`) and, with `l1`, the L1 rescale factor."""
     n = model.numel()
     mask = ws.get(slot, n)
+    if native.usable(mask):
+        native.keep_mask(key, 0, n, rng.keep_threshold(density), mask)
+        return mask, (l1_rescale(model, base, Keep(mask=mask), ws) if l1 else 1.0)
     width = min(n, CHUNK_ELEMENTS)
     bits, scratch = ws.get("rng-bits", width, torch.int32), ws.get("rng-scratch", width, torch.int32)
     spread = ws.constant("rng-spread", width, lambda size: rng.golden_spread(size, ws.device))

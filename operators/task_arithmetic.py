@@ -13,9 +13,11 @@ TIES, DARE-TIES, DARE-linear, breadcrumbs, DELLA and task arithmetic are configu
 enter before the vote; the TIES paper votes on unweighted trimmed deltas.
 
 Per chunk the arithmetic is mergekit 0.1.5's, value for value, so results match it bit for bit in
-float32. Masks are float 0/1 tensors (sign agreement is tested as delta * elected > 0, which is
-sign(delta) == elected for every nonzero delta) and every step writes into workspace buffers:
-boolean tensors and fresh allocations cost more than the arithmetic on a CPU.
+float32. On the CPU in float32 the fused C kernel of `operators.native` runs the same steps in one
+pass; the torch code below is the reference and the fallback. Its masks are float 0/1 tensors
+(sign agreement is tested as delta * elected > 0, which is sign(delta) == elected for every
+nonzero delta) and every step writes into workspace buffers: boolean tensors and fresh
+allocations cost more than the arithmetic on a CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from enum import StrEnum
 
 import torch
 
+from operators import native
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans, work_dtype
 from operators.sparsify import Keep
 
@@ -33,6 +36,9 @@ from operators.sparsify import Keep
 class Consensus(StrEnum):
     SUM = "sum"
     COUNT = "count"
+
+
+_CONSENSUS_CODES = {None: 0, Consensus.SUM: 1, Consensus.COUNT: 2}
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,13 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps
     weight_total = weight_column.sum(dim=0)
     if weight_total.abs() < 1e-8:
         weight_total.fill_(1)
+    masks = [keep.mask for keep in keeps]
+    if n <= native.MAX_MODELS and native.usable(base_flat, *model_flats, *masks):
+        merged = native.merge_task_vectors(
+            base_flat, model_flats, [keep.band for keep in keeps], masks,
+            [keep.scale for keep in keeps], weights, _CONSENSUS_CODES[how.consensus],
+            how.weight_before_election, how.normalize, how.lam, weight_total.item())
+        return merged.reshape(base.shape)
     out = torch.empty(base.numel(), dtype=base.dtype, device=device)
     width = min(base.numel(), CHUNK_ELEMENTS)
     deltas_buffer = ws.get("ta-deltas", (n, width), dtype)

@@ -6,17 +6,12 @@ error that says so.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from operators.cache import cache_dir
 from operators.errors import CheckpointError
 
 BUILTIN_PREFIXES = ("tiny/",)
-
-
-def cache_dir() -> Path:
-    """Where built-in models are built and cached (EVOFORGE_CACHE, default ~/.cache/evoforge)."""
-    return Path(os.environ.get("EVOFORGE_CACHE", Path.home() / ".cache" / "evoforge"))
 
 
 def resolve_model(reference: str, relative_to: Path | None = None) -> Path:

@@ -1,0 +1,256 @@
+/* Fused CPU kernels for the merge engine (see operators/native.py for why and how they load).
+ *
+ * Every floating-point step mirrors the eager torch code (and so mergekit 0.1.5) operation for
+ * operation: single IEEE float ops, no reassociation, no FMA contraction (-ffp-contract=off), so
+ * results are bit-identical to the eager path. Only the loop structure differs: one pass over
+ * L1-sized blocks instead of one pass per torch op.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 512
+#define MAX_MODELS 32
+#define MAX_RANKS 4
+#define HALF 65536
+
+/* ---- order statistics: two-level radix select over sortable 32-bit keys ---- */
+
+static inline uint32_t sortable_key(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static inline float key_value(uint32_t k) {
+    uint32_t u = (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* value j of the stream: |a[j] - b[j]| when b is given, else a[j] */
+static inline float stream_value(const float *a, const float *b, int64_t j) {
+    return b ? fabsf(a[j] - b[j]) : a[j];
+}
+
+static void histogram_high(const float *a, const float *b, int64_t n, uint64_t *counts,
+                           int threads) {
+    memset(counts, 0, sizeof(uint64_t) * HALF);
+#pragma omp parallel num_threads(threads)
+    {
+        uint32_t *local = calloc(HALF, sizeof(uint32_t));
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; ++j) local[sortable_key(stream_value(a, b, j)) >> 16]++;
+#pragma omp critical
+        for (int h = 0; h < HALF; ++h) counts[h] += local[h];
+        free(local);
+    }
+}
+
+/* Bucket of 0-based `rank` in `counts`; *below receives the count of smaller buckets. */
+static int find_bucket(const uint64_t *counts, int64_t rank, int64_t *below) {
+    int64_t seen = 0;
+    for (int h = 0; h < HALF; ++h) {
+        if (seen + (int64_t)counts[h] > rank) {
+            *below = seen;
+            return h;
+        }
+        seen += counts[h];
+    }
+    *below = seen;
+    return HALF - 1;
+}
+
+/* Exact values of ascending `ranks` (n_ranks <= MAX_RANKS) among the stream's n values. */
+int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks, int n_ranks,
+                 float *values, int threads) {
+    if (n_ranks > MAX_RANKS || n <= 0) return -1;
+    uint64_t *high = malloc(sizeof(uint64_t) * HALF);
+    uint64_t *low = calloc((size_t)HALF * n_ranks, sizeof(uint64_t));
+    int bucket[MAX_RANKS];
+    int64_t below[MAX_RANKS];
+    histogram_high(a, b, n, high, threads);
+    for (int r = 0; r < n_ranks; ++r) bucket[r] = find_bucket(high, ranks[r], &below[r]);
+#pragma omp parallel num_threads(threads)
+    {
+        uint32_t *local = calloc((size_t)HALF * n_ranks, sizeof(uint32_t));
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; ++j) {
+            uint32_t key = sortable_key(stream_value(a, b, j));
+            for (int r = 0; r < n_ranks; ++r)
+                if ((int)(key >> 16) == bucket[r]) local[(size_t)r * HALF + (key & 0xFFFFu)]++;
+        }
+#pragma omp critical
+        for (size_t h = 0; h < (size_t)HALF * n_ranks; ++h) low[h] += local[h];
+        free(local);
+    }
+    for (int r = 0; r < n_ranks; ++r) {
+        int64_t unused;
+        int low_bucket = find_bucket(low + (size_t)r * HALF, ranks[r] - below[r], &unused);
+        values[r] = key_value(((uint32_t)bucket[r] << 16) | (uint32_t)low_bucket);
+    }
+    free(high);
+    free(low);
+    return 0;
+}
+
+/* ---- counter-based keep masks (operators/rng.py, bit for bit) ---- */
+
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+void keep_mask(int32_t key, int64_t start, int64_t count, int32_t threshold, float *out,
+               int threads) {
+    const uint32_t golden = 0x9E3779B1u;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < count; ++j) {
+        uint32_t x = lowbias32((uint32_t)(start + j) * golden + (uint32_t)key);
+        int32_t top = ((int32_t)x) >> 8; /* arithmetic, as torch's int32 shift */
+        out[j] = top < threshold - (1 << 23) ? 1.0f : 0.0f;
+    }
+}
+
+/* ---- the generalized task-arithmetic merge of one tensor ---- */
+
+typedef struct {
+    int n_models;
+    int consensus; /* 0 none, 1 sum, 2 count */
+    int weight_before_election;
+    int normalize;
+    float lambda;
+    float weight_total; /* divisor without consensus (mergekit: 1 if |sum w| < 1e-8) */
+} merge_options;
+
+void merge_task_vectors(const float *base, const float *const *models, const float *low,
+                        const float *high, const float *const *masks, const float *scale,
+                        const float *weight, const merge_options *opt, int64_t numel, float *out,
+                        int threads) {
+    const int n = opt->n_models;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < numel; block += BLOCK) {
+        float d[MAX_MODELS][BLOCK];
+        float votes[BLOCK], mixed[BLOCK], divisor[BLOCK];
+        const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+        const float *b = base + block;
+        for (int i = 0; i < n; ++i) {
+            const float *m = models[i] + block;
+            float *di = d[i];
+            for (int64_t j = 0; j < size; ++j) di[j] = m[j] - b[j];
+            if (high[i] >= 0) { /* magnitude band: low <= |delta| <= high */
+                const float lo = low[i], hi = high[i];
+                for (int64_t j = 0; j < size; ++j) {
+                    float magnitude = fabsf(di[j]);
+                    di[j] = di[j] * ((magnitude >= lo && magnitude <= hi) ? 1.0f : 0.0f);
+                }
+            }
+            if (masks[i]) {
+                const float *mask = masks[i] + block;
+                for (int64_t j = 0; j < size; ++j) di[j] = di[j] * mask[j];
+            }
+            if (scale[i] != 1.0f) {
+                const float s = scale[i];
+                for (int64_t j = 0; j < size; ++j) di[j] = di[j] * s;
+            }
+            if (opt->weight_before_election) {
+                const float w = weight[i];
+                for (int64_t j = 0; j < size; ++j) di[j] = di[j] * w;
+            }
+        }
+        if (opt->consensus == 0) {
+            for (int64_t j = 0; j < size; ++j) mixed[j] = 0.0f;
+            for (int i = 0; i < n; ++i) {
+                const float w = weight[i];
+                if (!opt->weight_before_election)
+                    for (int64_t j = 0; j < size; ++j) d[i][j] = d[i][j] * w;
+                for (int64_t j = 0; j < size; ++j) mixed[j] = mixed[j] + d[i][j];
+            }
+            for (int64_t j = 0; j < size; ++j) divisor[j] = opt->weight_total;
+        } else {
+            for (int64_t j = 0; j < size; ++j) votes[j] = 0.0f;
+            for (int i = 0; i < n; ++i) {
+                const float *di = d[i];
+                if (opt->consensus == 1)
+                    for (int64_t j = 0; j < size; ++j) votes[j] = votes[j] + di[j];
+                else
+                    for (int64_t j = 0; j < size; ++j)
+                        votes[j] = votes[j] + (float)((di[j] > 0.0f) - (di[j] < 0.0f));
+            }
+            for (int64_t j = 0; j < size; ++j) {
+                votes[j] = votes[j] >= 0.0f ? 1.0f : -1.0f;
+                mixed[j] = 0.0f;
+                divisor[j] = 0.0f;
+            }
+            for (int i = 0; i < n; ++i) {
+                float *di = d[i];
+                const float w = weight[i];
+                for (int64_t j = 0; j < size; ++j) {
+                    float agree = (di[j] * votes[j] > 0.0f) ? 1.0f : 0.0f;
+                    float value = opt->weight_before_election ? di[j] : di[j] * w;
+                    mixed[j] = mixed[j] + value * agree;
+                    divisor[j] = divisor[j] + agree * w;
+                }
+            }
+            for (int64_t j = 0; j < size; ++j)
+                if (divisor[j] == 0.0f) divisor[j] = 1.0f;
+        }
+        float *o = out + block;
+        for (int64_t j = 0; j < size; ++j) {
+            float value = mixed[j];
+            if (opt->normalize) value = value / divisor[j];
+            if (opt->lambda != 1.0f) value = value * opt->lambda;
+            o[j] = b[j] + value;
+        }
+    }
+}
+
+/* ---- PCB's final mix (operators/pcb.py); the scores come from torch ---- */
+
+/* The balanced weighted mean of the clipped task vectors, then base + lambda * merged. Blocks with
+ * element-innermost loops, so the compiler vectorizes them. */
+void pcb_mix(const float *base, const float *const *models, int n, int64_t numel,
+             const float *low, const float *high, const float *const *scores,
+             const float *threshold, const float *span, const float *weight, float lambda,
+             float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < numel; block += BLOCK) {
+        float numerator[BLOCK], denominator[BLOCK], kept_sum[BLOCK], kept_count[BLOCK];
+        const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+        const float *b = base + block;
+        for (int64_t j = 0; j < size; ++j)
+            numerator[j] = denominator[j] = kept_sum[j] = kept_count[j] = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            const float *m = models[i] + block, *score = scores[i] + block;
+            const float lo = low[i], hi = high[i], t = threshold[i], s = span[i], w = weight[i];
+            for (int64_t j = 0; j < size; ++j) {
+                /* ternaries, not fminf/fmaxf: they vectorize (inputs are never NaN) */
+                const float delta = m[j] - b[j];
+                const float absolute = fabsf(delta);
+                const float raised = absolute < lo ? lo : absolute;
+                const float magnitude = raised > hi ? hi : raised;
+                const float tau = delta > 0.0f ? magnitude : (delta < 0.0f ? -magnitude : 0.0f);
+                const float kept = score[j] >= t ? 1.0f : 0.0f;
+                const float balanced = ((score[j] > t ? score[j] : t) - t) / s;
+                kept_count[j] = kept_count[j] + kept;
+                kept_sum[j] = kept_sum[j] + (kept * tau) * w;
+                denominator[j] = denominator[j] + balanced;
+                numerator[j] = numerator[j] + (balanced * tau) * w;
+            }
+        }
+        float *o = out + block;
+        for (int64_t j = 0; j < size; ++j) {
+            const float weight_sum = denominator[j] > 1e-12f ? denominator[j] : 1e-12f;
+            const float count = kept_count[j] > 1.0f ? kept_count[j] : 1.0f;
+            const float merged = denominator[j] > 0.0f ? numerator[j] / weight_sum
+                                                       : kept_sum[j] / count;
+            o[j] = b[j] + merged * lambda;
+        }
+    }
+}
