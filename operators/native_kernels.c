@@ -35,17 +35,26 @@ static inline float stream_value(const float *a, const float *b, int64_t j) {
     return b ? fabsf(a[j] - b[j]) : a[j];
 }
 
+/* Per-thread histogram scratch, kept between calls: fresh 256 KiB blocks per call would pay
+ * page faults on every selection. */
+static _Thread_local uint32_t *scratch_histograms;
+
+static uint32_t *thread_histograms(void) {
+    if (!scratch_histograms) scratch_histograms = malloc(sizeof(uint32_t) * HALF * MAX_RANKS);
+    return scratch_histograms;
+}
+
 static void histogram_high(const float *a, const float *b, int64_t n, uint64_t *counts,
                            int threads) {
     memset(counts, 0, sizeof(uint64_t) * HALF);
 #pragma omp parallel num_threads(threads)
     {
-        uint32_t *local = calloc(HALF, sizeof(uint32_t));
+        uint32_t *local = thread_histograms();
+        memset(local, 0, sizeof(uint32_t) * HALF);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n; ++j) local[sortable_key(stream_value(a, b, j)) >> 16]++;
 #pragma omp critical
         for (int h = 0; h < HALF; ++h) counts[h] += local[h];
-        free(local);
     }
 }
 
@@ -75,7 +84,8 @@ int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks
     for (int r = 0; r < n_ranks; ++r) bucket[r] = find_bucket(high, ranks[r], &below[r]);
 #pragma omp parallel num_threads(threads)
     {
-        uint32_t *local = calloc((size_t)HALF * n_ranks, sizeof(uint32_t));
+        uint32_t *local = thread_histograms();
+        memset(local, 0, sizeof(uint32_t) * HALF * n_ranks);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n; ++j) {
             uint32_t key = sortable_key(stream_value(a, b, j));
@@ -84,7 +94,6 @@ int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks
         }
 #pragma omp critical
         for (size_t h = 0; h < (size_t)HALF * n_ranks; ++h) low[h] += local[h];
-        free(local);
     }
     for (int r = 0; r < n_ranks; ++r) {
         int64_t unused;
