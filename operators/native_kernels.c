@@ -40,21 +40,60 @@ static inline float stream_value(const float *a, const float *b, int64_t j) {
 static _Thread_local uint32_t *scratch_histograms;
 
 static uint32_t *thread_histograms(void) {
-    if (!scratch_histograms) scratch_histograms = malloc(sizeof(uint32_t) * HALF * MAX_RANKS);
+    if (!scratch_histograms) scratch_histograms = malloc(sizeof(uint32_t) * HALF * (MAX_RANKS > 4 ? MAX_RANKS : 4));
     return scratch_histograms;
 }
 
+/* The high 16 bits of every key, saved by pass 1 so that pass 2 tests 2 bytes per value instead
+ * of recomputing it. One process-wide buffer, grown on demand (fresh allocations would pay page
+ * faults on every call); a concurrent caller that finds it busy allocates its own. */
+static uint16_t *shared_highs;
+static int64_t shared_capacity;
+static int highs_busy;
+
+static uint16_t *acquire_highs(int64_t n, int *owned) {
+    if (!__atomic_exchange_n(&highs_busy, 1, __ATOMIC_ACQUIRE)) {
+        if (shared_capacity < n) {
+            free(shared_highs);
+            shared_highs = malloc(sizeof(uint16_t) * n);
+            shared_capacity = shared_highs ? n : 0;
+        }
+        if (shared_highs) {
+            *owned = 0;
+            return shared_highs;
+        }
+        __atomic_store_n(&highs_busy, 0, __ATOMIC_RELEASE);
+    }
+    *owned = 1;
+    return malloc(sizeof(uint16_t) * n);
+}
+
+static void release_highs(uint16_t *highs, int owned) {
+    if (owned)
+        free(highs);
+    else
+        __atomic_store_n(&highs_busy, 0, __ATOMIC_RELEASE);
+}
+
 static void histogram_high(const float *a, const float *b, int64_t n, uint64_t *counts,
-                           int threads) {
+                           uint16_t *highs, int threads) {
     memset(counts, 0, sizeof(uint64_t) * HALF);
 #pragma omp parallel num_threads(threads)
     {
+        /* Four interleaved copies: neighbouring values often share a bucket, and increments of
+         * one counter would otherwise wait on each other. */
         uint32_t *local = thread_histograms();
-        memset(local, 0, sizeof(uint32_t) * HALF);
+        memset(local, 0, sizeof(uint32_t) * HALF * 4);
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < n; ++j) local[sortable_key(stream_value(a, b, j)) >> 16]++;
+        for (int64_t j = 0; j < n; ++j) {
+            const uint16_t high = (uint16_t)(sortable_key(stream_value(a, b, j)) >> 16);
+            highs[j] = high;
+            local[(size_t)(j & 3) * HALF + high]++;
+        }
 #pragma omp critical
-        for (int h = 0; h < HALF; ++h) counts[h] += local[h];
+        for (int h = 0; h < HALF; ++h)
+            counts[h] += (uint64_t)local[h] + local[HALF + h] + local[2 * HALF + h] +
+                         local[3 * HALF + h];
     }
 }
 
@@ -76,11 +115,19 @@ static int find_bucket(const uint64_t *counts, int64_t rank, int64_t *below) {
 int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks, int n_ranks,
                  float *values, int threads) {
     if (n_ranks > MAX_RANKS || n <= 0) return -1;
+    int owned;
+    uint16_t *highs = acquire_highs(n, &owned);
     uint64_t *high = malloc(sizeof(uint64_t) * HALF);
     uint64_t *low = calloc((size_t)HALF * n_ranks, sizeof(uint64_t));
+    if (!highs || !high || !low) {
+        if (highs) release_highs(highs, owned);
+        free(high);
+        free(low);
+        return -2;
+    }
     int bucket[MAX_RANKS];
     int64_t below[MAX_RANKS];
-    histogram_high(a, b, n, high, threads);
+    histogram_high(a, b, n, high, highs, threads);
     for (int r = 0; r < n_ranks; ++r) bucket[r] = find_bucket(high, ranks[r], &below[r]);
 #pragma omp parallel num_threads(threads)
     {
@@ -88,9 +135,9 @@ int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks
         memset(local, 0, sizeof(uint32_t) * HALF * n_ranks);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n; ++j) {
-            uint32_t key = sortable_key(stream_value(a, b, j));
             for (int r = 0; r < n_ranks; ++r)
-                if ((int)(key >> 16) == bucket[r]) local[(size_t)r * HALF + (key & 0xFFFFu)]++;
+                if (highs[j] == bucket[r])
+                    local[(size_t)r * HALF + (sortable_key(stream_value(a, b, j)) & 0xFFFFu)]++;
         }
 #pragma omp critical
         for (size_t h = 0; h < (size_t)HALF * n_ranks; ++h) low[h] += local[h];
@@ -100,6 +147,7 @@ int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks
         int low_bucket = find_bucket(low + (size_t)r * HALF, ranks[r] - below[r], &unused);
         values[r] = key_value(((uint32_t)bucket[r] << 16) | (uint32_t)low_bucket);
     }
+    release_highs(highs, owned);
     free(high);
     free(low);
     return 0;
