@@ -88,6 +88,8 @@ def library() -> ctypes.CDLL | None:
     lib.merge_task_vectors.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer,
                                        pointer, ctypes.POINTER(_MergeOptions), i64, pointer, i32]
     floats = ctypes.POINTER(ctypes.c_float)
+    lib.pcb_scores.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats, pointer,
+                               i32]
     lib.pcb_mix.argtypes = [pointer, pointer, i32, i64, floats, floats, pointer, floats, floats,
                             floats, ctypes.c_float, pointer, i32]
     return lib
@@ -144,6 +146,16 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor],
 
 def _floats(values: Sequence[float]) -> ctypes.Array:
     return (ctypes.c_float * len(values))(*values)
+
+
+def pcb_scores(base: torch.Tensor, models: Sequence[torch.Tensor],
+               bounds: Sequence[tuple[float, float]], low2: Sequence[float],
+               factors: Sequence[float], scores: torch.Tensor) -> None:
+    """Fill scores[i] with PCB's tanh-mode scores, as `operators.pcb` computes them."""
+    library().pcb_scores(base.data_ptr(), _pointers(models), len(models), base.numel(),
+                         _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]),
+                         _floats(low2), _floats(factors), _pointers(list(scores)),
+                         torch.get_num_threads())
 
 
 def pcb_mix(base: torch.Tensor, models: Sequence[torch.Tensor],

@@ -268,6 +268,75 @@ void merge_task_vectors(const float *base, const float *const *models, const flo
     }
 }
 
+/* ---- exp and tanh from IEEE basic operations (operators/ieee_math.py, step for step) ---- */
+
+static inline float exp_ieee(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = nearbyintf(x * 0x1.715476p+0f);
+    const float r = (x - k * 0x1.62e4p-1f) - k * 0x1.7f7d1cp-20f;
+    float p = 0x1.a01a02p-13f;
+    p = p * r + 0x1.6c16c2p-10f;
+    p = p * r + 0x1.111112p-7f;
+    p = p * r + 0x1.555556p-5f;
+    p = p * r + 0x1.555556p-3f;
+    p = p * r + 0x1p-1f;
+    p = p * r + 0x1p+0f;
+    p = p * r + 0x1p+0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+static inline float tanh_ieee(float x) {
+    const float square = x * x;
+    float p = 0x1.d6d3d0p-9f;
+    p = p * square + -0x1.226e36p-7f;
+    p = p * square + 0x1.664f48p-6f;
+    p = p * square + -0x1.ba1ba2p-5f;
+    p = p * square + 0x1.111112p-3f;
+    p = p * square + -0x1.555556p-2f;
+    const float small = x + (x * square) * p;
+    const float absolute = x < 0.0f ? -x : x;
+    const float magnitude = absolute > 9.0f ? 9.0f : absolute;
+    float large = 1.0f - 2.0f / (exp_ieee(magnitude * 2.0f) + 1.0f);
+    large = x < 0.0f ? -large : large;
+    return absolute < 0.4f ? small : large;
+}
+
+/* PCB scores, tanh inter-balancing: exp(factor_i (tau_i^2 - low2_i)) * tanh(tau_i * sum_k tau_k),
+ * tau clipped to [low_i, high_i] in magnitude; the same steps as operators/pcb.py. */
+void pcb_scores(const float *base, const float *const *models, int n, int64_t numel,
+                const float *low, const float *high, const float *low2, const float *factor,
+                float *const *scores, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < numel; block += BLOCK) {
+        float tau[MAX_MODELS][BLOCK], total[BLOCK];
+        const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+        const float *b = base + block;
+        for (int64_t j = 0; j < size; ++j) total[j] = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            const float *m = models[i] + block;
+            const float lo = low[i], hi = high[i];
+            for (int64_t j = 0; j < size; ++j) {
+                const float delta = m[j] - b[j];
+                const float absolute = fabsf(delta);
+                const float raised = absolute < lo ? lo : absolute;
+                const float magnitude = raised > hi ? hi : raised;
+                tau[i][j] = delta > 0.0f ? magnitude : (delta < 0.0f ? -magnitude : 0.0f);
+                total[j] = total[j] + tau[i][j];
+            }
+        }
+        for (int i = 0; i < n; ++i) {
+            float *out = scores[i] + block;
+            const float l2 = low2[i], f = factor[i];
+            for (int64_t j = 0; j < size; ++j)
+                out[j] = exp_ieee((tau[i][j] * tau[i][j] - l2) * f) *
+                         tanh_ieee(tau[i][j] * total[j]);
+        }
+    }
+}
+
 /* ---- PCB's final mix (operators/pcb.py); the scores come from torch ---- */
 
 /* The balanced weighted mean of the clipped task vectors, then base + lambda * merged. Blocks with

@@ -32,9 +32,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import StrEnum
 
+import numpy as np
 import torch
 
-from operators import native
+from operators import ieee_math, native
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
 from operators.quantiles import kth_smallest_sampled
 from operators.sparsify import kth_magnitudes
@@ -86,8 +87,26 @@ def _softmax_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Wor
         torch.mul(intra, inter, out=scores[i])
 
 
+def _score_constants(bounds: Sequence[tuple[float, float]], n_tasks: int
+                     ) -> tuple[list[float], list[float]]:
+    """low_i^2 and N / (high_i^2 - low_i^2) per task, rounded as float32 arithmetic rounds them,
+    so that the torch and C paths start from the same numbers."""
+    low2, factors = [], []
+    for low, high in bounds:
+        low_sq = np.float32(low) * np.float32(low)
+        span = np.float32(high) * np.float32(high) - low_sq
+        low2.append(float(low_sq))
+        factors.append(float(np.float32(n_tasks) / max(span, np.float32(_TINY))))
+    return low2, factors
+
+
 def _tanh_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Workspace) -> None:
-    """scores_i = exp(N Norm(tau_i^2)) * tanh(tau_i * sum_k tau_k), chunk by chunk."""
+    """scores_i = exp(N Norm(tau_i^2)) * tanh(tau_i * sum_k tau_k), chunk by chunk, with the
+    device-independent exp and tanh of `operators.ieee_math`."""
+    low2, factors = _score_constants(bounds, n_tasks)
+    if n_tasks <= native.MAX_MODELS and native.usable(base, *models):
+        native.pcb_scores(base, models, bounds, low2, factors, scores)
+        return
     width = min(base.numel(), CHUNK_ELEMENTS)
     taus_buffer = ws.get("pcb-taus", (n_tasks, width))
     scratch_buffer, total_buffer = ws.get("pcb-scratch", width), ws.get("pcb-total", width)
@@ -97,11 +116,8 @@ def _tanh_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Worksp
         _clipped_taus(models, base, start, stop, bounds, taus, scratch)
         torch.sum(taus, dim=0, out=total)
         for i in range(n_tasks):
-            low2, high2 = bounds[i][0] ** 2, bounds[i][1] ** 2
-            score = scores[i, start:stop]
-            torch.mul(taus[i], taus[i], out=score).sub_(low2)
-            score.mul_(n_tasks / max(high2 - low2, _TINY)).exp_()
-            score.mul_(torch.mul(taus[i], total, out=scratch).tanh_())
+            intra = ieee_math.exp((taus[i] * taus[i] - low2[i]) * factors[i])
+            torch.mul(intra, ieee_math.tanh(taus[i] * total), out=scores[i, start:stop])
 
 
 def _drop_threshold(scores: torch.Tensor, density: float) -> float:
