@@ -21,10 +21,13 @@ For one tensor with task vectors tau_1..tau_N (model - base):
    lambda * tau_m (lambda ~ 1-1.2 without search).
 
 The paper flattens the whole model; like mergekit's TIES we balance per tensor, which streams.
-With the default ``inter: tanh`` every step runs chunk by chunk: the clip bounds and the drop
-thresholds are exact order statistics found by streaming selection, and the only tensor-sized
-buffers are the N score tensors beta_i. ``inter: softmax`` needs tensor-wide normalizers per task
-pair and computes its scores on whole tensors.
+In the tanh mode, exp and tanh come from `operators.ieee_math` (IEEE basic operations only), so
+the scores are the same bits on every device (the softmax mode uses torch's softmax). With the
+default ``inter: tanh`` every step runs chunk by chunk (or in the fused C kernels of
+`operators.native`): the clip bounds and the drop thresholds are exact order statistics found by
+streaming selection, and the only tensor-sized buffers are the N score tensors beta_i.
+``inter: softmax`` needs tensor-wide normalizers per task pair and computes its scores on whole
+tensors.
 """
 
 from __future__ import annotations
