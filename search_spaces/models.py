@@ -11,7 +11,7 @@ from pathlib import Path
 from operators.cache import cache_dir
 from operators.errors import CheckpointError
 
-BUILTIN_PREFIXES = ("tiny/",)
+BUILTIN_PREFIXES = ("tiny/", "zoo/")
 
 
 def resolve_model(reference: str, relative_to: Path | None = None) -> Path:
@@ -28,6 +28,15 @@ def resolve_model(reference: str, relative_to: Path | None = None) -> Path:
             raise CheckpointError(f"unknown built-in model {reference!r}; built-in tiny models: "
                                   f"{['tiny/' + n for n in ('base', *DEFAULT_EXPERTS)]}")
         return build_family(cache_dir() / "tiny")[name]
+    if reference.startswith("zoo/"):
+        from search_spaces.merge_zoo import build_zoo
+
+        zoo = build_zoo()
+        name = reference.removeprefix("zoo/")
+        if name not in zoo.models:
+            raise CheckpointError(f"unknown zoo model {reference!r}; the zoo's models: "
+                                  f"{['zoo/' + n for n in zoo.models]}")
+        return zoo.models[name]
     candidates = [Path(reference).expanduser()]
     if relative_to is not None and not Path(reference).is_absolute():
         candidates.append(relative_to / reference)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-CHARSET = list("0123456789abcdefghijklmnopqrstuvwxyz +-=()[]<>.,:;?!\n")
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+from search_spaces.char_tokenizer import CHARSET, VOCAB_SIZE, save_char_tokenizer
+
 DEFAULT_EXPERTS = ("add", "sort", "reverse")
 
 
@@ -26,24 +26,10 @@ def llama_config(hidden: int = 64, layers: int = 4, heads: int = 4, vocab: int |
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab or len(SPECIAL) + len(CHARSET), hidden_size=hidden,
+        vocab_size=vocab or VOCAB_SIZE, hidden_size=hidden,
         intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, max_position_embeddings=128, tie_word_embeddings=False,
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def save_char_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer saved as a real `tokenizers` fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: index for index, token in enumerate(SPECIAL + CHARSET)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
 
 
 def _perturb(state: dict[str, torch.Tensor], seed: int, scale: float) -> dict[str, torch.Tensor]:

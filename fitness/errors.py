@@ -1,0 +1,21 @@
+"""Errors raised while loading tasks and models or evaluating items.
+
+Each names the file and line, the model folder, or the task and item index it is about, and says
+what to do, so that a run never dies half-way through an evaluation without saying where.
+"""
+
+
+class FitnessError(ValueError):
+    """Something in a task, an item or a model cannot be evaluated."""
+
+
+class TaskFormatError(FitnessError):
+    """A task file or item is malformed (bad JSON, missing fields, unknown format)."""
+
+
+class ModelLoadError(FitnessError):
+    """A model folder is missing or is not what the evaluator needs (e.g. not a causal LM)."""
+
+
+class ItemTooLongError(FitnessError):
+    """An item does not fit in the model's context window."""

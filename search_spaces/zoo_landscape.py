@@ -1,0 +1,111 @@
+"""The zoo's landscape: base, experts and default merges scored on every skill's test split.
+
+This table is why the zoo exists: it shows that merging matters (merges beat the base), that it is
+not solved (they stay below what each expert does on its own skill), and so that a search has
+headroom. `evoforge zoo show` prints it; `check_landscape` states the conditions it must meet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+import operators
+from fitness.causal_lm import CausalLMEvaluator
+from search_spaces.merge_zoo import Zoo, zoo_task
+
+# The default merges, with the parameters their papers and mergekit's examples use. DARE-TIES gets
+# lambda 0.5 like task arithmetic: its rescaled task vectors sum to the same scale.
+DEFAULT_MERGES: dict[str, tuple[str, dict]] = {
+    "task_arithmetic": ("task_arithmetic", {"weight": 1.0, "lambda": 0.5}),
+    "ties": ("ties", {"weight": 1.0, "density": 0.2}),
+    "dare_ties": ("dare_ties", {"weight": 1.0, "density": 0.5, "lambda": 0.5}),
+    "pcb": ("pcb", {"weight": 1.0, "density": 0.2}),
+}
+LANDSCAPE_FILE = "landscape.json"
+
+
+@dataclass(frozen=True)
+class Landscape:
+    skills: tuple[str, ...]
+    rows: dict[str, dict[str, float]]  # model -> skill -> test accuracy
+    kinds: dict[str, str]  # model -> "base" | "expert" | "merge"
+    items_per_task: int
+
+    def average(self, model: str) -> float:
+        return sum(self.rows[model].values()) / len(self.skills)
+
+    def to_json(self) -> str:
+        return json.dumps({"skills": self.skills, "rows": self.rows, "kinds": self.kinds,
+                           "items_per_task": self.items_per_task}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Landscape:
+        data = json.loads(text)
+        return cls(tuple(data["skills"]), data["rows"], data["kinds"], data["items_per_task"])
+
+
+def compute_landscape(zoo: Zoo, progress: Callable[[str, int, int], None] | None = None,
+                      batch_size: int = 128) -> Landscape:
+    """Scores every model of the table on each skill's test split; cached in the zoo folder."""
+    cached = zoo.folder / LANDSCAPE_FILE
+    if cached.is_file():
+        return Landscape.from_json(cached.read_text())
+    from transformers import LlamaForCausalLM
+
+    from search_spaces.char_tokenizer import char_tokenizer
+
+    skills = zoo.recipe.skills
+    tasks = {skill: zoo_task(skill, zoo.recipe) for skill in skills}
+    base = load_file(zoo.base / "model.safetensors")
+    experts = {skill: load_file(path / "model.safetensors") for skill, path in zoo.experts.items()}
+    states = {"base": base, **{f"{s} expert": sd for s, sd in experts.items()}}
+    kinds = {"base": "base", **{f"{s} expert": "expert" for s in skills}}
+    for label, (method, params) in DEFAULT_MERGES.items():
+        states[label] = operators.merge(method, base, list(experts.values()), seed=0, **params)
+        kinds[label] = "merge"
+    model = LlamaForCausalLM(zoo.recipe.llama_config()).eval()
+    evaluator = CausalLMEvaluator(model, char_tokenizer(), batch_size=batch_size)
+    rows = {}
+    for done, (label, state) in enumerate(states.items()):
+        if progress:
+            progress("scoring the landscape", done, len(states))
+        model.load_state_dict(state)
+        with torch.inference_mode():
+            rows[label] = {s: evaluator.evaluate(s, tasks[s].test).accuracy for s in skills}
+    if progress:
+        progress("scoring the landscape", len(states), len(states))
+    landscape = Landscape(skills, rows, kinds, zoo.recipe.items_per_split)
+    cached.write_text(landscape.to_json())
+    return landscape
+
+
+def check_landscape(landscape: Landscape, margin: float = 0.20) -> list[str]:
+    """Which of the zoo's promises the landscape breaks (empty: all kept).
+
+    The base is at least `margin` below each expert on the expert's skill; each expert is best on
+    its own skill among the experts; every default merge beats the base on average and stays below
+    each expert on that expert's skill on average (headroom for a search).
+    """
+    problems = []
+    experts = {s: f"{s} expert" for s in landscape.skills}
+    merges = [m for m, kind in landscape.kinds.items() if kind == "merge"]
+    for skill, expert in experts.items():
+        own = landscape.rows[expert][skill]
+        if own - landscape.rows["base"][skill] < margin:
+            problems.append(f"base is within {margin:.0%} of the {skill} expert on {skill}")
+        others = [landscape.rows[e][skill] for s, e in experts.items() if s != skill]
+        if others and own <= max(others):
+            problems.append(f"the {skill} expert is not the best expert on {skill}")
+    ceiling = sum(landscape.rows[e][s] for s, e in experts.items()) / len(experts)
+    for merge in merges:
+        average = landscape.average(merge)
+        if average <= landscape.average("base"):
+            problems.append(f"{merge} does not beat the base on average")
+        if average >= ceiling:
+            problems.append(f"{merge} leaves no headroom below the experts' own-skill average")
+    return problems
