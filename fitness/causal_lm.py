@@ -72,8 +72,10 @@ class _Continuation:
 class CausalLMEvaluator:
     """Scores items with a causal LM in batches of `batch_size` sequences."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, stops: Sequence[str] = DEFAULT_STOPS):
+    def __init__(self, model, tokenizer, batch_size: int = 64, stops: Sequence[str] = DEFAULT_STOPS,
+                 confirm_by_teacher_forcing: bool = True):
         self.model = model
+        self.confirm_by_teacher_forcing = confirm_by_teacher_forcing
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stops = tuple(stops)
@@ -191,8 +193,8 @@ class CausalLMEvaluator:
                                    f"tokens but max_new_tokens is {item.max_new_tokens}")
             self._check_length(task, index, len(prompt) + item.max_new_tokens)
         references = self._continuations(list(zip(prompts, answers, strict=True)))
-        confirmed = [ref.greedy_follows and (len(answer) == item.max_new_tokens
-                                             or self._stops_after(ref.next_token))
+        confirmed = [self.confirm_by_teacher_forcing and ref.greedy_follows and (
+            len(answer) == item.max_new_tokens or self._stops_after(ref.next_token))
                      for ref, answer, item in zip(references, answers, items, strict=True)]
         pending = [i for i, ok in enumerate(confirmed) if not ok]
         predictions = [item.answer.strip() for item in items]

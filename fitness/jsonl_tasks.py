@@ -95,7 +95,7 @@ def load_jsonl_task(path: str | Path, name: str | None = None) -> Task:
             text = line.strip()
             if not text or text.startswith("//"):
                 continue
-            where = f"{path}:{number}"
+            where = f"{path} line {number}"
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as error:
