@@ -14,12 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # outputs (measured: a 111M-parameter linear merge 0.30 s -> 0.23 s). Must precede torch's import.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from evolve.eval_cli import eval_command
 from evolve.zoo_cli import zoo_app
 from operators.errors import MergeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="evoforge: breed better models out of existing ones.")
 app.add_typer(zoo_app, name="zoo")
+app.command("eval")(eval_command)
 console = Console(stderr=True)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

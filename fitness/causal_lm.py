@@ -38,7 +38,9 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def load_causal_lm(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local Hugging Face folder, in eval mode on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: no config.json; give a local Hugging Face model folder "
