@@ -1,0 +1,152 @@
+"""`evoforge fitness check`: how good is reduced evaluation on the zoo, measured, not assumed.
+
+1. A calibration population — the zoo's models, its default merges and random merge recipes
+   (some mutated) — is evaluated on every item of every task's search split; an IRT model is fitted
+   to those answers and the estimators' excess variance is calibrated by cross-fitting.
+2. A separate held-out population of random merges and mutants is also evaluated fully.
+3. For each item selection, reduced-set size and estimator, every held-out candidate is estimated
+   from its answers to the reduced set alone (the same items for all: paired), and compared with
+   its full-split accuracy: the cost ratio, mean and 95th-percentile absolute error, coverage of
+   the ±2·stderr interval, and rank correlations.
+
+Full answers are cached under `<cache>/fitness-check/`, so changing the table's options is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fitness.causal_lm import CausalLMEvaluator
+from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
+from fitness.irt import fit_irt
+from fitness.reduced_sets import select_items
+from operators.cache import cache_dir
+from search_spaces.recipes import Recipe, random_merge_recipe, sources_of
+from search_spaces.zoo_landscape import DEFAULT_MERGES
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Population:
+    recipes: list[Recipe]
+    responses: torch.Tensor  # (candidates × pool items), 0/1
+    task_of: torch.Tensor  # (pool items,)
+    tasks: tuple[str, ...]
+
+
+def zoo_populations(calibration: int, held_out: int, seed: int = 0
+                    ) -> tuple[list[Recipe], list[Recipe]]:
+    """Calibration recipes (zoo models, default merges, random merges) and held-out ones."""
+    from search_spaces.merge_zoo import DEFAULT_RECIPE
+
+    base, experts = "zoo/base", [f"zoo/{s}" for s in DEFAULT_RECIPE.skills]
+    fixed: list[Recipe] = [{"model": name} for name in (base, *experts)]
+    fixed += [{"op": "merge", "method": method, "seed": 0, "base": {"model": base},
+               "inputs": [{"model": e} for e in experts], "params": params}
+              for method, params in DEFAULT_MERGES.values()]
+    rng = random.Random(f"calibration/{seed}")
+    calibration_set = fixed + [random_merge_recipe(rng, base, experts)
+                               for _ in range(max(calibration - len(fixed), 0))]
+    rng = random.Random(f"held-out/{seed}")
+    return calibration_set, [random_merge_recipe(rng, base, experts) for _ in range(held_out)]
+
+
+def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
+                   batch_size: int = 256) -> Population:
+    """Every recipe's answers to every search-split item of the zoo's tasks (cached)."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from search_spaces.char_tokenizer import char_tokenizer
+    from search_spaces.merge_zoo import build_zoo, zoo_task
+    from search_spaces.recipes import materialize
+
+    zoo = build_zoo()
+    tasks = [zoo_task(skill, zoo.recipe) for skill in zoo.recipe.skills]
+    task_of = torch.cat([torch.full((len(t.search),), i) for i, t in enumerate(tasks)])
+    key = hashlib.sha256(json.dumps([zoo.recipe.key(), recipes], sort_keys=True).encode())
+    cached = cache_dir() / "fitness-check" / f"{key.hexdigest()[:16]}.pt"
+    names = tuple(t.name for t in tasks)
+    if cached.is_file():
+        return Population(recipes, torch.load(cached), task_of, names)
+    sources = {f"zoo/{name}": load_file(path / "model.safetensors")
+               for name, path in zoo.models.items()}
+    model = LlamaForCausalLM(zoo.recipe.llama_config()).eval()
+    evaluator = CausalLMEvaluator(model, char_tokenizer(), batch_size=batch_size)
+    rows = []
+    for done, recipe in enumerate(recipes):
+        if progress:
+            progress("evaluating candidates fully", done, len(recipes))
+        model.load_state_dict(materialize(recipe, sources.__getitem__))
+        rows.append(torch.cat([torch.tensor(evaluator.evaluate(t.name, t.search).correct)
+                               for t in tasks]).double())
+    if progress:
+        progress("evaluating candidates fully", len(recipes), len(recipes))
+    responses = torch.stack(rows)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(responses, cached)
+    return Population(recipes, responses, task_of, names)
+
+
+def _parent_rows(recipe: Recipe, calibration: list[Recipe]) -> list[int]:
+    leaves = {json.dumps(r, sort_keys=True): i for i, r in enumerate(calibration) if "model" in r}
+    return [leaves[json.dumps({"model": name})] for name in sources_of(recipe)
+            if json.dumps({"model": name}) in leaves] if "model" not in recipe else []
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    selection: str
+    per_task: int
+    estimator: str
+    cost_ratio: float
+    mae: float
+    p95: float
+    coverage: float
+    spearman: float
+    kendall: float
+
+
+def reduced_evaluation_table(calibration: Population, held_out: Population, dims: int,
+                             sizes: list[int], selections: list[str], seed: int = 0
+                             ) -> list[CheckRow]:
+    """The check's table: one row per (selection, size, estimator), on the held-out candidates."""
+    from scipy.stats import kendalltau, spearmanr
+
+    irt = fit_irt(calibration.responses, dims)
+    truth = task_accuracies(held_out.responses, held_out.task_of)[:, -1]
+    calibration_parents = [_parent_rows(r, calibration.recipes) for r in calibration.recipes]
+    held_parents = [_parent_rows(r, calibration.recipes) for r in held_out.recipes]
+    pool = len(calibration.task_of)
+    rows = []
+    for selection in selections:
+        for per_task in sizes:
+            reduced = select_items(selection, irt, calibration.task_of, per_task, seed,
+                                   responses=calibration.responses)
+            excess = calibrate(calibration.responses, calibration.task_of, reduced,
+                               calibration_parents, dims, seed=seed)
+            estimators = ReducedEstimators(irt, calibration.task_of, reduced, excess)
+            for name in ESTIMATORS:
+                means, errors = [], []
+                for m, parents in enumerate(held_parents):
+                    answers = held_out.responses[m, reduced.indices]
+                    estimate = estimators.estimate(
+                        name, answers, irt.abilities[parents] if parents else None)
+                    means.append(estimate.overall[0])
+                    errors.append(estimate.overall[1])
+                means_t = torch.tensor(means, dtype=torch.float64)
+                deviation = (means_t - truth).abs()
+                covered = deviation <= 2 * torch.tensor(errors, dtype=torch.float64)
+                rows.append(CheckRow(
+                    selection, per_task, name, pool / len(reduced),
+                    float(deviation.mean()) * 100, float(deviation.quantile(0.95)) * 100,
+                    float(covered.double().mean()), float(spearmanr(means, truth).statistic),
+                    float(kendalltau(means, truth).statistic)))
+    return rows

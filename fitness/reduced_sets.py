@@ -1,0 +1,123 @@
+"""Choosing the few items a candidate is scored on, and their weights.
+
+Items of all tasks form one pool (index j, task `task_of[j]`); a reduced set keeps `per_task` items
+of each task. Each kept item gets a weight, its share of its task (weights sum to 1 within a task),
+so the weighted mean of a candidate's answers estimates its accuracy on the whole task:
+
+- `random`: a seeded uniform sample; every weight is 1/n. Unbiased.
+- `stratified`: items sorted by IRT difficulty cut into n equal strata, one random item from each,
+  weighted by its stratum's share. Unbiased, lower variance when difficulty predicts outcomes.
+- `anchor`: tinyBenchmarks' anchor points. Items are clustered (k-means, k = n) on their IRT
+  parameters, or on their correctness patterns over the calibration models; each cluster is
+  represented by the item nearest its centre, weighted by the cluster's share.
+- `informative`: the n items with the most Fisher information, Σ |αⱼ|² pⱼ(θ)(1 − pⱼ(θ)), summed
+  over the abilities of the current population. Best for IRT estimators; their plain weighted
+  mean (uniform weights) is biased, since informative items are the uncertain ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fitness.errors import FitnessError
+from fitness.irt import IRTModel
+
+SELECTIONS = ("random", "stratified", "anchor", "informative")
+
+
+@dataclass(frozen=True)
+class ReducedSet:
+    indices: torch.Tensor  # (n,) pool indices, grouped by task
+    weights: torch.Tensor  # (n,) share of its task; sums to 1 within each task
+    method: str
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Tensor:
+    """Cluster labels of `points` (n × d) into k groups: k-means++ seeding, then Lloyd steps."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = points[torch.randint(len(points), (1,), generator=generator)]
+    for _ in range(1, k):
+        distance = torch.cdist(points, centres).min(1).values.pow(2)
+        if float(distance.sum()) == 0:
+            pick = torch.randint(len(points), (1,), generator=generator)
+        else:
+            pick = torch.multinomial(distance / distance.sum(), 1, generator=generator)
+        centres = torch.cat([centres, points[pick]])
+    labels = torch.cdist(points, centres).argmin(1)
+    for _ in range(iterations):
+        for c in range(k):
+            members = points[labels == c]
+            if len(members):
+                centres[c] = members.mean(0)
+        new = torch.cdist(points, centres).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def _pick(task_items: torch.Tensor, n: int, method: str, irt: IRTModel, seed: int,
+          abilities: torch.Tensor | None, responses: torch.Tensor | None, anchor_space: str
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    size = len(task_items)
+    generator = torch.Generator().manual_seed(seed)
+    if method == "random":
+        chosen = task_items[torch.randperm(size, generator=generator)[:n]]
+        return chosen, torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if method == "stratified":
+        difficulty = irt.difficulty[task_items] / irt.discrimination[task_items].norm(dim=1)
+        ordered = task_items[torch.argsort(difficulty, stable=True)]
+        strata = torch.tensor_split(ordered, n)
+        picks = [s[torch.randint(len(s), (1,), generator=generator)] for s in strata]
+        shares = torch.tensor([len(s) / size for s in strata], dtype=torch.float64)
+        return torch.cat(picks), shares
+    if method == "anchor":
+        if anchor_space == "responses":
+            if responses is None:
+                raise FitnessError("anchor points on correctness patterns need the calibration "
+                                   "responses")
+            points = responses[:, task_items].T.double().nan_to_num(0.5)
+        else:
+            points = torch.cat([irt.discrimination[task_items],
+                                irt.difficulty[task_items, None]], dim=1)
+            points = (points - points.mean(0)) / points.std(0).clamp_min(1e-9)
+        labels = kmeans(points, n, seed)
+        chosen, shares = [], []
+        for cluster in range(n):
+            members = torch.nonzero(labels == cluster).flatten()
+            if len(members) == 0:
+                continue
+            centre = points[members].mean(0)
+            nearest = members[torch.cdist(points[members], centre[None]).flatten().argmin()]
+            chosen.append(task_items[nearest])
+            shares.append(len(members) / size)
+        return torch.stack(chosen), torch.tensor(shares, dtype=torch.float64)
+    population = abilities if abilities is not None else irt.abilities
+    p = irt.probabilities(population, task_items)
+    information = (p * (1 - p)).sum(0) * irt.discrimination[task_items].pow(2).sum(1)
+    chosen = task_items[torch.argsort(information, descending=True, stable=True)[:n]]
+    return chosen, torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+def select_items(method: str, irt: IRTModel, task_of: torch.Tensor, per_task: int, seed: int = 0,
+                 abilities: torch.Tensor | None = None, responses: torch.Tensor | None = None,
+                 anchor_space: str = "irt") -> ReducedSet:
+    """`per_task` items of every task by `method` (see the module docstring), with weights."""
+    if method not in SELECTIONS:
+        raise FitnessError(f"unknown item selection {method!r}; use one of {SELECTIONS}")
+    if per_task < 1:
+        raise FitnessError(f"a reduced set needs at least 1 item per task, got {per_task}")
+    indices, weights = [], []
+    for task in torch.unique(task_of).tolist():
+        task_items = torch.nonzero(task_of == task).flatten()
+        n = min(per_task, len(task_items))
+        chosen, shares = _pick(task_items, n, method, irt, seed + task, abilities, responses,
+                               anchor_space)
+        indices.append(chosen)
+        weights.append(shares)
+    return ReducedSet(torch.cat(indices), torch.cat(weights), method)
