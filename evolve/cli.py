@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from evolve.eval_cli import eval_command
+from evolve.fitness_cli import fitness_app
 from evolve.zoo_cli import zoo_app
 from operators.errors import MergeError
 
@@ -22,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="evoforge: breed better models out of existing ones.")
 app.add_typer(zoo_app, name="zoo")
 app.command("eval")(eval_command)
+app.add_typer(fitness_app, name="fitness")
 console = Console(stderr=True)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -18,19 +18,24 @@ def _progress_bar() -> Progress:
                     TimeElapsedColumn(), console=console)
 
 
+def stage_reporter(progress: Progress):
+    """A (stage, done, total) callback that shows one bar per stage on `progress`."""
+    bars: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = progress.add_task(stage, total=total)
+        progress.update(bars[stage], completed=done, total=total)
+    return report
+
+
 def build_with_progress(which: str = "merge"):
     """Build (or reuse) a zoo, showing one progress bar per stage; returns it."""
     from search_spaces.merge_zoo import build_zoo
     from search_spaces.nas_zoo import build_nas_zoo
 
     with _progress_bar() as progress:
-        bars: dict[str, int] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = progress.add_task(stage, total=total)
-            progress.update(bars[stage], completed=done, total=total)
-
+        report = stage_reporter(progress)
         return build_zoo(progress=report) if which == "merge" else build_nas_zoo(progress=report)
 
 

@@ -59,7 +59,7 @@ def zoo_populations(calibration: int, held_out: int, seed: int = 0
 
 
 def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
-                   batch_size: int = 256) -> Population:
+                   label: str = "candidates", batch_size: int = 256) -> Population:
     """Every recipe's answers to every search-split item of the zoo's tasks (cached)."""
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
@@ -83,12 +83,12 @@ def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
     rows = []
     for done, recipe in enumerate(recipes):
         if progress:
-            progress("evaluating candidates fully", done, len(recipes))
+            progress(f"evaluating {label} fully", done, len(recipes))
         model.load_state_dict(materialize(recipe, sources.__getitem__))
         rows.append(torch.cat([torch.tensor(evaluator.evaluate(t.name, t.search).correct)
                                for t in tasks]).double())
     if progress:
-        progress("evaluating candidates fully", len(recipes), len(recipes))
+        progress(f"evaluating {label} fully", len(recipes), len(recipes))
     responses = torch.stack(rows)
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(responses, cached)

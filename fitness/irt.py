@@ -154,6 +154,8 @@ def fit_irt(responses: torch.Tensor, dims: int = 1, max_rounds: int = 200,
     item_precision = torch.ones(dims + 1, dtype=torch.float64)
     item_precision[-1] = DIFFICULTY_PRIOR_SD ** -2
     items = item_prior_mean.repeat(n_items, 1)
+    # small random loadings on the extra axes: at exactly zero they would stay zero (no gradient)
+    items[:, 1:-1] = 0.1 * torch.randn(n_items, dims - 1, generator=generator, dtype=torch.float64)
     items[:, -1] = -torch.logit((y.sum(0) / weight.sum(0)).clamp(0.02, 0.98))
     ones = torch.ones(dims, dtype=torch.float64)
     for _ in range(max_rounds):

@@ -21,12 +21,20 @@ def test_2pl_recovers_known_abilities_and_difficulties():
     assert _corr(fit.discrimination[:, 0], alpha[:, 0]) >= 0.7
 
 
-def test_multidimensional_2pl_recovers_the_response_probabilities():
-    responses, theta, alpha, beta = simulate_responses(300, 400, dims=2, seed=2)
-    fit = fit_irt(responses, dims=2)
+def test_multidimensional_2pl_uses_its_extra_axes():
+    # half the items measure one ability, half another: one axis cannot explain both
+    generator = torch.Generator().manual_seed(2)
+    theta = torch.randn(300, 2, generator=generator, dtype=torch.float64)
+    alpha = torch.zeros(400, 2, dtype=torch.float64)
+    alpha[:200, 0], alpha[200:, 1] = 1.5, 1.5
+    beta = torch.randn(400, generator=generator, dtype=torch.float64)
     truth = torch.sigmoid(theta @ alpha.T - beta)
-    assert _corr(fit.probabilities(fit.abilities).flatten(), truth.flatten()) >= 0.9
-    assert _corr(fit.difficulty, beta) >= 0.9
+    responses = (torch.rand(truth.shape, generator=generator, dtype=torch.float64) < truth).double()
+    one, two = fit_irt(responses, dims=1), fit_irt(responses, dims=2)
+    fit_one = _corr(one.probabilities(one.abilities).flatten(), truth.flatten())
+    fit_two = _corr(two.probabilities(two.abilities).flatten(), truth.flatten())
+    assert fit_two >= 0.9 and fit_two > fit_one + 0.1
+    assert _corr(two.difficulty, beta) >= 0.9
 
 
 def test_missing_responses_are_skipped():

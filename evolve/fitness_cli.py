@@ -1,0 +1,51 @@
+"""`evoforge fitness check`: the reduced evaluation's cost and accuracy, measured on the zoo."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from evolve.zoo_cli import _progress_bar, stage_reporter
+
+fitness_app = typer.Typer(no_args_is_help=True, help="Reduced (IRT) fitness evaluation.")
+console = Console(stderr=True)
+TARGETS = {"cost_ratio": 20.0, "mae": 3.0, "rank": 0.9, "coverage": 0.9}
+
+
+@fitness_app.command("check")
+def check(
+    calibration: int = typer.Option(100, help="calibration candidates evaluated fully"),
+    held_out: int = typer.Option(60, help="separate held-out candidates evaluated fully"),
+    sizes: str = typer.Option("10,20,50,100", help="items per task of the reduced sets"),
+    selections: str = typer.Option("random,stratified,anchor,informative"),
+    dims: int = typer.Option(0, help="IRT dimensions (0: one per task)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Fit IRT on calibration candidates, then score every estimator on held-out candidates."""
+    from fitness.check import evaluate_fully, reduced_evaluation_table, zoo_populations
+    from search_spaces.merge_zoo import DEFAULT_RECIPE
+
+    calibration_recipes, held_out_recipes = zoo_populations(calibration, held_out, seed)
+    with _progress_bar() as progress:
+        report = stage_reporter(progress)
+        calibration_set = evaluate_fully(calibration_recipes, report, "calibration")
+        held_out_set = evaluate_fully(held_out_recipes, report, "held-out")
+    dims = dims or len(DEFAULT_RECIPE.skills)
+    rows = reduced_evaluation_table(calibration_set, held_out_set, dims,
+                                    [int(s) for s in sizes.split(",")], selections.split(","),
+                                    seed)
+    table = Table(title=f"reduced evaluation on {len(held_out_recipes)} held-out candidates "
+                        f"({calibration} calibration, {dims}-D IRT); targets: cost >= 20x, "
+                        "MAE <= 3, rank >= 0.9, coverage >= 90%")
+    for column in ("selection", "items/task", "estimator", "cost ratio", "MAE (pts)",
+                   "P95 (pts)", "coverage", "Spearman", "Kendall", "meets"):
+        table.add_column(column, justify="left" if column in ("selection", "estimator") else
+                         "right")
+    for row in rows:
+        meets = (row.cost_ratio >= TARGETS["cost_ratio"] and row.mae <= TARGETS["mae"]
+                 and row.spearman >= TARGETS["rank"] and row.coverage >= TARGETS["coverage"])
+        table.add_row(row.selection, str(row.per_task), row.estimator, f"{row.cost_ratio:.0f}x",
+                      f"{row.mae:.2f}", f"{row.p95:.2f}", f"{row.coverage:.0%}",
+                      f"{row.spearman:.3f}", f"{row.kendall:.3f}", "yes" if meets else "")
+    Console().print(table)

@@ -1,0 +1,56 @@
+"""The local worker: materializes recipes and answers pool items with a causal LM.
+
+One model object is reused; a candidate's weights are materialized once and kept while it is being
+asked (its stages follow each other), so a generation costs one merge per candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from fitness.causal_lm import CausalLMEvaluator
+from fitness.items import Task
+from fitness.size import Size, measure_size
+from search_spaces.recipes import materialize
+
+
+class LocalLMScorer:
+    def __init__(self, tasks: Sequence[Task], load_source: Callable[[str], Mapping],
+                 model: torch.nn.Module, tokenizer, batch_size: int = 256,
+                 export_dtype: str = "bfloat16"):
+        self.tasks = list(tasks)
+        self.pool = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task.search))]
+        self.load_source = load_source
+        self.model = model
+        self.evaluator = CausalLMEvaluator(model, tokenizer, batch_size=batch_size)
+        self.export_dtype = export_dtype
+        self._current: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def task_of(self) -> torch.Tensor:
+        return torch.tensor([t for t, _ in self.pool])
+
+    def _state(self, candidate_id: str, recipe: dict) -> dict[str, torch.Tensor]:
+        if self._current is None or self._current[0] != candidate_id:
+            state = materialize(recipe, self.load_source)
+            self.model.load_state_dict(state)
+            self._current = (candidate_id, state)
+        return self._current[1]
+
+    def answers(self, candidate_id: str, recipe: dict, items: torch.Tensor) -> torch.Tensor:
+        self._state(candidate_id, recipe)
+        out = torch.zeros(len(items), dtype=torch.float64)
+        by_task: dict[int, list[int]] = {}
+        for position, index in enumerate(items.tolist()):
+            by_task.setdefault(self.pool[index][0], []).append(position)
+        for t, positions in by_task.items():
+            task = self.tasks[t]
+            chosen = [task.search[self.pool[int(items[p])][1]] for p in positions]
+            correct = self.evaluator.evaluate(task.name, chosen).correct
+            out[positions] = torch.tensor(correct, dtype=torch.float64)
+        return out
+
+    def size(self, candidate_id: str, recipe: dict) -> Size:
+        return measure_size(self._state(candidate_id, recipe), self.export_dtype)

@@ -1,0 +1,244 @@
+"""The fitness the evolution loop calls: candidates + budget → estimates with stderr, in one call.
+
+A generation's candidates are scored in stages, all on the same items at each stage (paired: the
+differences between near-identical siblings are measured on identical questions):
+
+1. every candidate answers the reduced set (`items_per_task` per task) and gets an estimate ± stderr
+   of its accuracy per task and overall;
+2. a candidate whose optimistic accuracy (estimate + 2·stderr) is not dominated by the current front
+   (accuracy up, size down) answers the larger promotion set, and is re-estimated;
+3. a promoted candidate whose estimate is still not dominated is evaluated on the full search split
+   (exact accuracy, stderr 0). Its answers join the calibration matrix; the IRT model is refitted
+   before the next call, so the model keeps learning the region the search explores.
+
+Answers are cached per candidate, so a later stage only asks the items it has not asked. Size
+objectives (parameters, bytes at the export dtype, non-zero parameters) come from the scorer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import torch
+
+from fitness.errors import FitnessError
+from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
+from fitness.irt import MODELS_PER_DIMENSION, IRTModel, fit_irt
+from fitness.reduced_sets import SELECTIONS, select_items
+from fitness.size import Size
+
+
+class Scorer(Protocol):
+    """The worker side: answers of a candidate to pool items, and its size."""
+
+    def answers(self, candidate_id: str, recipe: dict, items: torch.Tensor) -> torch.Tensor: ...
+
+    def size(self, candidate_id: str, recipe: dict) -> Size: ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    recipe: dict
+    parents: tuple[str, ...] = ()  # ids of the candidates (or sources) it was bred from
+
+
+@dataclass(frozen=True)
+class Budget:
+    items_per_task: int = 20
+    promote_items_per_task: int = 100
+    max_full_per_call: int = 4
+    selection: str = "random"
+    estimator: str = "gpirt"
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise FitnessError(f"budget: unknown selection {self.selection!r}; use {SELECTIONS}")
+        if self.estimator not in ESTIMATORS:
+            raise FitnessError(f"budget: unknown estimator {self.estimator!r}; use {ESTIMATORS}")
+        if not 1 <= self.items_per_task <= self.promote_items_per_task:
+            raise FitnessError("budget: need 1 <= items_per_task <= promote_items_per_task")
+
+
+@dataclass(frozen=True)
+class FitnessResult:
+    candidate_id: str
+    objectives: dict[str, tuple[float, float]]  # name -> (value, stderr)
+    stage: str  # "reduced", "promoted" or "full"
+    asked: torch.Tensor  # pool indices of the items asked, in order
+    answers: torch.Tensor  # 0/1 answers to them
+    ability: torch.Tensor  # the candidate's IRT ability (for its children's mp-IRT)
+
+
+@dataclass
+class ReducedFitness:
+    """Staged, paired, IRT-reduced fitness over a pool of items (see the module docstring)."""
+
+    scorer: Scorer
+    task_of: torch.Tensor
+    task_names: tuple[str, ...]
+    dims: int = 0  # 0: one per task
+    seed: int = 0
+    calibration_ids: list[str] = field(default_factory=list)
+    calibration_rows: list[torch.Tensor] = field(default_factory=list)
+    calibration_parents: list[tuple[str, ...]] = field(default_factory=list)
+    abilities: dict[str, torch.Tensor] = field(default_factory=dict)
+    exact: dict[str, FitnessResult] = field(default_factory=dict)
+    _irt: IRTModel | None = None
+    _cache: dict[str, dict[int, float]] = field(default_factory=dict)
+    _fitted_on: int = 0
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.dims = self.dims or len(self.task_names)
+
+    # -- answers, cached -------------------------------------------------------------------
+
+    def _answers(self, candidate: Candidate, items: torch.Tensor) -> torch.Tensor:
+        known = self._cache.setdefault(candidate.id, {})
+        missing = torch.tensor([i for i in items.tolist() if i not in known], dtype=torch.long)
+        if len(missing):
+            fresh = self.scorer.answers(candidate.id, candidate.recipe, missing)
+            known.update(zip(missing.tolist(), fresh.double().tolist(), strict=True))
+        return torch.tensor([known[i] for i in items.tolist()], dtype=torch.float64)
+
+    def items_asked(self, candidate_id: str) -> int:
+        return len(self._cache.get(candidate_id, {}))
+
+    # -- calibration -----------------------------------------------------------------------
+
+    def add_full(self, candidate: Candidate) -> FitnessResult:
+        """Evaluate `candidate` on every pool item; it joins the calibration matrix."""
+        every = torch.arange(len(self.task_of))
+        row = self._answers(candidate, every)
+        if candidate.id not in self.calibration_ids:
+            self.calibration_ids.append(candidate.id)
+            self.calibration_rows.append(row)
+            self.calibration_parents.append(candidate.parents)
+        truth = task_accuracies(row[None], self.task_of)[0]
+        ability = self._irt.fit_ability(row, every)[0] if self._irt else torch.zeros(self.dims)
+        result = FitnessResult(candidate.id, self._objectives(candidate, truth,
+                                                              torch.zeros_like(truth)),
+                               "full", every, row, ability)
+        self.exact[candidate.id] = result
+        return result
+
+    def exact_front(self) -> list[FitnessResult]:
+        """The non-dominated members of everything evaluated fully so far."""
+        known = list(self.exact.values())
+        return [r for r in known if not _dominated(r, known)]
+
+    def calibrate(self, candidates: Sequence[Candidate]) -> None:
+        """Evaluate seeds and diverse random candidates fully, then fit the IRT model."""
+        for candidate in candidates:
+            self.add_full(candidate)
+        self._refit()
+
+    def _refit(self) -> None:
+        needed = MODELS_PER_DIMENSION * (self.dims + 1)
+        if len(self.calibration_rows) < needed:
+            raise FitnessError(
+                f"{len(self.calibration_rows)} fully evaluated calibration candidates are too few"
+                f" for a {self.dims}-dimensional IRT model; calibrate with at least {needed}")
+        responses = torch.stack(self.calibration_rows)
+        self._irt = fit_irt(responses, self.dims)
+        self._fitted_on = len(self.calibration_rows)
+        every = torch.arange(len(self.task_of))
+        self.abilities = {cid: self._irt.fit_ability(row, every)[0]
+                          for cid, row in zip(self.calibration_ids, self.calibration_rows,
+                                              strict=True)}
+        for cid, result in self.exact.items():
+            self.exact[cid] = replace(result, ability=self.abilities[cid])
+
+    @property
+    def irt(self) -> IRTModel:
+        if self._irt is None:
+            raise FitnessError("the fitness is not calibrated; call calibrate() with the seeds "
+                               "and a batch of random candidates first")
+        return self._irt
+
+    # -- one generation ----------------------------------------------------------------------
+
+    def evaluate(self, candidates: Sequence[Candidate], budget: Budget,
+                 front: Sequence[FitnessResult] | None = None) -> list[FitnessResult]:
+        """Estimates (± stderr) of every candidate's objectives; see the module docstring.
+
+        `front` is what promotion must beat; by default, the non-dominated members of everything
+        evaluated fully so far (calibration candidates included).
+        """
+        if not self.calibration_rows:
+            raise FitnessError("the fitness is not calibrated; call calibrate() with the seeds "
+                               "and a batch of random candidates first")
+        if self._irt is None or len(self.calibration_rows) > self._fitted_on:
+            self._refit()
+        generation_seed = self.seed * 100_003 + self.calls
+        self.calls += 1
+        stages = [select_items(budget.selection, self.irt, self.task_of, size, generation_seed,
+                               torch.stack(list(self.abilities.values())),
+                               torch.stack(self.calibration_rows))
+                  for size in (budget.items_per_task, budget.promote_items_per_task)]
+        first, second = (self._estimators(reduced) for reduced in stages)
+        results = {c.id: self._estimate(c, first, budget, "reduced") for c in candidates}
+        fronts = list(front) if front is not None else self.exact_front()
+        promoted = [c for c in candidates if not _dominated(results[c.id], fronts, optimistic=True)]
+        for candidate in promoted:
+            results[candidate.id] = self._estimate(candidate, second, budget, "promoted")
+        finalists = sorted((c for c in promoted if not _dominated(results[c.id], fronts)),
+                           key=lambda c: -results[c.id].objectives["accuracy"][0])
+        for candidate in finalists[:budget.max_full_per_call]:
+            results[candidate.id] = self._full(candidate)
+        return [results[c.id] for c in candidates]
+
+    def _objectives(self, candidate: Candidate, means: torch.Tensor, stderr: torch.Tensor
+                    ) -> dict[str, tuple[float, float]]:
+        size = self.scorer.size(candidate.id, candidate.recipe)
+        objectives = {"accuracy": (float(means[-1]), float(stderr[-1]))}
+        objectives |= {f"accuracy/{name}": (float(means[t]), float(stderr[t]))
+                       for t, name in enumerate(self.task_names)}
+        return objectives | {"params": (float(size.params), 0.0),
+                             "bytes": (float(size.bytes), 0.0),
+                             "nonzero": (float(size.nonzero), 0.0)}
+
+    def _estimators(self, reduced) -> ReducedEstimators:
+        """The estimators of one stage's item set, their stderr calibrated by cross-fitting."""
+        rows = {cid: i for i, cid in enumerate(self.calibration_ids)}
+        parents_of = [[rows[p] for p in parents if p in rows]
+                      for parents in self.calibration_parents]
+        excess = calibrate(torch.stack(self.calibration_rows), self.task_of, reduced, parents_of,
+                           self.dims, seed=self.seed)
+        return ReducedEstimators(self.irt, self.task_of, reduced, excess)
+
+    def _estimate(self, candidate: Candidate, estimators: ReducedEstimators, budget: Budget,
+                  stage: str) -> FitnessResult:
+        reduced = estimators.reduced
+        answers = self._answers(candidate, reduced.indices)
+        parents = [self.abilities[p] for p in candidate.parents if p in self.abilities]
+        estimate = estimators.estimate(budget.estimator, answers,
+                                       torch.stack(parents) if parents else None)
+        ability = self.irt.fit_ability(answers, reduced.indices)[0]
+        self.abilities.setdefault(candidate.id, ability)
+        return FitnessResult(candidate.id, self._objectives(candidate, estimate.mean,
+                                                            estimate.stderr),
+                             stage, reduced.indices, answers, ability)
+
+    def _full(self, candidate: Candidate) -> FitnessResult:
+        result = self.add_full(candidate)
+        self.abilities[candidate.id] = self.irt.fit_ability(result.answers, result.asked)[0]
+        return result
+
+
+def _dominated(result: FitnessResult, front: Sequence[FitnessResult],
+               optimistic: bool = False) -> bool:
+    """Is `result` dominated (accuracy up, params down) by a member of `front`?"""
+    accuracy, stderr = result.objectives["accuracy"]
+    if optimistic:
+        accuracy += 2 * stderr
+    params = result.objectives["params"][0]
+    for member in front:
+        other, other_params = member.objectives["accuracy"][0], member.objectives["params"][0]
+        if other >= accuracy and other_params <= params and (other > accuracy
+                                                             or other_params < params):
+            return True
+    return False

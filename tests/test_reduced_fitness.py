@@ -1,0 +1,112 @@
+"""The one-call fitness: staged, paired evaluation on a population with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fitness.errors import FitnessError
+from fitness.estimators import task_accuracies
+from fitness.irt import simulate_responses
+from fitness.reduced_fitness import Budget, Candidate, ReducedFitness
+from fitness.size import Size, measure_size
+
+
+class TableScorer:
+    """Answers looked up in a fixed response matrix (one row per candidate id), sizes by id."""
+
+    def __init__(self, responses: torch.Tensor):
+        self.responses = responses
+        self.asked: dict[str, list[int]] = {}
+
+    def answers(self, candidate_id, recipe, items):
+        self.asked.setdefault(candidate_id, []).extend(items.tolist())
+        return self.responses[recipe["row"], items]
+
+    def size(self, candidate_id, recipe):
+        params = recipe.get("params", 1000 + recipe["row"])
+        return Size(params, 2 * params, params - 10)
+
+
+@pytest.fixture
+def world():
+    responses = simulate_responses(90, 400, dims=2, seed=21)[0]
+    task_of = torch.arange(400) % 4
+    scorer = TableScorer(responses)
+    fitness = ReducedFitness(scorer, task_of, ("a", "b", "c", "d"), dims=2, seed=3)
+    fitness.calibrate([Candidate(f"c{i}", {"row": i}) for i in range(60)])
+    return responses, task_of, scorer, fitness
+
+
+def test_one_call_gives_estimates_with_stderr_and_stages(world):
+    responses, task_of, scorer, fitness = world
+    # a front member at 99 % accuracy and 800 parameters: the small half of the generation can
+    # reach the front, the large half cannot
+    generation = [Candidate(f"g{i}", {"row": 60 + i, "params": 500 + i if i % 2 else 5000},
+                            parents=("c0", "c1")) for i in range(30)]
+    anchor = fitness.exact["c0"]
+    member = type(anchor)("m", {"accuracy": (0.99, 0.0), "params": (800.0, 0.0)}, "full",
+                          anchor.asked, anchor.answers, anchor.ability)
+    budget = Budget(items_per_task=10, promote_items_per_task=40, max_full_per_call=2)
+    results = fitness.evaluate(generation, budget, front=[member])
+    truth = task_accuracies(responses[60:], task_of)[:, -1]
+    assert [r.candidate_id for r in results] == [c.id for c in generation]
+    stages = {r.candidate_id: r.stage for r in results}
+    assert {stages[f"g{i}"] for i in range(0, 30, 2)} == {"reduced"}
+    assert {stages[f"g{i}"] for i in range(1, 30, 2)} <= {"promoted", "full"}
+    for stage, size in (("reduced", 40), ("promoted", 160)):
+        asked = {tuple(r.asked.tolist()) for r in results if r.stage == stage}
+        assert len(asked) == 1 and len(next(iter(asked))) == size  # paired: the same items
+    full = [r for r in results if r.stage == "full"]
+    assert len(full) == 2
+    errors = []
+    for result, true in zip(results, truth.tolist(), strict=True):
+        value, stderr = result.objectives["accuracy"]
+        assert torch.isfinite(torch.tensor([value, stderr])).all()
+        if result.stage == "full":
+            assert stderr == 0 and value == pytest.approx(true)
+        else:
+            errors.append(abs(value - true) <= 2 * stderr)
+        i = int(result.candidate_id[1:])
+        assert result.objectives["params"] == (500.0 + i if i % 2 else 5000.0, 0.0)
+        assert {f"accuracy/{t}" for t in "abcd"} <= result.objectives.keys()
+    assert sum(errors) / len(errors) >= 0.8
+    # full evaluations join the calibration matrix and the next call refits on them
+    assert len(fitness.calibration_rows) == 60 + len(full)
+    fitness.evaluate(generation[:3], budget)
+    assert fitness._fitted_on == 60 + len(full)
+    # cached answers: nobody was asked the same item twice
+    assert all(len(asked) == len(set(asked)) for asked in scorer.asked.values())
+
+
+def test_the_default_front_is_everything_evaluated_exactly(world):
+    responses, task_of, _, fitness = world
+    front = fitness.exact_front()
+    accuracy = task_accuracies(responses[:60], task_of)[:, -1]
+    assert front and all(r.stage == "full" for r in front)
+    assert max(r.objectives["accuracy"][0] for r in front) == pytest.approx(float(accuracy.max()))
+    # a clone of a calibration model, only bigger, cannot be promoted past it
+    best = max(range(60), key=lambda i: float(accuracy[i]))
+    results = fitness.evaluate([Candidate("clone", {"row": best, "params": 10**6})],
+                               Budget(items_per_task=25, promote_items_per_task=50))
+    assert results[0].stage in ("reduced", "promoted")
+    assert results[0].stage != "full"
+
+
+def test_uncalibrated_or_bad_budgets_are_refused():
+    fitness = ReducedFitness(TableScorer(torch.zeros(3, 8)), torch.arange(8) % 2, ("a", "b"))
+    with pytest.raises(FitnessError, match="not calibrated"):
+        fitness.evaluate([Candidate("x", {"row": 0})], Budget())
+    with pytest.raises(FitnessError, match="too few"):
+        fitness.calibrate([Candidate("x", {"row": 0})])
+    with pytest.raises(FitnessError, match="unknown estimator"):
+        Budget(estimator="oracle")
+    with pytest.raises(FitnessError, match="items_per_task"):
+        Budget(items_per_task=0)
+
+
+def test_size_objectives():
+    state = {"w": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "steps": torch.tensor([3], dtype=torch.int64)}
+    size = measure_size(state, "bfloat16")
+    assert (size.params, size.bytes, size.nonzero) == (5, 4 * 2 + 8, 3)
+    assert measure_size(state, "float32").bytes == 4 * 4 + 8
