@@ -48,4 +48,4 @@ def check(
         table.add_row(row.selection, str(row.per_task), row.estimator, f"{row.cost_ratio:.0f}x",
                       f"{row.mae:.2f}", f"{row.p95:.2f}", f"{row.coverage:.0%}",
                       f"{row.spearman:.3f}", f"{row.kendall:.3f}", "yes" if meets else "")
-    Console().print(table)
+    Console(width=max(Console().width, 150)).print(table)

@@ -65,7 +65,8 @@ class IRTModel:
         The covariance is the Laplace approximation: the inverse posterior precision at the MAP.
         """
         alpha, beta = self.discrimination[items], self.difficulty[items]
-        y, weight = responses.double()[None, :], torch.ones(1, len(items), dtype=torch.float64)
+        y = responses.double().cpu()[None, :]
+        weight = torch.ones(1, len(items), dtype=torch.float64)
         theta = torch.zeros(1, self.dims, dtype=torch.float64)
         ones = torch.ones(self.dims, dtype=torch.float64)
         for _ in range(50):  # Newton on a concave log-posterior
@@ -133,12 +134,15 @@ def fit_irt(responses: torch.Tensor, dims: int = 1, max_rounds: int = 200,
             tolerance: float = 1e-6) -> IRTModel:
     """MAP fit of a (multidimensional) 2PL model to a models × items 0/1/NaN matrix.
 
+    Runs on the matrix's device (CPU or GPU); the fitted parameters come back on the CPU.
+
     Alternating Newton: all abilities given the items, then all items given the abilities, each
     a batch of small ridge-logistic Newton steps; a few dozen rounds converge.
     """
     if dims < 1:
         raise IRTError(f"dims must be >= 1, got {dims}")
     values = _check_responses(responses, dims)
+    device = values.device
     observed = ~torch.isnan(values)
     weight = observed.double()
     y = torch.where(observed, values, torch.zeros_like(values))
@@ -146,18 +150,19 @@ def fit_irt(responses: torch.Tensor, dims: int = 1, max_rounds: int = 200,
     generator = torch.Generator().manual_seed(0)
     # abilities start at the models' (standardized) success rates, which fixes the axis' sign
     rate = torch.logit((y.sum(1) / weight.sum(1)).clamp(0.02, 0.98))
-    theta = 0.1 * torch.randn(n_models, dims, generator=generator, dtype=torch.float64)
+    theta = 0.1 * torch.randn(n_models, dims, generator=generator, dtype=torch.float64).to(device)
     theta[:, 0] = (rate - rate.mean()) / (rate.std() + 1e-6) if n_models > 1 else 0.0
     # item parameters φⱼ = (αⱼ, βⱼ); the logit is (θᵢ, −1)·φⱼ
-    item_prior_mean = torch.zeros(dims + 1, dtype=torch.float64)
+    item_prior_mean = torch.zeros(dims + 1, dtype=torch.float64, device=device)
     item_prior_mean[0] = 1.0
-    item_precision = torch.ones(dims + 1, dtype=torch.float64)
+    item_precision = torch.ones(dims + 1, dtype=torch.float64, device=device)
     item_precision[-1] = DIFFICULTY_PRIOR_SD ** -2
     items = item_prior_mean.repeat(n_items, 1)
     # small random loadings on the extra axes: at exactly zero they would stay zero (no gradient)
-    items[:, 1:-1] = 0.1 * torch.randn(n_items, dims - 1, generator=generator, dtype=torch.float64)
+    items[:, 1:-1] = 0.1 * torch.randn(n_items, dims - 1, generator=generator,
+                                       dtype=torch.float64).to(device)
     items[:, -1] = -torch.logit((y.sum(0) / weight.sum(0)).clamp(0.02, 0.98))
-    ones = torch.ones(dims, dtype=torch.float64)
+    ones = torch.ones(dims, dtype=torch.float64, device=device)
     for _ in range(max_rounds):
         previous = items.clone()
         alphas, betas = items[:, :-1], items[:, -1]
@@ -169,7 +174,8 @@ def fit_irt(responses: torch.Tensor, dims: int = 1, max_rounds: int = 200,
             theta = (theta - mean) / scale
             items[:, -1] -= items[:, :-1] @ mean
             items[:, :-1] *= scale
-        design = torch.cat([theta, -torch.ones(n_models, 1, dtype=torch.float64)], dim=1)
+        design = torch.cat([theta, -torch.ones(n_models, 1, dtype=torch.float64, device=device)],
+                           dim=1)
         items, _ = _newton_rows(design, items, y.T, weight.T, 0.0, item_prior_mean,
                                 item_precision)
         if (items - previous).abs().max() < tolerance:
@@ -178,7 +184,7 @@ def fit_irt(responses: torch.Tensor, dims: int = 1, max_rounds: int = 200,
         raise IRTError("the IRT fit diverged (non-finite parameters); check the responses")
     column_sum = (y * weight).sum(0)
     constant = torch.nonzero((column_sum == 0) | (column_sum == weight.sum(0))).flatten()
-    return IRTModel(items[:, :-1].clone(), items[:, -1].clone(), theta,
+    return IRTModel(items[:, :-1].cpu(), items[:, -1].cpu(), theta.cpu(),
                     tuple(int(i) for i in constant))
 
 

@@ -12,7 +12,8 @@ import torch
 
 from fitness.causal_lm import CausalLMEvaluator
 from fitness.items import Task
-from fitness.size import Size, measure_size
+from fitness.results import ItemResults
+from fitness.size import Size, measure_latency, measure_size
 from search_spaces.recipes import materialize
 
 
@@ -54,3 +55,17 @@ class LocalLMScorer:
 
     def size(self, candidate_id: str, recipe: dict) -> Size:
         return measure_size(self._state(candidate_id, recipe), self.export_dtype)
+
+    def test_results(self, candidate_id: str, recipe: dict) -> list[ItemResults]:
+        """Per-item results on every task's held-out test split (for a run's final report)."""
+        self._state(candidate_id, recipe)
+        return [self.evaluator.evaluate(task.name, task.test) for task in self.tasks]
+
+    def latency(self, candidate_id: str, recipe: dict, batch: int = 32) -> float:
+        """Median seconds of one forward pass over `batch` search prompts, on this worker."""
+        self._state(candidate_id, recipe)
+        prompts = [item.prompt for task in self.tasks for item in task.search[:batch]][:batch]
+        tokenizer = self.evaluator.tokenizer
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(self.evaluator.device)
+        with torch.inference_mode():
+            return measure_latency(lambda: self.model(**inputs))

@@ -74,14 +74,16 @@ def test_mpirt_by_hand():
     assert float(estimate.mean[1]) == pytest.approx((2 + p) / 4)
 
 
-def test_gpirt_blends_by_inverse_variance():
+@pytest.mark.parametrize(("blend", "model"), [("gpirt", "pirt"), ("gmpirt", "mpirt")])
+def test_blends_weight_by_inverse_variance(blend, model):
+    parents = torch.tensor([[-1.0], [2.0]], dtype=F64)
     estimators = ReducedEstimators(_flat_irt(8), TASK_OF, REDUCED)
     mean, mean_var = estimators.raw("mean", ANSWERS)
-    pirt, pirt_var = estimators.raw("pirt", ANSWERS)
-    blend = estimators.estimate("gpirt", ANSWERS)
-    share = pirt_var / (pirt_var + mean_var)
-    assert torch.allclose(blend.mean, share * mean + (1 - share) * pirt)
-    assert torch.allclose(blend.stderr.pow(2), share**2 * mean_var + (1 - share) ** 2 * pirt_var)
+    irt, irt_var = estimators.raw(model, ANSWERS, parents)
+    result = estimators.estimate(blend, ANSWERS, parents)
+    share = irt_var / (irt_var + mean_var)
+    assert torch.allclose(result.mean, share * mean + (1 - share) * irt)
+    assert torch.allclose(result.stderr.pow(2), share**2 * mean_var + (1 - share) ** 2 * irt_var)
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)

@@ -110,3 +110,27 @@ def test_size_objectives():
     size = measure_size(state, "bfloat16")
     assert (size.params, size.bytes, size.nonzero) == (5, 4 * 2 + 8, 3)
     assert measure_size(state, "float32").bytes == 4 * 4 + 8
+
+
+def test_local_lm_scorer_answers_sizes_and_reports(tiny_models):
+    from safetensors.torch import load_file
+
+    from fitness.causal_lm import load_causal_lm
+    from fitness.items import GenerationItem, Task
+    from fitness.lm_scorer import LocalLMScorer
+
+    model, tokenizer = load_causal_lm(tiny_models["base"])
+    tasks = [Task("t", "generation", tuple(GenerationItem(f"{i}+1=", str(i + 1), 3)
+                                           for i in range(6)),
+                  (GenerationItem("9+1=", "10", 3),))]
+    scorer = LocalLMScorer(tasks, lambda name: load_file(tiny_models[name] / "model.safetensors"),
+                           model, tokenizer)
+    recipe = {"op": "merge", "method": "ties", "base": {"model": "base"},
+              "inputs": [{"model": "add"}, {"model": "sort"}],
+              "params": {"weight": 1.0, "density": 0.5}}
+    answers = scorer.answers("m", recipe, torch.tensor([5, 0, 2]))
+    direct = scorer.evaluator.evaluate("t", [tasks[0].search[i] for i in (5, 0, 2)])
+    assert answers.tolist() == [float(c) for c in direct.correct]
+    assert scorer.size("m", recipe).params == sum(p.numel() for p in model.parameters())
+    assert len(scorer.test_results("m", recipe)[0]) == 1
+    assert scorer.latency("m", recipe, batch=4) > 0
