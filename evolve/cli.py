@@ -16,6 +16,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from evolve.eval_cli import eval_command
 from evolve.fitness_cli import fitness_app
+from evolve.run_cli import export, front, resume, run, runs, status
 from evolve.zoo_cli import zoo_app
 from operators.errors import MergeError
 
@@ -24,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(zoo_app, name="zoo")
 app.command("eval")(eval_command)
 app.add_typer(fitness_app, name="fitness")
+for command in (run, resume, status, front, runs, export):
+    app.command()(command)
 console = Console(stderr=True)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -83,4 +86,8 @@ def demo(
 
 
 def main() -> None:  # pragma: no cover - console-script shim
+    app()
+
+
+if __name__ == "__main__":
     app()

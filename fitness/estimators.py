@@ -29,13 +29,15 @@ is added to every later variance: stderr = √(V + τ²).
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fitness.errors import FitnessError
-from fitness.irt import IRTModel, _newton_rows, fit_irt
+from fitness.irt import MODELS_PER_DIMENSION, IRTModel, _newton_rows, fit_irt
 from fitness.reduced_sets import ReducedSet
 
 ESTIMATORS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
@@ -195,15 +197,17 @@ def calibrate(responses: torch.Tensor, task_of: torch.Tensor, reduced: ReducedSe
     their abilities come from their full answers under each fold's IRT model.
     """
     n = len(responses)
+    needed = math.ceil(MODELS_PER_DIMENSION * (dims + 1) * folds / (folds - 1))
+    if n < needed:
+        raise FitnessError(
+            f"{n} fully evaluated calibration candidates are too few to cross-fit the standard "
+            f"errors of a {dims}-dimensional IRT model: each fold's fit needs "
+            f"{MODELS_PER_DIMENSION * (dims + 1)}, so calibrate with at least {needed} (or fewer "
+            "dimensions)")
     truth = task_accuracies(responses, task_of)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     raw: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {e: [None] * n for e in ESTIMATORS}
     models = {}
-    for fold in range(folds):
-        held = order[fold::folds]
-        kept = torch.ones(n, dtype=torch.bool)
-        kept[held] = False
-        irt = fit_irt(responses[kept], dims)
+    for held, irt in _fold_fits(responses, dims, folds, seed):
         estimators = ReducedEstimators(irt, task_of, reduced)
         every_item = torch.arange(len(task_of))
         for m in held.tolist():
@@ -220,6 +224,28 @@ def calibrate(responses: torch.Tensor, task_of: torch.Tensor, reduced: ReducedSe
             raw[blend][m] = estimators._blend(raw["mean"][m], component, raw[component][m])
         excess[blend] = _excess(raw[blend], truth)
     return excess
+
+
+_FOLD_FITS: dict[tuple, list[tuple[torch.Tensor, IRTModel]]] = {}
+
+
+def _fold_fits(responses: torch.Tensor, dims: int, folds: int, seed: int
+               ) -> list[tuple[torch.Tensor, IRTModel]]:
+    """(held-out rows, IRT fitted without them) per fold; memoized on the matrix's content,
+    since every stage and generation between two refits cross-fits the same matrix."""
+    key = (dims, folds, seed, tuple(responses.shape),
+           hashlib.sha256(responses.double().numpy().tobytes()).hexdigest())
+    if key not in _FOLD_FITS:
+        order = torch.randperm(len(responses), generator=torch.Generator().manual_seed(seed))
+        fits = []
+        for fold in range(folds):
+            held = order[fold::folds]
+            kept = torch.ones(len(responses), dtype=torch.bool)
+            kept[held] = False
+            fits.append((held, fit_irt(responses[kept], dims)))
+        _FOLD_FITS.clear()  # one matrix at a time: the calibration matrix only grows
+        _FOLD_FITS[key] = fits
+    return _FOLD_FITS[key]
 
 
 def _excess(results: list[tuple[torch.Tensor, torch.Tensor]], truth: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """The local worker: materializes recipes and answers pool items with a causal LM.
 
-One model object is reused; a candidate's weights are materialized once and kept while it is being
-asked (its stages follow each other), so a generation costs one merge per candidate.
+One model object per depth is reused (recipes that drop layers are smaller); a candidate's
+weights are materialized once and kept while it is being asked (its stages follow each other), and
+materialized sub-recipes are cached, so a generation costs about one merge per candidate.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -14,20 +16,33 @@ from fitness.causal_lm import CausalLMEvaluator
 from fitness.items import Task
 from fitness.results import ItemResults
 from fitness.size import Size, measure_latency, measure_size
-from search_spaces.recipes import materialize
+from search_spaces.recipes import StateCache, layer_count, materialize
 
 
 class LocalLMScorer:
     def __init__(self, tasks: Sequence[Task], load_source: Callable[[str], Mapping],
-                 model: torch.nn.Module, tokenizer, batch_size: int = 256,
-                 export_dtype: str = "bfloat16"):
+                 config, tokenizer, batch_size: int = 256, export_dtype: str = "bfloat16",
+                 device: str = "cpu"):
         self.tasks = list(tasks)
         self.pool = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task.search))]
         self.load_source = load_source
-        self.model = model
-        self.evaluator = CausalLMEvaluator(model, tokenizer, batch_size=batch_size)
+        self.config, self.tokenizer, self.batch_size = config, tokenizer, batch_size
+        self.device = device
         self.export_dtype = export_dtype
+        self.cache = StateCache()
+        self._evaluators: dict[int, CausalLMEvaluator] = {}
         self._current: tuple[str, dict[str, torch.Tensor]] | None = None
+        self.evaluator = self._evaluator(config.num_hidden_layers)
+
+    def _evaluator(self, layers: int) -> CausalLMEvaluator:
+        if layers not in self._evaluators:
+            from transformers import AutoModelForCausalLM
+
+            config = copy.deepcopy(self.config)
+            config.num_hidden_layers = layers
+            model = AutoModelForCausalLM.from_config(config).to(self.device).eval()
+            self._evaluators[layers] = CausalLMEvaluator(model, self.tokenizer, self.batch_size)
+        return self._evaluators[layers]
 
     @property
     def task_of(self) -> torch.Tensor:
@@ -35,8 +50,9 @@ class LocalLMScorer:
 
     def _state(self, candidate_id: str, recipe: dict) -> dict[str, torch.Tensor]:
         if self._current is None or self._current[0] != candidate_id:
-            state = materialize(recipe, self.load_source)
-            self.model.load_state_dict(state)
+            state = materialize(recipe, self.load_source, self.cache)
+            self.evaluator = self._evaluator(layer_count(state))
+            self.evaluator.model.load_state_dict(state)
             self._current = (candidate_id, state)
         return self._current[1]
 
@@ -68,4 +84,4 @@ class LocalLMScorer:
         tokenizer = self.evaluator.tokenizer
         inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(self.evaluator.device)
         with torch.inference_mode():
-            return measure_latency(lambda: self.model(**inputs))
+            return measure_latency(lambda: self.evaluator.model(**inputs))

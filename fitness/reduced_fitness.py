@@ -17,6 +17,7 @@ objectives (parameters, bytes at the export dtype, non-zero parameters) come fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -70,6 +71,11 @@ class FitnessResult:
     asked: torch.Tensor  # pool indices of the items asked, in order
     answers: torch.Tensor  # 0/1 answers to them
     ability: torch.Tensor  # the candidate's IRT ability (for its children's mp-IRT)
+    error: str | None = None  # why the candidate failed (stage "failed"); the run goes on
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass
@@ -137,7 +143,7 @@ class ReducedFitness:
         self._refit()
 
     def _refit(self) -> None:
-        needed = MODELS_PER_DIMENSION * (self.dims + 1)
+        needed = math.ceil(MODELS_PER_DIMENSION * (self.dims + 1) * 5 / 4)  # 5-fold cross-fits
         if len(self.calibration_rows) < needed:
             raise FitnessError(
                 f"{len(self.calibration_rows)} fully evaluated calibration candidates are too few"
@@ -180,16 +186,29 @@ class ReducedFitness:
                                torch.stack(self.calibration_rows))
                   for size in (budget.items_per_task, budget.promote_items_per_task)]
         first, second = (self._estimators(reduced) for reduced in stages)
-        results = {c.id: self._estimate(c, first, budget, "reduced") for c in candidates}
+        results = {c.id: self._guarded(c, lambda c=c: self._estimate(c, first, budget, "reduced"))
+                   for c in candidates}
         fronts = list(front) if front is not None else self.exact_front()
-        promoted = [c for c in candidates if not _dominated(results[c.id], fronts, optimistic=True)]
-        for candidate in promoted:
-            results[candidate.id] = self._estimate(candidate, second, budget, "promoted")
-        finalists = sorted((c for c in promoted if not _dominated(results[c.id], fronts)),
+        promoted = [c for c in candidates if results[c.id].ok
+                    and not _dominated(results[c.id], fronts, optimistic=True)]
+        for c in promoted:
+            results[c.id] = self._guarded(c, lambda c=c: self._estimate(c, second, budget,
+                                                                        "promoted"))
+        finalists = sorted((c for c in promoted if results[c.id].ok
+                            and not _dominated(results[c.id], fronts)),
                            key=lambda c: -results[c.id].objectives["accuracy"][0])
-        for candidate in finalists[:budget.max_full_per_call]:
-            results[candidate.id] = self._full(candidate)
+        for c in finalists[:budget.max_full_per_call]:
+            results[c.id] = self._guarded(c, lambda c=c: self._full(c))
         return [results[c.id] for c in candidates]
+
+    def _guarded(self, candidate: Candidate, work) -> FitnessResult:
+        """Run one candidate's evaluation; an error marks it failed instead of ending the run."""
+        try:
+            return work()
+        except (ValueError, RuntimeError, OSError, KeyError) as error:
+            empty = torch.zeros(0)
+            return FitnessResult(candidate.id, {}, "failed", empty, empty, empty,
+                                 f"{type(error).__name__}: {error}")
 
     def _objectives(self, candidate: Candidate, means: torch.Tensor, stderr: torch.Tensor
                     ) -> dict[str, tuple[float, float]]:

@@ -7,6 +7,7 @@ parameters and seeds:
      "inputs": [{"model": "zoo/rev"}, {"model": "zoo/sort"}],
      "params": {"weight": [0.7, 0.4], "density": 0.35, "lambda": 1.1}}
     {"op": "mutate", "seed": 9137, "sigma": 0.01, "rate": 0.05, "input": {...}}
+    {"op": "edit", "drop_layers": [2], "input": {...}}     (fewer decoder layers: smaller)
 
 `materialize` turns a recipe into a state dict, deterministically (the operators are seeded per
 tensor), so a recipe is all a run needs to store, resume or export an individual. The parents of
@@ -15,7 +16,10 @@ a recipe, for lineage and for mp-IRT, are the source models its tree reaches.
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,23 +36,81 @@ class RecipeError(ValueError):
     """A recipe is malformed (unknown op, missing field)."""
 
 
-def materialize(recipe: Recipe, load: Callable[[str], Mapping[str, torch.Tensor]]) -> StateDict:
+class StateCache:
+    """Materialized sub-recipes, least recently used first out: composed recipes (children of
+    children) reuse their parents' weights instead of re-merging the whole tree."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._states: OrderedDict[str, StateDict] = OrderedDict()
+
+    def get(self, key: str) -> StateDict | None:
+        if key in self._states:
+            self._states.move_to_end(key)
+        return self._states.get(key)
+
+    def put(self, key: str, state: StateDict) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self.capacity:
+            self._states.popitem(last=False)
+
+
+def materialize(recipe: Recipe, load: Callable[[str], Mapping[str, torch.Tensor]],
+                cache: StateCache | None = None) -> StateDict:
     """The weights of `recipe`; `load(name)` gives a source model's state dict (cache it)."""
     op = recipe.get("op", "model" if "model" in recipe else None)
     if op == "model":
         return dict(load(recipe["model"]))
+    key = json.dumps(recipe, sort_keys=True)
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit
     if op == "merge":
-        base = materialize(recipe["base"], load) if recipe.get("base") else None
-        inputs = [materialize(child, load) for child in recipe["inputs"]]
-        return operators.merge(recipe["method"], base, inputs, seed=recipe.get("seed", 0),
-                               **recipe.get("params", {}))
-    if op == "mutate":
-        state = materialize(recipe["input"], load)
+        base = materialize(recipe["base"], load, cache) if recipe.get("base") else None
+        inputs = [materialize(child, load, cache) for child in recipe["inputs"]]
+        state = operators.merge(recipe["method"], base, inputs, seed=recipe.get("seed", 0),
+                                **recipe.get("params", {}))
+    elif op == "mutate":
         base = recipe.get("base")
-        return operators.mutate(state, seed=recipe["seed"], sigma=recipe["sigma"],
-                                rate=recipe["rate"],
-                                base=materialize(base, load) if base else None)
-    raise RecipeError(f"unknown recipe op {op!r} in {recipe}; expected model, merge or mutate")
+        state = operators.mutate(materialize(recipe["input"], load, cache), seed=recipe["seed"],
+                                 sigma=recipe["sigma"], rate=recipe["rate"],
+                                 base=materialize(base, load, cache) if base else None)
+    elif op == "edit":
+        state = drop_layers(materialize(recipe["input"], load, cache),
+                            recipe.get("drop_layers", []))
+    else:
+        raise RecipeError(f"unknown recipe op {op!r} in {recipe}; expected model, merge, mutate "
+                          "or edit")
+    if cache is not None:
+        cache.put(key, state)
+    return state
+
+
+LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
+
+
+def layer_count(state: Mapping[str, torch.Tensor]) -> int:
+    """Number of decoder layers (`...layers.<i>....` tensor names) in a state dict."""
+    found = {int(m.group(2)) for name in state if (m := LAYER.match(name))}
+    return max(found) + 1 if found else 0
+
+
+def drop_layers(state: Mapping[str, torch.Tensor], dropped: list[int]) -> StateDict:
+    """Remove decoder layers and renumber the rest (mergekit passthrough with those slices)."""
+    total = layer_count(state)
+    if any(not 0 <= k < total for k in dropped) or len(set(dropped)) >= total:
+        raise RecipeError(f"drop_layers {dropped}: the model has layers 0..{total - 1} and must "
+                          "keep at least one")
+    kept = [i for i in range(total) if i not in set(dropped)]
+    renumber = {old: new for new, old in enumerate(kept)}
+    out: StateDict = {}
+    for name, tensor in state.items():
+        match = LAYER.match(name)
+        if match is None:
+            out[name] = tensor
+        elif int(match.group(2)) in renumber:
+            out[f"{match.group(1)}{renumber[int(match.group(2))]}{match.group(3)}"] = tensor
+    return out
 
 
 def sources_of(recipe: Recipe) -> list[str]:

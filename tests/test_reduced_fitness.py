@@ -124,7 +124,7 @@ def test_local_lm_scorer_answers_sizes_and_reports(tiny_models):
                                            for i in range(6)),
                   (GenerationItem("9+1=", "10", 3),))]
     scorer = LocalLMScorer(tasks, lambda name: load_file(tiny_models[name] / "model.safetensors"),
-                           model, tokenizer)
+                           model.config, tokenizer)
     recipe = {"op": "merge", "method": "ties", "base": {"model": "base"},
               "inputs": [{"model": "add"}, {"model": "sort"}],
               "params": {"weight": 1.0, "density": 0.5}}
@@ -134,3 +134,6 @@ def test_local_lm_scorer_answers_sizes_and_reports(tiny_models):
     assert scorer.size("m", recipe).params == sum(p.numel() for p in model.parameters())
     assert len(scorer.test_results("m", recipe)[0]) == 1
     assert scorer.latency("m", recipe, batch=4) > 0
+    smaller = {"op": "edit", "drop_layers": [1], "input": recipe}
+    assert scorer.size("s", smaller).params < scorer.size("m", recipe).params
+    assert scorer.answers("s", smaller, torch.tensor([0, 1])).shape == (2,)

@@ -1,0 +1,98 @@
+"""The run config: YAML, validated with errors that name the key and say what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fitness.estimators import ESTIMATORS
+from fitness.reduced_sets import SELECTIONS
+from search_spaces.merge_space import METHODS
+
+
+class ConfigError(ValueError):
+    """The run config is invalid; the message names the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sources(_Strict):
+    base: str = Field(description="the experts' common base model (zoo name or local folder)")
+    experts: list[str] = Field(min_length=2, description="fine-tunes of the base to breed")
+
+
+class Rate(_Strict):
+    rate: float = Field(ge=0, le=1)
+
+
+class Crossover(Rate):
+    rate: float = Field(0.6, ge=0, le=1)
+    compose: float = Field(0.2, ge=0, le=1, description="share of crossovers that merge the "
+                           "parents' recipes (children of children) instead of mixing genes")
+
+
+class Operators(_Strict):
+    crossover: Crossover = Crossover()
+    mutation: Rate = Rate(rate=0.3)
+    weight_noise: Rate = Rate(rate=0.1)
+    edit: Rate = Rate(rate=0.15)
+    methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
+
+
+class Fitness(_Strict):
+    calibration: int = Field(40, ge=10, description="random recipes evaluated fully at start")
+    items_per_task: int = Field(20, ge=1)
+    promote_items_per_task: int = Field(100, ge=1)
+    max_full_per_generation: int = Field(3, ge=0)
+    selection: Literal[SELECTIONS] = "random"  # type: ignore[valid-type]
+    estimator: Literal[ESTIMATORS] = "gpirt"  # type: ignore[valid-type]
+    dims: int = Field(0, ge=0, description="IRT dimensions; 0 = one per task")
+
+
+class RunConfig(_Strict):
+    sources: Sources
+    tasks: list[str] = Field(min_length=1)
+    objectives: dict[str, Literal["max", "min"]] = {"accuracy": "max", "params": "min"}
+    operators: Operators = Operators()
+    population: int = Field(16, ge=4)
+    generations: int = Field(8, ge=1)
+    fitness: Fitness = Fitness()
+    strategy: Literal["ga"] = "ga"
+    seed: int = 0
+    device: str = "cpu"
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, value: dict[str, str]) -> dict[str, str]:
+        known = {"accuracy", "params", "bytes", "nonzero"}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown objectives {sorted(unknown)}; known: {sorted(known)}")
+        return value
+
+
+def load_config(path: Path, overrides: dict | None = None) -> RunConfig:
+    """A validated RunConfig from YAML; every error names its key."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read the run config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the run config must be a mapping of keys to values")
+    data |= {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+            problems.append(f"{key}: {item['msg']}")
+        raise ConfigError(f"{path}: invalid run config:\n  " + "\n  ".join(problems)) from None

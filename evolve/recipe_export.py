@@ -1,0 +1,85 @@
+"""Export an individual: a Hugging Face checkpoint, its recipe, a mergekit config when mergekit
+can reproduce it, and a model card with its held-out scores and lineage."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from evolve.export import _ensure_writable
+from search_spaces.recipes import Recipe, layer_count, materialize
+
+# methods whose result mergekit reproduces tensor for tensor (DARE/DELLA draw their own masks)
+MERGEKIT_EXACT = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
+
+
+def mergekit_config(recipe: Recipe, folders: dict[str, Path], dtype: str) -> dict | None:
+    """mergekit's YAML for a flat merge of source models, or None if mergekit cannot express it."""
+    if recipe.get("op") != "merge" or any("model" not in i for i in recipe["inputs"]):
+        return None
+    if recipe["method"] not in MERGEKIT_EXACT:
+        return None
+    params = dict(recipe.get("params", {}))
+    per_model = {k: params.pop(k) for k in ("weight", "density", "gamma", "epsilon")
+                 if k in params}
+    models = []
+    for index, source in enumerate(recipe["inputs"]):
+        values = {k: (v[index] if isinstance(v, list) else v) for k, v in per_model.items()}
+        models.append({"model": str(folders[source["model"]]), "parameters": values})
+    config = {"merge_method": recipe["method"], "models": models, "parameters": params,
+              "dtype": "float32", "out_dtype": dtype}
+    if recipe.get("base"):
+        config["base_model"] = str(folders[recipe["base"]["model"]])
+    return config
+
+
+def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit: bool) -> str:
+    front = {"base_model": base, "library_name": "transformers",
+             "tags": ["merge", "evoforge", "evolutionary-merge"]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {record['id']}", "",
+             f"Bred by evoforge (generation {record['generation']}, operator "
+             f"{record['operator']}, parents {', '.join(record['parents']) or 'none'}).", ""]
+    if test:
+        lines += ["## Scores on the held-out test split", "", "| objective | value |", "|---|---|"]
+        lines += [f"| {name} | {value * 100:.1f} ± {stderr * 100:.1f} % |"
+                  for name, (value, stderr) in sorted(test.items())]
+        lines.append("")
+    if search:
+        accuracy, stderr = search.get("accuracy", (float("nan"), 0))
+        lines += [f"Search-split accuracy during the run: {accuracy * 100:.1f} ± "
+                  f"{stderr * 100:.1f} %.", ""]
+    lines += ["## Reproduce", "", "The recipe is in `recipe.json`; `evoforge export RUN "
+              f"{record['id']} --out DIR` rebuilds these exact tensors."]
+    if has_mergekit:
+        lines.append("`mergekit-yaml mergekit_config.yml OUT` reproduces them with mergekit.")
+    return "\n".join(lines) + "\n"
+
+
+def export_individual(record: dict, setup, config, out: Path, test: dict | None,
+                      search: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from search_spaces.models import resolve_model
+
+    _ensure_writable(out)
+    scorer = setup.scorer
+    state = materialize(record["recipe"], scorer.load_source, scorer.cache)
+    model_config = copy.deepcopy(scorer.config)
+    model_config.num_hidden_layers = layer_count(state)
+    model = AutoModelForCausalLM.from_config(model_config)
+    model.load_state_dict(state)
+    model.to(getattr(torch, config.export_dtype)).save_pretrained(out)
+    scorer.tokenizer.save_pretrained(out)
+    folders = {name: resolve_model(name) for name in (config.sources.base,
+                                                      *config.sources.experts)}
+    mergekit = mergekit_config(record["recipe"], folders, config.export_dtype)
+    if mergekit is not None:
+        (out / "mergekit_config.yml").write_text(yaml.safe_dump(mergekit, sort_keys=False))
+    (out / "recipe.json").write_text(json.dumps(record["recipe"], indent=2))
+    (out / "README.md").write_text(_card(record, config.sources.base, test, search,
+                                         mergekit is not None))

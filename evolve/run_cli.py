@@ -1,0 +1,208 @@
+"""`evoforge run | resume | status | front | runs | export`: the evolution on the command line."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from evolve.zoo_cli import _progress_bar, stage_reporter
+
+console = Console(stderr=True)
+RUNS = Path("runs")
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(code=2)
+
+
+def _run_dir(run: str) -> Path:
+    for candidate in (Path(run), RUNS / run):
+        if (candidate / "run.db").is_file():
+            return candidate
+    raise typer.BadParameter(f"no run at {run!r} (a run directory or an id under {RUNS}/)")
+
+
+def _execute(run_dir: Path) -> None:
+    from evolve.config import ConfigError, load_config
+    from evolve.engine import Evolution, prepare
+    from evolve.store import RunStore, StoreError
+    from fitness.errors import FitnessError
+    from operators.errors import MergeError
+
+    store = None
+    try:
+        config = load_config(run_dir / "config.yaml")
+        _build_zoo_if_needed(config)
+        setup = prepare(config, run_dir)
+        store = RunStore(run_dir)
+        with _progress_bar() as progress:
+            evolution = Evolution(config, setup, store, stage_reporter(progress))
+            evolution.run()
+    except KeyboardInterrupt:
+        if store is not None:
+            store.event("interrupted")
+        console.print(f"stopped; every finished evaluation is saved. Continue with "
+                      f"`evoforge resume {run_dir}`")
+        raise typer.Exit(code=130) from None
+    except (ConfigError, StoreError, FitnessError, MergeError) as error:
+        _fail(error)
+    timings = evolution.timings
+    console.print(f"run finished in {timings.wall:.0f}s: worker (merging + evaluating) "
+                  f"{timings.worker:.0f}s, IRT statistics {timings.fitness - timings.worker:.0f}s,"
+                  f" engine {timings.engine:.1f}s ({timings.engine / timings.wall:.1%} of the run)")
+    _print_front(run_dir)
+
+
+def _build_zoo_if_needed(config) -> None:
+    """Build the zoo with progress bars first, rather than silently inside model resolution."""
+    from evolve.zoo_cli import build_with_progress
+    from search_spaces.merge_zoo import is_built
+
+    names = [config.sources.base, *config.sources.experts, *config.tasks]
+    if any(str(name).startswith("zoo/") for name in names) and not is_built():
+        console.print("building the built-in zoo first (once, about 4 minutes on 2 cores)")
+        build_with_progress("merge")
+
+
+def run(
+    config: Path = typer.Argument(..., help="run config (YAML); see examples/zoo.yaml"),
+    run_dir: Path | None = typer.Option(None, help="where the run is stored (default "
+                                        "runs/<config>-<time>)"),
+    generations: int | None = typer.Option(None, help="override the config's generations"),
+    seed: int | None = typer.Option(None, help="override the config's seed"),
+) -> None:
+    """Start an evolution run and print its Pareto front."""
+    import yaml
+
+    from evolve.config import ConfigError, load_config
+
+    try:
+        validated = load_config(config, {"generations": generations, "seed": seed})
+    except ConfigError as error:
+        _fail(error)
+    run_dir = run_dir or RUNS / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = validated.model_dump()
+        data["sources"] = {k: _absolute(v, config.parent) for k, v in data["sources"].items()}
+        data["tasks"] = [_absolute(t, config.parent) for t in data["tasks"]]
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    except OSError as error:
+        _fail(OSError(f"cannot write the run directory {run_dir}: {error.strerror}; choose a "
+                      "writable --run-dir with free space"))
+    console.print(f"run directory: {run_dir}")
+    _execute(run_dir)
+
+
+def _absolute(value, relative_to: Path):
+    """Local paths in a config are relative to the config file; built-in names stay as they are."""
+    if isinstance(value, list):
+        return [_absolute(v, relative_to) for v in value]
+    if value.startswith(("zoo/", "tiny/", "nas/")):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (relative_to / path).resolve())
+
+
+def resume(run: str = typer.Argument(..., help="run directory or run id")) -> None:
+    """Continue a stopped or killed run; finished evaluations are reused, not redone."""
+    _execute(_run_dir(run))
+
+
+def status(run: str = typer.Argument(..., help="run directory or run id")) -> None:
+    """Progress of a run: generations, evaluations, hypervolume."""
+    from evolve.config import load_config
+    from evolve.store import RunStore
+
+    run_dir = _run_dir(run)
+    store = RunStore(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    generations = store.generations()
+    out = Console()
+    out.print(f"{run_dir}: {store.meta('status', 'unknown')}, generation "
+              f"{min(len(generations), config.generations)}/{config.generations}, "
+              f"{store.count('individuals')} individuals, {store.count('answers')} answer batches")
+    for entry in generations:
+        out.print(f"  generation {entry['generation']:3d}: front of {len(entry['front'])}, "
+                  f"hypervolume {entry['hypervolume']:.4f}")
+
+
+def front(run: str = typer.Argument(..., help="run directory or run id")) -> None:
+    """The run's Pareto front: scores ± stderr, size, lineage."""
+    _print_front(_run_dir(run))
+
+
+def _print_front(run_dir: Path) -> None:
+    from evolve.store import RunStore
+
+    store = RunStore(run_dir)
+    generations = store.generations()
+    if not generations:
+        console.print("no generation finished yet")
+        return
+    last = generations[-1]
+    table = Table(title=f"Pareto front of {run_dir.name} (generation {last['generation']})")
+    for column in ("individual", "search acc. (%)", "test acc. (%)", "params", "operator",
+                   "lineage"):
+        table.add_column(column)
+    rows = []
+    for identifier in last["front"]:
+        evaluation = store.evaluation(identifier) or {}
+        individual = store.individual(identifier) or {}
+        objectives = evaluation.get("objectives", {})
+        test = store.report(identifier) or {}
+        accuracy, stderr = objectives.get("accuracy", (float("nan"), 0.0))
+        rows.append((objectives.get("params", (0, 0))[0], [
+            identifier, f"{accuracy * 100:.1f} ± {stderr * 100:.1f}",
+            f"{test['accuracy'][0] * 100:.1f} ± {test['accuracy'][1] * 100:.1f}" if test else "–",
+            f"{objectives.get('params', (0, 0))[0]:,.0f}", individual.get("operator", ""),
+            " + ".join(individual.get("parents", [])) or "–"]))
+    for _, row in sorted(rows, key=lambda r: -r[0]):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def runs() -> None:
+    """List the runs under runs/."""
+    from evolve.store import RunStore
+
+    table = Table(title="runs")
+    for column in ("run", "status", "generations", "individuals"):
+        table.add_column(column)
+    for folder in sorted(RUNS.glob("*/run.db")):
+        store = RunStore(folder.parent)
+        table.add_row(folder.parent.name, str(store.meta("status", "?")),
+                      str(len(store.generations())), str(store.count("individuals")))
+    Console().print(table)
+
+
+def export(
+    run: str = typer.Argument(..., help="run directory or run id"),
+    individual: str = typer.Argument(..., help="individual id (see `evoforge front`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+) -> None:
+    """Write an individual as a Hugging Face checkpoint with its recipe and model card."""
+    from evolve.config import load_config
+    from evolve.engine import prepare
+    from evolve.recipe_export import export_individual
+    from evolve.store import RunStore
+
+    run_dir = _run_dir(run)
+    store = RunStore(run_dir)
+    record = store.individual(individual)
+    if record is None:
+        _fail(KeyError(f"no individual {individual!r} in {run_dir}; `evoforge front "
+                       f"{run}` lists the front's ids"))
+    config = load_config(run_dir / "config.yaml")
+    setup = prepare(config, run_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    export_individual(record, setup, config, out, store.report(individual),
+                      (store.evaluation(individual) or {}).get("objectives", {}))
+    console.print(f"exported {individual} -> {out}")

@@ -1,0 +1,136 @@
+"""The run store: `runs/<run-id>/run.db`, SQLite in WAL mode, written only by the run's driver.
+
+Every finished piece of work is committed when it finishes: each batch of a candidate's answers,
+each individual, each estimate, each generation's survivors and front. A run killed at any instant
+(even SIGKILL) loses at most the batch in flight. Resuming replays the (deterministic) loop with the
+stored answers pre-loaded, so nothing finished is evaluated again and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS answers (candidate TEXT NOT NULL, items TEXT NOT NULL,
+                                    answers TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS individuals (id TEXT PRIMARY KEY, generation INTEGER NOT NULL,
+                                        recipe TEXT NOT NULL, parents TEXT NOT NULL,
+                                        operator TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS evaluations (id TEXT PRIMARY KEY, generation INTEGER NOT NULL,
+                                        stage TEXT NOT NULL, objectives TEXT NOT NULL,
+                                        items INTEGER NOT NULL, error TEXT);
+CREATE TABLE IF NOT EXISTS generations (generation INTEGER PRIMARY KEY, population TEXT NOT NULL,
+                                        front TEXT NOT NULL, hypervolume REAL NOT NULL,
+                                        at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reports (id TEXT PRIMARY KEY, split TEXT NOT NULL,
+                                    objectives TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+
+
+class StoreError(OSError):
+    """The run store cannot be created or written (permissions, full disk)."""
+
+
+class RunStore:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.folder / "run.db")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot create the run store in {self.folder}: {error}. Choose a "
+                             "writable --run-dir with free space") from None
+
+    def _write(self, sql: str, args: tuple = ()) -> None:
+        try:
+            with self.db:
+                self.db.execute(sql, args)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot write the run store {self.folder / 'run.db'}: {error}. "
+                             "Free disk space or fix permissions, then `evoforge resume`") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def set_meta(self, key: str, value) -> None:
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def add_answers(self, candidate: str, items: list[int], answers: list[float]) -> None:
+        self._write("INSERT INTO answers VALUES (?, ?, ?, ?)",
+                    (candidate, json.dumps(items), json.dumps(answers), time.time()))
+
+    def add_individual(self, identifier: str, generation: int, recipe: dict, parents: list[str],
+                       operator: str) -> None:
+        self._write("INSERT OR REPLACE INTO individuals VALUES (?, ?, ?, ?, ?)",
+                    (identifier, generation, json.dumps(recipe, sort_keys=True),
+                     json.dumps(parents), operator))
+
+    def add_evaluation(self, identifier: str, generation: int, stage: str, objectives: dict,
+                       items: int, error: str | None) -> None:
+        self._write("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?)",
+                    (identifier, generation, stage, json.dumps(objectives), items, error))
+
+    def add_generation(self, generation: int, population: list[str], front: list[str],
+                       hypervolume: float) -> None:
+        self._write("INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?)",
+                    (generation, json.dumps(population), json.dumps(front), hypervolume,
+                     time.time()))
+
+    def add_report(self, identifier: str, split: str, objectives: dict) -> None:
+        self._write("INSERT OR REPLACE INTO reports VALUES (?, ?, ?)",
+                    (identifier, split, json.dumps(objectives)))
+
+    def event(self, kind: str, detail: str = "") -> None:
+        self._write("INSERT INTO events VALUES (?, ?, ?)", (time.time(), kind, detail))
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def answers(self) -> dict[str, dict[int, float]]:
+        known: dict[str, dict[int, float]] = {}
+        for candidate, items, values in self.db.execute(
+                "SELECT candidate, items, answers FROM answers ORDER BY rowid"):
+            known.setdefault(candidate, {}).update(zip(json.loads(items), json.loads(values),
+                                                       strict=True))
+        return known
+
+    def individual(self, identifier: str) -> dict | None:
+        row = self.db.execute("SELECT generation, recipe, parents, operator FROM individuals "
+                              "WHERE id = ?", (identifier,)).fetchone()
+        if row is None:
+            return None
+        return {"id": identifier, "generation": row[0], "recipe": json.loads(row[1]),
+                "parents": json.loads(row[2]), "operator": row[3]}
+
+    def evaluation(self, identifier: str) -> dict | None:
+        row = self.db.execute("SELECT stage, objectives, items, error FROM evaluations "
+                              "WHERE id = ?", (identifier,)).fetchone()
+        return None if row is None else {"stage": row[0], "objectives": json.loads(row[1]),
+                                         "items": row[2], "error": row[3]}
+
+    def generations(self) -> list[dict]:
+        return [{"generation": g, "population": json.loads(p), "front": json.loads(f),
+                 "hypervolume": hv, "at": at} for g, p, f, hv, at in self.db.execute(
+                "SELECT generation, population, front, hypervolume, at FROM generations "
+                "ORDER BY generation")]
+
+    def report(self, identifier: str, split: str = "test") -> dict | None:
+        row = self.db.execute("SELECT objectives FROM reports WHERE id = ? AND split = ?",
+                              (identifier, split)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def count(self, table: str) -> int:
+        return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]

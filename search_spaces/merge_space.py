@@ -1,0 +1,165 @@
+"""The merge-recipe search space: what a candidate is, and how operators make new ones.
+
+A candidate is a recipe (see `recipes.py`) whose core is a merge of the experts onto the base, or a
+source model itself (an expert is the merge base + 1·τ of that expert). The
+genes of that merge are the method, a weight per expert (0 leaves it out), a density and λ; the
+genome of mergekit-evolve and of Sakana's parameter-space merging, plus PCB and the method choice.
+Around the core, a recipe may carry weight noise (`mutate`) and dropped layers (`edit`), which is
+how the size objective varies.
+
+Operators, all seeded by the `random.Random` they are given:
+- `crossover(a, b)`: with probability `compose` a merge of the two parents' recipes (a child of
+  children: the recipe tree is the lineage); otherwise uniform crossover of their genes;
+- `mutate_genes(a)`: Gaussian noise on weights, density and λ, sometimes a new method;
+- `mutate_weights(a)`: seeded weight noise on the materialized model (σ relative to the task
+  vector, a gene rate);
+- `edit(a)`: the heuristic architecture proposer: drop one more decoder layer (the one nearest the
+  middle of those left, where layers are most redundant), or restore a dropped one.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from search_spaces.recipes import Recipe
+
+METHODS = ("task_arithmetic", "ties", "dare_ties", "pcb")
+SPARSE = ("ties", "dare_ties", "pcb")
+
+
+@dataclass(frozen=True)
+class MergeSpace:
+    base: str
+    experts: tuple[str, ...]
+    layers: int
+    methods: tuple[str, ...] = METHODS
+    compose: float = 0.2
+    min_layers: int = 1
+
+    # -- genes <-> recipes -------------------------------------------------------------------
+
+    def merge_recipe(self, method: str, weights: dict[str, float], density: float, lam: float,
+                     seed: int) -> Recipe:
+        chosen = [e for e in self.experts if weights.get(e, 0.0) > 0]
+        if not chosen:
+            chosen = [max(self.experts, key=lambda e: weights.get(e, 0.0))]
+            weights = {chosen[0]: 0.5}
+        params: dict[str, Any] = {"weight": [round(weights[e], 4) for e in chosen],
+                                  "lambda": round(lam, 4)}
+        if method in SPARSE:
+            params["density"] = round(density, 4)
+        return {"op": "merge", "method": method, "seed": seed, "base": {"model": self.base},
+                "inputs": [{"model": e} for e in chosen], "params": params}
+
+    @staticmethod
+    def core(recipe: Recipe) -> Recipe:
+        """The innermost flat merge of the experts (through mutate/edit wrappers)."""
+        while recipe.get("op") in ("mutate", "edit"):
+            recipe = recipe["input"]
+        return recipe
+
+    def genes(self, recipe: Recipe) -> dict[str, Any] | None:
+        """The merge genes of a flat recipe, or None for a composed one.
+
+        A source model is a point of the space too: an expert is base + 1·τ (task arithmetic
+        with its weight 1, λ 1), the base is the empty merge. So crossing an expert with a merge
+        explores the weights around that expert, not copies of it.
+        """
+        core = self.core(recipe)
+        if "model" in core:
+            weights = {core["model"]: 1.0} if core["model"] in self.experts else {}
+            return {"method": "task_arithmetic", "seed": 0, "weights": weights, "density": 1.0,
+                    "lambda": 1.0}
+        if core.get("op") != "merge" or any("model" not in i for i in core["inputs"]):
+            return None
+        params = core["params"]
+        weights = params["weight"] if isinstance(params["weight"], list) else \
+            [params["weight"]] * len(core["inputs"])
+        return {"method": core["method"], "seed": core.get("seed", 0),
+                "weights": {i["model"]: float(w) for i, w in zip(core["inputs"], weights,
+                                                                 strict=True)},
+                "density": float(params.get("density", 0.5)),
+                "lambda": float(params.get("lambda", 1.0))}
+
+    @staticmethod
+    def dropped(recipe: Recipe) -> list[int]:
+        return list(recipe.get("drop_layers", [])) if recipe.get("op") == "edit" else []
+
+    def _rewrap(self, template: Recipe, core: Recipe) -> Recipe:
+        """`core` wrapped in the same mutate/edit layers as `template` (edits outermost)."""
+        if template.get("op") in ("mutate", "edit"):
+            return {**template, "input": self._rewrap(template["input"], core)}
+        return core
+
+    # -- operators ------------------------------------------------------------------------
+
+    def random(self, rng: random.Random) -> Recipe:
+        chosen = rng.sample(self.experts, rng.randint(2, len(self.experts)))
+        weights = {e: rng.uniform(0.2, 1.2) for e in chosen}
+        return self.merge_recipe(rng.choice(self.methods), weights, rng.uniform(0.2, 0.9),
+                                 rng.uniform(0.3, 1.0), rng.randrange(2**31))
+
+    def crossover(self, rng: random.Random, a: Recipe, b: Recipe) -> Recipe:
+        genes_a, genes_b = self.genes(a), self.genes(b)
+        same_shape = self.dropped(a) == self.dropped(b)
+        if same_shape and (genes_a is None or genes_b is None or rng.random() < self.compose):
+            share = rng.uniform(0.3, 0.7)
+            composed = {"op": "merge", "method": "linear", "seed": rng.randrange(2**31),
+                        "inputs": [self._unedited(a), self._unedited(b)],
+                        "params": {"weight": [round(share, 4), round(1 - share, 4)]}}
+            return self._edited(composed, self.dropped(a))
+        if genes_a is None or genes_b is None:
+            return self.mutate_genes(rng, a if genes_a is not None else b)
+        if not genes_a["weights"] and not genes_b["weights"]:  # two bases: nothing to mix
+            return self.mutate_genes(rng, a)
+        pick = [genes_a, genes_b]
+        weights = {e: rng.choice(pick)["weights"].get(e, 0.0) for e in self.experts}
+        child = self.merge_recipe(rng.choice(pick)["method"], weights,
+                                  rng.choice(pick)["density"], rng.choice(pick)["lambda"],
+                                  rng.randrange(2**31))
+        return self._rewrap(rng.choice([a, b]), child)
+
+    def mutate_genes(self, rng: random.Random, recipe: Recipe, scale: float = 0.15) -> Recipe:
+        genes = self.genes(recipe)
+        if genes is None:
+            return self.mutate_weights(rng, recipe)
+        weights = {}
+        for expert in self.experts:
+            if expert in genes["weights"]:  # perturb; may drop out at 0
+                weights[expert] = max(0.0, genes["weights"][expert] + rng.gauss(0, scale))
+            elif rng.random() < 0.2:  # bring an absent expert in
+                weights[expert] = rng.uniform(0.2, 1.0)
+        method = rng.choice(self.methods) if rng.random() < 0.1 else genes["method"]
+        child = self.merge_recipe(method, weights,
+                                  min(1.0, max(0.05, genes["density"] + rng.gauss(0, scale))),
+                                  max(0.05, genes["lambda"] + rng.gauss(0, scale)),
+                                  rng.randrange(2**31))
+        return self._rewrap(recipe, child)
+
+    def mutate_weights(self, rng: random.Random, recipe: Recipe) -> Recipe:
+        noisy = {"op": "mutate", "seed": rng.randrange(2**31),
+                 "sigma": round(rng.uniform(0.02, 0.1), 4),
+                 "rate": round(rng.uniform(0.05, 0.3), 4),
+                 "base": {"model": self.base}, "input": copy.deepcopy(self._unedited(recipe))}
+        return self._edited(noisy, self.dropped(recipe))  # edits stay outermost
+
+    @staticmethod
+    def _unedited(recipe: Recipe) -> Recipe:
+        return recipe["input"] if recipe.get("op") == "edit" else recipe
+
+    @staticmethod
+    def _edited(recipe: Recipe, dropped: list[int]) -> Recipe:
+        return {"op": "edit", "drop_layers": dropped, "input": recipe} if dropped else recipe
+
+    def edit(self, rng: random.Random, recipe: Recipe) -> Recipe:
+        dropped, inner = self.dropped(recipe), self._unedited(recipe)
+        left = [i for i in range(self.layers) if i not in dropped]
+        if dropped and (len(left) <= self.min_layers or rng.random() < 0.25):
+            restored = rng.choice(dropped)
+            return self._edited(inner, [d for d in dropped if d != restored])
+        middle = (self.layers - 1) / 2
+        victim = min(left, key=lambda i: (abs(i - middle), rng.random()))
+        return self._edited(inner, sorted([*dropped, victim]))

@@ -1,0 +1,126 @@
+"""End to end: a small evolution on the tiny models, its CLI, export, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from evolve.cli import app
+
+
+@pytest.fixture(scope="module")
+def config_path(tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("evo")
+    rng = random.Random(0)
+    lines = [{"prompt": f"q{i}:{rng.randint(0, 999)}=", "choices": ["a", "b"],
+              "answer": rng.randint(0, 1), "split": "search" if i < 40 else "test"}
+             for i in range(60)]
+    (folder / "pick.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    config = {
+        "sources": {"base": str(tiny_models["base"]),
+                    "experts": [str(tiny_models[n]) for n in ("add", "sort", "reverse")]},
+        "tasks": ["pick.jsonl"], "population": 4, "generations": 3, "seed": 5,
+        "export_dtype": "float32",
+        "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
+                    "max_full_per_generation": 1, "dims": 1},
+    }
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _front(run_dir: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(run_dir / "run.db")
+    front = json.loads(db.execute("SELECT front FROM generations ORDER BY generation DESC "
+                                  "LIMIT 1").fetchone()[0])
+    return sorted((i, db.execute("SELECT objectives FROM evaluations WHERE id = ?",
+                                 (i,)).fetchone()[0]) for i in front)
+
+
+def test_run_front_status_export(config_path, tmp_path):
+    runner = CliRunner()
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(config_path), "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output and "engine" in result.output
+    for command in (["status", str(run_dir)], ["front", str(run_dir)]):
+        assert runner.invoke(app, command).exit_code == 0
+    # export a front member: transformers loads it and it scores as in the run
+    member = _front(run_dir)[0][0]
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(run_dir), member, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from fitness.causal_lm import CausalLMEvaluator
+    from fitness.jsonl_tasks import load_jsonl_task
+
+    task = load_jsonl_task(config_path.parent / "pick.jsonl")
+    accuracy = CausalLMEvaluator.from_folder(out).evaluate(task.name, task.test).accuracy
+    db = sqlite3.connect(run_dir / "run.db")
+    report = json.loads(db.execute("SELECT objectives FROM reports WHERE id = ?",
+                                   (member,)).fetchone()[0])
+    assert accuracy == pytest.approx(report["accuracy"][0])
+    assert "base_model" in (out / "README.md").read_text()
+
+
+def test_exported_ties_merge_equals_mergekit(config_path, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.mergekit_reference import mergekit_merge
+
+    run_dir = tmp_path / "run"
+    assert CliRunner().invoke(app, ["run", str(config_path), "--run-dir", str(run_dir),
+                                    "--generations", "1"]).exit_code == 0
+    out = tmp_path / "ties"
+    assert CliRunner().invoke(app, ["export", str(run_dir), "default-ties", "--out",
+                                    str(out)]).exit_code == 0
+    mk = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    base = load_file(Path(mk["base_model"]) / "model.safetensors")
+    models = [load_file(Path(m["model"]) / "model.safetensors") for m in mk["models"]]
+    per_model = {k: [m["parameters"][k] for m in mk["models"]] for k in ("weight", "density")}
+    reference = mergekit_merge("ties", base, models, **per_model, **mk["parameters"])
+    ours = load_file(out / "model.safetensors")
+    assert all(torch.equal(ours[name], reference[name]) for name in reference)
+
+
+def _evoforge(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen([sys.executable, "-m", "evolve.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_kill_and_resume_gives_the_same_front(config_path, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _evoforge("run", str(config_path), "--run-dir", str(straight)).wait(300) == 0
+    process = _evoforge("run", str(config_path), "--run-dir", str(killed))
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once the first generation is under way
+        try:
+            db = sqlite3.connect(killed / "run.db")
+            if db.execute("SELECT COUNT(*) FROM evaluations WHERE generation = 1").fetchone()[0]:
+                break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    status = sqlite3.connect(killed / "run.db").execute(
+        "SELECT value FROM meta WHERE key = 'status'").fetchone()[0]
+    assert json.loads(status) == "running"  # killed mid-run, not after it finished
+    assert _evoforge("resume", str(killed)).wait(300) == 0
+    assert _front(killed) == _front(straight)
+    db = sqlite3.connect(killed / "run.db")
+    asked = [(c, i) for c, items in db.execute("SELECT candidate, items FROM answers")
+             for i in json.loads(items)]
+    assert len(asked) == len(set(asked))  # no answer computed (or counted) twice

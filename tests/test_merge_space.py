@@ -1,0 +1,59 @@
+"""The merge-recipe search space: every operator gives a recipe that materializes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from search_spaces.merge_space import MergeSpace
+from search_spaces.recipes import RecipeError, drop_layers, layer_count, materialize, sources_of
+
+
+@pytest.fixture(scope="module")
+def world(tiny_models):
+    states = {name: load_file(folder / "model.safetensors") for name, folder in tiny_models.items()}
+    space = MergeSpace("base", ("add", "sort", "reverse"), layers=4)
+    return space, states
+
+
+def test_operators_make_materializable_recipes(world):
+    space, states = world
+    rng = random.Random(0)
+    population = [space.random(rng) for _ in range(4)]
+    for step in range(40):
+        a, b = rng.sample(population, 2)
+        child = [space.crossover(rng, a, b), space.mutate_genes(rng, a),
+                 space.mutate_weights(rng, a), space.edit(rng, a)][step % 4]
+        state = materialize(child, states.__getitem__)
+        assert 1 <= layer_count(state) <= 4
+        assert all(torch.isfinite(t).all() for t in state.values())
+        assert set(sources_of(child)) <= {"base", "add", "sort", "reverse"}
+        population.append(child)
+
+
+def test_operators_are_seeded(world):
+    space, _ = world
+    first = [space.random(random.Random(7)) for _ in range(3)]
+    assert first == [space.random(random.Random(7)) for _ in range(3)]
+
+
+def test_edits_keep_a_layer_and_edit_outermost(world):
+    space, _ = world
+    rng = random.Random(1)
+    recipe = space.random(rng)
+    for _ in range(12):
+        recipe = space.edit(rng, recipe)
+        assert len(space.dropped(recipe)) <= 3
+    noisy = space.mutate_weights(rng, space.edit(rng, space.random(rng)))
+    assert noisy["op"] == "edit" and noisy["input"]["op"] == "mutate"
+
+
+def test_drop_layers_errors(world):
+    _, states = world
+    with pytest.raises(RecipeError, match="must keep at least one"):
+        drop_layers(states["base"], [0, 1, 2, 3])
+    with pytest.raises(RecipeError, match="unknown recipe op"):
+        materialize({"op": "teleport"}, states.__getitem__)

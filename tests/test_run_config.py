@@ -1,0 +1,45 @@
+"""Run configs: valid ones load, invalid ones say which key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evolve.config import ConfigError, load_config
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_default_run_config_is_valid():
+    config = load_config(EXAMPLES / "zoo.yaml")
+    assert config.sources.base == "zoo/base" and len(config.sources.experts) == 4
+    assert config.objectives == {"accuracy": "max", "params": "min"}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\npopulaton: 3", "populaton: Extra inputs"),
+    ("sources: {base: a, experts: [b]}\ntasks: [t]", "sources.experts"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\noperators: {crossover: {rate: 2}}",
+     "operators.crossover.rate"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\nobjectives: {speed: max}",
+     "unknown objectives ['speed']"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\nfitness: {estimator: oracle}",
+     "fitness.estimator"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\noperators: {methods: [magic]}",
+     "operators.methods.0"),
+    ("tasks: [t]", "sources: Field required"),
+    ("- a\n- b", "must be a mapping"),
+    ("sources: {base: [", "not valid YAML"),
+])
+def test_invalid_configs_name_the_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert message in str(caught.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the run config"):
+        load_config(tmp_path / "nope.yaml")
