@@ -1,0 +1,121 @@
+"""Search strategies behind one ask/tell interface.
+
+`ask()` returns genomes to evaluate; `tell(genomes, objectives)` gives their objective rows (to
+minimize). Strategies never evaluate anything themselves, so the same driver runs any of them on
+any space (a space gives `random`, `crossover` and `mutate`; optuna needs the gene ranges).
+
+- `GeneticStrategy` (default): NSGA-II-style. Binary tournaments on rank and crowding pick parents;
+  children come from crossover then mutation; parents and children compete for survival by
+  non-dominated sorting and crowding (pymoo); duplicates of evaluated genomes are not re-asked.
+- `RandomStrategy`: uniform samples, the baseline every search must beat.
+- `OptunaStrategy`: optuna's multi-objective samplers (NSGA-II, TPE) through its ask/tell API.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+import numpy as np
+
+from evolve.selection import rank_and_crowding, survivors, tournament
+
+
+class Space(Protocol):
+    def random(self, rng: random.Random): ...
+
+    def crossover(self, rng: random.Random, a, b): ...
+
+    def mutate(self, rng: random.Random, genome): ...
+
+
+class GeneticStrategy:
+    def __init__(self, space: Space, population: int = 12, crossover: float = 0.7,
+                 mutation: float = 0.7, seed: int = 0):
+        self.space, self.size = space, population
+        self.crossover_rate, self.mutation_rate = crossover, mutation
+        self.rng = random.Random(seed)
+        self.population: list = []
+        self.scores: dict = {}
+
+    def _fresh(self, make) -> object:
+        for _ in range(100):  # avoid re-asking evaluated genomes
+            genome = make()
+            if genome not in self.scores:
+                return genome
+        return genome
+
+    def ask(self) -> list:
+        if not self.population:
+            return [self._fresh(lambda: self.space.random(self.rng)) for _ in range(self.size)]
+        rank, crowding = rank_and_crowding(np.array([self.scores[g] for g in self.population]))
+
+        def child():
+            first = self.population[tournament(self.rng, rank, crowding)]
+            genome = first
+            if self.rng.random() < self.crossover_rate:
+                second = self.population[tournament(self.rng, rank, crowding)]
+                genome = self.space.crossover(self.rng, first, second)
+            if genome == first or self.rng.random() < self.mutation_rate:
+                genome = self.space.mutate(self.rng, genome)
+            return genome
+        batch: list = []
+        while len(batch) < self.size:
+            genome = self._fresh(child)
+            if genome not in batch:
+                batch.append(genome)
+        return batch
+
+    def tell(self, genomes: list, objectives: np.ndarray) -> None:
+        for genome, row in zip(genomes, objectives, strict=True):
+            self.scores[genome] = tuple(row)
+        pool = list(dict.fromkeys(self.population + list(genomes)))
+        keep = survivors(np.array([self.scores[g] for g in pool]), self.size)
+        self.population = [pool[i] for i in keep]
+
+
+class RandomStrategy:
+    def __init__(self, space: Space, batch: int = 20, seed: int = 0):
+        self.space, self.batch, self.rng = space, batch, random.Random(seed)
+        self.seen: set = set()
+
+    def ask(self) -> list:
+        out = []
+        for _ in range(100 * self.batch):
+            if len(out) == self.batch:
+                break
+            genome = self.space.random(self.rng)
+            if genome not in self.seen and genome not in out:
+                out.append(genome)
+        return out
+
+    def tell(self, genomes: list, objectives: np.ndarray) -> None:
+        self.seen.update(genomes)
+
+
+class OptunaStrategy:
+    """optuna's ask/tell with one categorical parameter per gene (`choices[i]` values)."""
+
+    def __init__(self, choices: list[int], sampler: str = "nsga2", batch: int = 20,
+                 population: int = 20, seed: int = 0, objectives: int = 2):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        samplers = {"nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population,
+                                                                    seed=seed),
+                    "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True)}
+        if sampler not in samplers:
+            raise ValueError(f"unknown optuna sampler {sampler!r}; use one of {list(samplers)}")
+        self.study = optuna.create_study(directions=["minimize"] * objectives,
+                                         sampler=samplers[sampler]())
+        self.choices, self.batch = choices, batch
+        self._trials: list = []
+
+    def ask(self) -> list:
+        self._trials = [self.study.ask() for _ in range(self.batch)]
+        return [tuple(t.suggest_categorical(f"g{i}", list(range(n)))
+                      for i, n in enumerate(self.choices)) for t in self._trials]
+
+    def tell(self, genomes: list, objectives: np.ndarray) -> None:
+        for trial, row in zip(self._trials, objectives, strict=True):
+            self.study.tell(trial, [float(v) for v in row])
