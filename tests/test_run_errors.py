@@ -1,0 +1,95 @@
+"""Bad input to a run: clear errors, and a failing candidate does not end the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from evolve.cli import app
+from fitness.reduced_fitness import Budget, Candidate, ReducedFitness
+from fitness.size import Size
+
+
+def _run(tmp_path, config: dict, run_dir=None):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return CliRunner().invoke(app, ["run", str(path), "--run-dir",
+                                    str(run_dir or tmp_path / "run")])
+
+
+def _said(result) -> str:
+    """The CLI's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+def _config(base, experts, tasks=("zoo/rev",)):
+    return {"sources": {"base": str(base), "experts": [str(e) for e in experts]},
+            "tasks": list(tasks)}
+
+
+def test_unknown_model_and_task(tmp_path, tiny_models):
+    result = _run(tmp_path, _config("/nowhere/model", [tiny_models["add"], tiny_models["sort"]]))
+    assert result.exit_code == 2 and "not found" in _said(result)
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "a", "answer": "b", "split": "search"}\n')
+    result = _run(tmp_path, _config(tiny_models["base"], [tiny_models["add"],
+                                                          tiny_models["sort"]], [str(task)]))
+    assert result.exit_code == 2 and "the test split is empty" in _said(result)
+
+
+def test_incompatible_sources(tmp_path, tiny_models):
+    from search_spaces.tiny_llama import build_family
+
+    other = build_family(tmp_path / "other", hidden=32)
+    result = _run(tmp_path, _config(tiny_models["base"], [tiny_models["add"], other["add"]]))
+    assert result.exit_code == 2
+    assert "must share the base's architecture" in _said(result)
+
+
+def test_unwritable_run_dir(tmp_path, tiny_models):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = _run(tmp_path, _config(tiny_models["base"], [tiny_models["add"],
+                                                          tiny_models["sort"]]),
+                  run_dir=blocker / "run")
+    assert result.exit_code == 2 and "cannot write the run directory" in _said(result)
+
+
+class FlakyScorer:
+    """Answers from a fixed matrix, but one candidate's worker crashes."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.responses = (torch.rand(40, 60, generator=generator) < 0.5).double()
+
+    def answers(self, candidate_id, recipe, items):
+        if candidate_id == "broken":
+            raise RuntimeError("CUDA out of memory")
+        return self.responses[recipe["row"], items]
+
+    def size(self, candidate_id, recipe):
+        return Size(100, 200, 100)
+
+
+def test_a_failing_candidate_is_marked_and_the_rest_go_on():
+    fitness = ReducedFitness(FlakyScorer(), torch.arange(60) % 2, ("a", "b"), dims=1)
+    fitness.calibrate([Candidate(f"c{i}", {"row": i}) for i in range(20)])
+    results = fitness.evaluate([Candidate("fine", {"row": 30}), Candidate("broken", {"row": 31})],
+                               Budget(items_per_task=5, promote_items_per_task=10))
+    assert results[0].ok and results[0].objectives["accuracy"][1] >= 0
+    assert results[1].stage == "failed" and "CUDA out of memory" in results[1].error
+
+
+def test_invalid_config_names_the_key(tmp_path, tiny_models):
+    config = _config(tiny_models["base"], [tiny_models["add"], tiny_models["sort"]])
+    config["population"] = 1
+    result = _run(tmp_path, config)
+    assert result.exit_code == 2 and "population" in _said(result)
+
+
+@pytest.mark.parametrize("command", ["status", "front", "resume"])
+def test_unknown_run(command, tmp_path):
+    result = CliRunner().invoke(app, [command, str(tmp_path / "nope")])
+    assert result.exit_code != 0 and "no run at" in _said(result)
