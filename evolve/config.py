@@ -62,7 +62,7 @@ class RunConfig(_Strict):
     population: int = Field(16, ge=4)
     generations: int = Field(8, ge=1)
     fitness: Fitness = Fitness()
-    strategy: Literal["ga"] = "ga"
+    strategy: Literal["ga", "cmaes", "tpe"] = "ga"
     seed: int = 0
     device: str = "cpu"
     export_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"

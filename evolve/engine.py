@@ -28,6 +28,7 @@ from evolve.selection import (
     tournament,
 )
 from evolve.store import RunStore
+from evolve.strategies import MergeGeneStrategy
 from fitness.reduced_fitness import Budget, Candidate, FitnessResult, ReducedFitness
 from search_spaces.merge_space import MergeSpace
 from search_spaces.recipes import Recipe
@@ -104,6 +105,9 @@ class Evolution:
         self.budget = Budget(config.fitness.items_per_task, config.fitness.promote_items_per_task,
                              config.fitness.max_full_per_generation, config.fitness.selection,
                              config.fitness.estimator)
+        self.genes = None if config.strategy == "ga" else MergeGeneStrategy(
+            config.strategy, setup.space.experts, setup.space.methods, config.population,
+            config.population * config.generations, config.seed)
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
         self.timings = Timings()
@@ -162,6 +166,10 @@ class Evolution:
 
     def breed(self, generation: int, population: list[str]) -> list[tuple[Candidate, str]]:
         rng = random.Random(f"{self.config.seed}/gen/{generation}")
+        if self.genes is not None:  # CMA-ES / TPE propose flat merges from their own model
+            return [(Candidate(f"g{generation}-{k}", self.setup.space.from_genes(
+                genes, rng.randrange(2**31)), tuple(self.setup.space.experts)),
+                self.config.strategy) for k, genes in enumerate(self.genes.ask())]
         rank, crowding = rank_and_crowding(self._matrix(population))
         operators = self.config.operators
         children = []
@@ -197,6 +205,9 @@ class Evolution:
                 [child for child, _ in c], self.budget))
             for (child, operator), result in zip(children, results, strict=True):
                 self._record(child, generation, operator, result)
+            if self.genes is not None:  # loss: cautious accuracy (failed candidates: worst)
+                self.genes.tell([-(r.objectives["accuracy"][0] - r.objectives["accuracy"][1])
+                                 if r.ok else 1.0 for r in results])
             for identifier in population:  # exact results found since replace estimates
                 if identifier in self.fitness.exact:
                     self.results[identifier] = self.fitness.exact[identifier]

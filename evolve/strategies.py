@@ -119,3 +119,56 @@ class OptunaStrategy:
     def tell(self, genomes: list, objectives: np.ndarray) -> None:
         for trial, row in zip(self._trials, objectives, strict=True):
             self.study.tell(trial, [float(v) for v in row])
+
+
+class MergeGeneStrategy:
+    """CMA-ES (nevergrad) or optuna TPE over a flat merge's continuous genes.
+
+    The genes are a method (categorical), one weight per expert in [0, 1.5], a density and λ;
+    `ask()` returns gene dicts for `MergeSpace.from_genes`, `tell()` takes one loss per gene dict
+    (lower is better). Both optimizers are seeded, so a run replays exactly on resume.
+    """
+
+    def __init__(self, kind: str, experts: tuple[str, ...], methods: tuple[str, ...],
+                 batch: int, budget: int, seed: int = 0):
+        self.kind, self.experts, self.methods, self.batch = kind, experts, methods, batch
+        if kind == "cmaes":
+            import nevergrad as ng
+
+            parametrization = ng.p.Dict(
+                method=ng.p.Choice(list(methods)),
+                weights=ng.p.Array(shape=(len(experts),), lower=0.0, upper=1.5),
+                density=ng.p.Scalar(lower=0.05, upper=1.0), lam=ng.p.Scalar(lower=0.2, upper=1.5))
+            parametrization.random_state = np.random.RandomState(seed)
+            self.optimizer = ng.optimizers.CMA(parametrization=parametrization, budget=budget,
+                                               num_workers=batch)
+        elif kind == "tpe":
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            self.study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+        else:
+            raise ValueError(f"unknown gene strategy {kind!r}; use cmaes or tpe")
+        self._pending: list = []
+
+    def ask(self) -> list[dict]:
+        if self.kind == "cmaes":
+            self._pending = [self.optimizer.ask() for _ in range(self.batch)]
+            return [{"method": c.value["method"],
+                     "weights": dict(zip(self.experts, map(float, c.value["weights"]),
+                                         strict=True)),
+                     "density": float(c.value["density"]), "lambda": float(c.value["lam"])}
+                    for c in self._pending]
+        self._pending = [self.study.ask() for _ in range(self.batch)]
+        return [{"method": t.suggest_categorical("method", list(self.methods)),
+                 "weights": {e: t.suggest_float(f"w{i}", 0.0, 1.5)
+                             for i, e in enumerate(self.experts)},
+                 "density": t.suggest_float("density", 0.05, 1.0),
+                 "lambda": t.suggest_float("lambda", 0.2, 1.5)} for t in self._pending]
+
+    def tell(self, losses: list[float]) -> None:
+        for pending, loss in zip(self._pending, losses, strict=True):
+            if self.kind == "cmaes":
+                self.optimizer.tell(pending, float(loss))
+            else:
+                self.study.tell(pending, float(loss))

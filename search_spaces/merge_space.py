@@ -96,6 +96,11 @@ class MergeSpace:
 
     # -- operators ------------------------------------------------------------------------
 
+    def from_genes(self, genes: dict[str, Any], seed: int) -> Recipe:
+        """A flat merge from a gene dict (as `genes()` returns, or a continuous strategy asks)."""
+        return self.merge_recipe(genes["method"], genes["weights"], genes["density"],
+                                 genes["lambda"], seed)
+
     def random(self, rng: random.Random) -> Recipe:
         chosen = rng.sample(self.experts, rng.randint(2, len(self.experts)))
         weights = {e: rng.uniform(0.2, 1.2) for e in chosen}
