@@ -202,7 +202,8 @@ class Evolution:
             self.progress("generations", generation - 1, self.config.generations)
             children = self.breed(generation, population)
             results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
-                [child for child, _ in c], self.budget))
+                [child for child, _ in c], self.budget, on_candidate=lambda done, total:
+                self.progress("candidates this generation", done, total)))
             for (child, operator), result in zip(children, results, strict=True):
                 self._record(child, generation, operator, result)
             if self.genes is not None:  # loss: cautious accuracy (failed candidates: worst)

@@ -18,7 +18,7 @@ objectives (parameters, bytes at the export dtype, non-zero parameters) come fro
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -168,7 +168,8 @@ class ReducedFitness:
     # -- one generation ----------------------------------------------------------------------
 
     def evaluate(self, candidates: Sequence[Candidate], budget: Budget,
-                 front: Sequence[FitnessResult] | None = None) -> list[FitnessResult]:
+                 front: Sequence[FitnessResult] | None = None,
+                 on_candidate: Callable[[int, int], None] | None = None) -> list[FitnessResult]:
         """Estimates (± stderr) of every candidate's objectives; see the module docstring.
 
         `front` is what promotion must beat; by default, the non-dominated members of everything
@@ -186,8 +187,12 @@ class ReducedFitness:
                                torch.stack(self.calibration_rows))
                   for size in (budget.items_per_task, budget.promote_items_per_task)]
         first, second = (self._estimators(reduced) for reduced in stages)
-        results = {c.id: self._guarded(c, lambda c=c: self._estimate(c, first, budget, "reduced"))
-                   for c in candidates}
+        results = {}
+        for done, c in enumerate(candidates, start=1):
+            results[c.id] = self._guarded(c, lambda c=c: self._estimate(c, first, budget,
+                                                                        "reduced"))
+            if on_candidate is not None:
+                on_candidate(done, len(candidates))
         fronts = list(front) if front is not None else self.exact_front()
         promoted = [c for c in candidates if results[c.id].ok
                     and not _dominated(results[c.id], fronts, optimistic=True)]

@@ -43,3 +43,8 @@ def test_invalid_configs_name_the_key(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the run config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_real_checkpoint_example_is_valid():
+    config = load_config(EXAMPLES / "hf-checkpoints.yaml")
+    assert config.device == "cuda" and config.fitness.estimator == "gmpirt"
