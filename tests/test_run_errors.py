@@ -24,13 +24,23 @@ def _said(result) -> str:
     return " ".join(result.output.split())
 
 
-def _config(base, experts, tasks=("zoo/rev",)):
+@pytest.fixture
+def task_file(tmp_path):
+    """A small user task (never a zoo task: that would build the zoo in CI)."""
+    path = tmp_path / "pick.jsonl"
+    path.write_text('{"prompt": "a", "answer": "b", "split": "search"}\n'
+                    '{"prompt": "c", "answer": "d", "split": "test"}\n')
+    return path
+
+
+def _config(base, experts, tasks):
     return {"sources": {"base": str(base), "experts": [str(e) for e in experts]},
-            "tasks": list(tasks)}
+            "tasks": [str(t) for t in tasks]}
 
 
-def test_unknown_model_and_task(tmp_path, tiny_models):
-    result = _run(tmp_path, _config("/nowhere/model", [tiny_models["add"], tiny_models["sort"]]))
+def test_unknown_model_and_task(tmp_path, tiny_models, task_file):
+    result = _run(tmp_path, _config("/nowhere/model", [tiny_models["add"], tiny_models["sort"]],
+                                    [task_file]))
     assert result.exit_code == 2 and "not found" in _said(result)
     task = tmp_path / "t.jsonl"
     task.write_text('{"prompt": "a", "answer": "b", "split": "search"}\n')
@@ -39,20 +49,21 @@ def test_unknown_model_and_task(tmp_path, tiny_models):
     assert result.exit_code == 2 and "the test split is empty" in _said(result)
 
 
-def test_incompatible_sources(tmp_path, tiny_models):
+def test_incompatible_sources(tmp_path, tiny_models, task_file):
     from search_spaces.tiny_llama import build_family
 
     other = build_family(tmp_path / "other", hidden=32)
-    result = _run(tmp_path, _config(tiny_models["base"], [tiny_models["add"], other["add"]]))
+    result = _run(tmp_path, _config(tiny_models["base"], [tiny_models["add"], other["add"]],
+                                    [task_file]))
     assert result.exit_code == 2
     assert "must share the base's architecture" in _said(result)
 
 
-def test_unwritable_run_dir(tmp_path, tiny_models):
+def test_unwritable_run_dir(tmp_path, tiny_models, task_file):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     result = _run(tmp_path, _config(tiny_models["base"], [tiny_models["add"],
-                                                          tiny_models["sort"]]),
+                                                          tiny_models["sort"]], [task_file]),
                   run_dir=blocker / "run")
     assert result.exit_code == 2 and "cannot write the run directory" in _said(result)
 
@@ -82,8 +93,8 @@ def test_a_failing_candidate_is_marked_and_the_rest_go_on():
     assert results[1].stage == "failed" and "CUDA out of memory" in results[1].error
 
 
-def test_invalid_config_names_the_key(tmp_path, tiny_models):
-    config = _config(tiny_models["base"], [tiny_models["add"], tiny_models["sort"]])
+def test_invalid_config_names_the_key(tmp_path, tiny_models, task_file):
+    config = _config(tiny_models["base"], [tiny_models["add"], tiny_models["sort"]], [task_file])
     config["population"] = 1
     result = _run(tmp_path, config)
     assert result.exit_code == 2 and "population" in _said(result)
