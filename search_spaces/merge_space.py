@@ -1,8 +1,9 @@
 """The merge-recipe search space: what a candidate is, and how operators make new ones.
 
 A candidate is a recipe (see `recipes.py`) whose core is a merge of the experts onto the base, or a
-source model itself (an expert is the merge base + 1·τ of that expert). The
-genes of that merge are the method, a weight per expert (0 leaves it out), a density and λ; the
+source model itself (an expert is the merge base + 1·τ of that expert). The genes of that merge
+are the method, per expert a weight for each layer group (`groups` anchors spread over depth, as
+mergekit gradients; all 0 leaves the expert out), a density and λ; the
 genome of mergekit-evolve and of Sakana's parameter-space merging, plus PCB and the method choice.
 Around the core, a recipe may carry weight noise (`mutate`) and dropped layers (`edit`), which is
 how the size objective varies.
@@ -38,16 +39,29 @@ class MergeSpace:
     methods: tuple[str, ...] = METHODS
     compose: float = 0.2
     min_layers: int = 1
+    groups: int = 2  # weight anchors per expert, spread over layer depth (mergekit gradients)
 
     # -- genes <-> recipes -------------------------------------------------------------------
 
-    def merge_recipe(self, method: str, weights: dict[str, float], density: float, lam: float,
+    def anchors(self, value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
+        """A weight setting as `groups` anchors over depth (a number is the same everywhere)."""
+        if isinstance(value, list | tuple):
+            values = tuple(float(v) for v in value)
+            return values if len(values) == self.groups else (values[0],) * self.groups
+        return (float(value),) * self.groups
+
+    def merge_recipe(self, method: str, weights: dict[str, Any], density: float, lam: float,
                      seed: int) -> Recipe:
-        chosen = [e for e in self.experts if weights.get(e, 0.0) > 0]
+        anchors = {e: self.anchors(w) for e, w in weights.items()}
+        chosen = [e for e in self.experts if max(anchors.get(e, (0.0,))) > 0]
         if not chosen:
-            chosen = [max(self.experts, key=lambda e: weights.get(e, 0.0))]
-            weights = {chosen[0]: 0.5}
-        params: dict[str, Any] = {"weight": [round(weights[e], 4) for e in chosen],
+            chosen = [max(self.experts, key=lambda e: max(anchors.get(e, (0.0,))))]
+            anchors = {chosen[0]: (0.5,) * self.groups}
+
+        def setting(values: tuple[float, ...]) -> float | list[float]:
+            rounded = [round(max(v, 0.0), 4) for v in values]
+            return rounded[0] if len(set(rounded)) == 1 else rounded
+        params: dict[str, Any] = {"weight": [setting(anchors[e]) for e in chosen],
                                   "lambda": round(lam, 4)}
         if method in SPARSE:
             params["density"] = round(density, 4)
@@ -70,7 +84,8 @@ class MergeSpace:
         """
         core = self.core(recipe)
         if "model" in core:
-            weights = {core["model"]: 1.0} if core["model"] in self.experts else {}
+            weights = ({core["model"]: self.anchors(1.0)} if core["model"] in self.experts
+                       else {})
             return {"method": "task_arithmetic", "seed": 0, "weights": weights, "density": 1.0,
                     "lambda": 1.0}
         if core.get("op") != "merge" or any("model" not in i for i in core["inputs"]):
@@ -79,8 +94,8 @@ class MergeSpace:
         weights = params["weight"] if isinstance(params["weight"], list) else \
             [params["weight"]] * len(core["inputs"])
         return {"method": core["method"], "seed": core.get("seed", 0),
-                "weights": {i["model"]: float(w) for i, w in zip(core["inputs"], weights,
-                                                                 strict=True)},
+                "weights": {i["model"]: self.anchors(w) for i, w in zip(core["inputs"], weights,
+                                                                        strict=True)},
                 "density": float(params.get("density", 0.5)),
                 "lambda": float(params.get("lambda", 1.0))}
 
@@ -103,7 +118,11 @@ class MergeSpace:
 
     def random(self, rng: random.Random) -> Recipe:
         chosen = rng.sample(self.experts, rng.randint(2, len(self.experts)))
-        weights = {e: rng.uniform(0.2, 1.2) for e in chosen}
+        weights = {}
+        for expert in chosen:
+            level = rng.uniform(0.2, 1.2)
+            weights[expert] = [max(0.0, level + rng.uniform(-0.3, 0.3))
+                               for _ in range(self.groups)]
         return self.merge_recipe(rng.choice(self.methods), weights, rng.uniform(0.2, 0.9),
                                  rng.uniform(0.3, 1.0), rng.randrange(2**31))
 
@@ -121,7 +140,7 @@ class MergeSpace:
         if not genes_a["weights"] and not genes_b["weights"]:  # two bases: nothing to mix
             return self.mutate_genes(rng, a)
         pick = [genes_a, genes_b]
-        weights = {e: rng.choice(pick)["weights"].get(e, 0.0) for e in self.experts}
+        weights = {e: rng.choice(pick)["weights"].get(e, 0.0) for e in self.experts}  # per expert
         child = self.merge_recipe(rng.choice(pick)["method"], weights,
                                   rng.choice(pick)["density"], rng.choice(pick)["lambda"],
                                   rng.randrange(2**31))
@@ -133,8 +152,9 @@ class MergeSpace:
             return self.mutate_weights(rng, recipe)
         weights = {}
         for expert in self.experts:
-            if expert in genes["weights"]:  # perturb; may drop out at 0
-                weights[expert] = max(0.0, genes["weights"][expert] + rng.gauss(0, scale))
+            if expert in genes["weights"]:  # perturb each anchor; may drop out at 0
+                weights[expert] = [max(0.0, w + rng.gauss(0, scale))
+                                   for w in genes["weights"][expert]]
             elif rng.random() < 0.2:  # bring an absent expert in
                 weights[expert] = rng.uniform(0.2, 1.0)
         method = rng.choice(self.methods) if rng.random() < 0.1 else genes["method"]

@@ -57,3 +57,21 @@ def test_drop_layers_errors(world):
         drop_layers(states["base"], [0, 1, 2, 3])
     with pytest.raises(RecipeError, match="unknown recipe op"):
         materialize({"op": "teleport"}, states.__getitem__)
+
+
+def test_layer_group_weights_match_mergekit_gradients(world):
+    from tests.mergekit_reference import mergekit_merge
+
+    space, states = world
+    recipe = space.merge_recipe("ties", {"add": [0.3, 1.1], "sort": 0.8, "reverse": [1.0, 0.2]},
+                                0.6, 1.0, seed=0)
+    assert recipe["params"]["weight"] == [[0.3, 1.1], 0.8, [1.0, 0.2]]  # gradients over depth
+    ours = materialize(recipe, states.__getitem__)
+    models = [states[i["model"]] for i in recipe["inputs"]]
+    # the first layer sits at the gradients' start, the last at their end; TIES works per tensor,
+    # so each end equals mergekit's merge with those scalar weights
+    for layer, weights in ((0, [0.3, 0.8, 1.0]), (3, [1.1, 0.8, 0.2])):
+        reference = mergekit_merge("ties", states["base"], models, weight=weights,
+                                   density=0.6, **{"lambda": 1.0})
+        names = [n for n in reference if f"layers.{layer}." in n]
+        assert names and all(torch.equal(ours[n], reference[n]) for n in names)
