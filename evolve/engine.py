@@ -32,6 +32,7 @@ from evolve.strategies import MergeGeneStrategy
 from fitness.reduced_fitness import Budget, Candidate, FitnessResult, ReducedFitness
 from search_spaces.merge_space import MergeSpace
 from search_spaces.recipes import Recipe
+from search_spaces.zoo_landscape import default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
 SIZE_OBJECTIVES = ("params", "bytes", "nonzero")
@@ -81,14 +82,6 @@ class Setup:
     base_size: dict[str, float] = field(default_factory=dict)
 
 
-def default_merges(space: MergeSpace) -> list[Recipe]:
-    from search_spaces.zoo_landscape import DEFAULT_MERGES
-
-    experts = [{"model": e} for e in space.experts]
-    return [{"op": "merge", "method": method, "seed": 0, "base": {"model": space.base},
-             "inputs": experts, "params": params} for method, params in DEFAULT_MERGES.values()]
-
-
 def short(name: str) -> str:
     return name.rstrip("/").split("/")[-1]
 
@@ -101,7 +94,7 @@ class Evolution:
         self.recorder = RecordingScorer(setup.scorer, store)
         self.fitness = ReducedFitness(self.recorder, setup.task_of, setup.task_names,
                                       config.fitness.dims, config.seed)
-        self.fitness._cache.update(store.answers())  # resume: finished answers are not redone
+        self.fitness.preload(store.answers())  # resume: finished answers are not redone
         self.budget = Budget(config.fitness.items_per_task, config.fitness.promote_items_per_task,
                              config.fitness.max_full_per_generation, config.fitness.selection,
                              config.fitness.estimator)
@@ -147,7 +140,7 @@ class Evolution:
         candidates = [Candidate(f"seed-{short(m)}", {"model": m}) for m in (space.base,
                                                                             *space.experts)]
         candidates += [Candidate(f"default-{r['method']}", r, space.experts)
-                       for r in default_merges(space)]
+                       for r in default_merge_recipes(space.base, space.experts)]
         candidates += [Candidate(f"cal-{k}", recipe, tuple(space.experts))
                        for k, recipe in enumerate(space.random(rng) for _ in range(
                            self.config.fitness.calibration))]
@@ -155,7 +148,7 @@ class Evolution:
             self.progress("calibration (full evaluations)", done, len(candidates))
             self._timed_fitness(lambda c=candidate: self.fitness.add_full(c))
         self.progress("calibration (full evaluations)", len(candidates), len(candidates))
-        self._timed_fitness(self.fitness._refit)
+        self._timed_fitness(self.fitness.refit)
         self.setup.base_size = {name: self.fitness.exact[candidates[0].id].objectives[name][0]
                                 for name in SIZE_OBJECTIVES}
         for candidate in candidates:

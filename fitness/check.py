@@ -28,7 +28,7 @@ from fitness.irt import fit_irt
 from fitness.reduced_sets import select_items
 from operators.cache import cache_dir
 from search_spaces.recipes import Recipe, random_merge_recipe, sources_of
-from search_spaces.zoo_landscape import DEFAULT_MERGES
+from search_spaces.zoo_landscape import default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
 
@@ -48,9 +48,7 @@ def zoo_populations(calibration: int, held_out: int, seed: int = 0
 
     base, experts = "zoo/base", [f"zoo/{s}" for s in DEFAULT_RECIPE.skills]
     fixed: list[Recipe] = [{"model": name} for name in (base, *experts)]
-    fixed += [{"op": "merge", "method": method, "seed": 0, "base": {"model": base},
-               "inputs": [{"model": e} for e in experts], "params": params}
-              for method, params in DEFAULT_MERGES.values()]
+    fixed += default_merge_recipes(base, experts)
     rng = random.Random(f"calibration/{seed}")
     calibration_set = fixed + [random_merge_recipe(rng, base, experts)
                                for _ in range(max(calibration - len(fixed), 0))]

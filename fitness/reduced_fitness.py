@@ -110,8 +110,10 @@ class ReducedFitness:
             known.update(zip(missing.tolist(), fresh.double().tolist(), strict=True))
         return torch.tensor([known[i] for i in items.tolist()], dtype=torch.float64)
 
-    def items_asked(self, candidate_id: str) -> int:
-        return len(self._cache.get(candidate_id, {}))
+    def preload(self, answers: dict[str, dict[int, float]]) -> None:
+        """Answers already known (a resumed run's store): they are never asked again."""
+        for candidate_id, known in answers.items():
+            self._cache.setdefault(candidate_id, {}).update(known)
 
     # -- calibration -----------------------------------------------------------------------
 
@@ -140,9 +142,9 @@ class ReducedFitness:
         """Evaluate seeds and diverse random candidates fully, then fit the IRT model."""
         for candidate in candidates:
             self.add_full(candidate)
-        self._refit()
+        self.refit()
 
-    def _refit(self) -> None:
+    def refit(self) -> None:
         needed = math.ceil(MODELS_PER_DIMENSION * (self.dims + 1) * 5 / 4)  # 5-fold cross-fits
         if len(self.calibration_rows) < needed:
             raise FitnessError(
@@ -179,7 +181,7 @@ class ReducedFitness:
             raise FitnessError("the fitness is not calibrated; call calibrate() with the seeds "
                                "and a batch of random candidates first")
         if self._irt is None or len(self.calibration_rows) > self._fitted_on:
-            self._refit()
+            self.refit()
         generation_seed = self.seed * 100_003 + self.calls
         self.calls += 1
         stages = [select_items(budget.selection, self.irt, self.task_of, size, generation_seed,
