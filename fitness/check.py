@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fitness.causal_lm import CausalLMEvaluator
 from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
 from fitness.irt import fit_irt
 from fitness.reduced_sets import select_items
@@ -59,12 +58,7 @@ def zoo_populations(calibration: int, held_out: int, seed: int = 0
 def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
                    label: str = "candidates", batch_size: int = 256) -> Population:
     """Every recipe's answers to every search-split item of the zoo's tasks (cached)."""
-    from safetensors.torch import load_file
-    from transformers import LlamaForCausalLM
-
-    from search_spaces.char_tokenizer import char_tokenizer
-    from search_spaces.merge_zoo import build_zoo, zoo_task
-    from search_spaces.recipes import materialize
+    from search_spaces.merge_zoo import build_zoo, zoo_scorer, zoo_task
 
     zoo = build_zoo()
     tasks = [zoo_task(skill, zoo.recipe) for skill in zoo.recipe.skills]
@@ -74,17 +68,13 @@ def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
     names = tuple(t.name for t in tasks)
     if cached.is_file():
         return Population(recipes, torch.load(cached), task_of, names)
-    sources = {f"zoo/{name}": load_file(path / "model.safetensors")
-               for name, path in zoo.models.items()}
-    model = LlamaForCausalLM(zoo.recipe.llama_config()).eval()
-    evaluator = CausalLMEvaluator(model, char_tokenizer(), batch_size=batch_size)
+    scorer = zoo_scorer(zoo, tasks, batch_size)
+    every = torch.arange(len(task_of))
     rows = []
     for done, recipe in enumerate(recipes):
         if progress:
             progress(f"evaluating {label} fully", done, len(recipes))
-        model.load_state_dict(materialize(recipe, sources.__getitem__))
-        rows.append(torch.cat([torch.tensor(evaluator.evaluate(t.name, t.search).correct)
-                               for t in tasks]).double())
+        rows.append(scorer.answers(f"{label}-{done}", recipe, every))
     if progress:
         progress(f"evaluating {label} fully", len(recipes), len(recipes))
     responses = torch.stack(rows)

@@ -206,3 +206,16 @@ def zoo_task(skill: str, recipe: ZooRecipe = DEFAULT_RECIPE) -> Task:
         splits.append(tuple(items))
     return Task(f"zoo/{skill}", SKILLS[skill].format, splits[0], splits[1],
                 SKILLS[skill].description)
+
+
+def zoo_scorer(zoo: Zoo, tasks: list[Task], batch_size: int = 256):
+    """The local worker over the zoo's checkpoints, named `zoo/<model>` as run configs name them."""
+    from safetensors.torch import load_file
+
+    from fitness.lm_scorer import LocalLMScorer
+    from search_spaces.char_tokenizer import char_tokenizer
+
+    sources = {f"zoo/{name}": load_file(path / "model.safetensors")
+               for name, path in zoo.models.items()}
+    return LocalLMScorer(tasks, sources.__getitem__, zoo.recipe.llama_config(), char_tokenizer(),
+                         batch_size=batch_size, export_dtype="float32")

@@ -11,12 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from safetensors.torch import load_file
-
-import operators
-from fitness.causal_lm import CausalLMEvaluator
-from search_spaces.merge_zoo import Zoo, zoo_task
+from search_spaces.merge_zoo import Zoo, zoo_scorer, zoo_task
 
 # The default merges, with the parameters their papers and mergekit's examples use. DARE-TIES gets
 # lambda 0.5 like task arithmetic: its rescaled task vectors sum to the same scale.
@@ -62,30 +57,22 @@ def compute_landscape(zoo: Zoo, progress: Callable[[str, int, int], None] | None
     cached = zoo.folder / LANDSCAPE_FILE
     if cached.is_file():
         return Landscape.from_json(cached.read_text())
-    from transformers import LlamaForCausalLM
-
-    from search_spaces.char_tokenizer import char_tokenizer
-
     skills = zoo.recipe.skills
-    tasks = {skill: zoo_task(skill, zoo.recipe) for skill in skills}
-    base = load_file(zoo.base / "model.safetensors")
-    experts = {skill: load_file(path / "model.safetensors") for skill, path in zoo.experts.items()}
-    states = {"base": base, **{f"{s} expert": sd for s, sd in experts.items()}}
-    kinds = {"base": "base", **{f"{s} expert": "expert" for s in skills}}
-    for label, (method, params) in DEFAULT_MERGES.items():
-        states[label] = operators.merge(method, base, list(experts.values()), seed=0, **params)
-        kinds[label] = "merge"
-    model = LlamaForCausalLM(zoo.recipe.llama_config()).eval()
-    evaluator = CausalLMEvaluator(model, char_tokenizer(), batch_size=batch_size)
+    scorer = zoo_scorer(zoo, [zoo_task(skill, zoo.recipe) for skill in skills], batch_size)
+    experts = [f"zoo/{s}" for s in skills]
+    recipes = {"base": {"model": "zoo/base"},
+               **{f"{s} expert": {"model": e} for s, e in zip(skills, experts, strict=True)},
+               **{r["method"]: r for r in default_merge_recipes("zoo/base", experts)}}
+    kinds = {label: "base" if label == "base" else "expert" if "model" in recipe else "merge"
+             for label, recipe in recipes.items()}
     rows = {}
-    for done, (label, state) in enumerate(states.items()):
+    for done, (label, recipe) in enumerate(recipes.items()):
         if progress:
-            progress("scoring the landscape", done, len(states))
-        model.load_state_dict(state)
-        with torch.inference_mode():
-            rows[label] = {s: evaluator.evaluate(s, tasks[s].test).accuracy for s in skills}
+            progress("scoring the landscape", done, len(recipes))
+        results = scorer.test_results(label, recipe)
+        rows[label] = {s: r.accuracy for s, r in zip(skills, results, strict=True)}
     if progress:
-        progress("scoring the landscape", len(states), len(states))
+        progress("scoring the landscape", len(recipes), len(recipes))
     landscape = Landscape(skills, rows, kinds, zoo.recipe.items_per_split)
     cached.write_text(landscape.to_json())
     return landscape
