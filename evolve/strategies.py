@@ -6,7 +6,9 @@ any space (a space gives `random`, `crossover` and `mutate`; optuna needs the ge
 
 - `GeneticStrategy` (default): NSGA-II-style. Binary tournaments on rank and crowding pick parents;
   children come from crossover then mutation; parents and children compete for survival by
-  non-dominated sorting and crowding (pymoo); duplicates of evaluated genomes are not re-asked.
+  non-dominated sorting and crowding (pymoo). It never re-asks a genome equivalent to one already
+  evaluated: a space may define `canonical(genome)` (e.g. isomorphic architectures share one), so
+  every evaluation of the budget is spent on something new.
 - `RandomStrategy`: uniform samples, the baseline every search must beat.
 - `OptunaStrategy`: optuna's multi-objective samplers (NSGA-II, TPE) through its ask/tell API.
 """
@@ -28,6 +30,8 @@ class Space(Protocol):
 
     def mutate(self, rng: random.Random, genome): ...
 
+    # optional: `canonical(genome)`, one key per class of equivalent genomes (default: itself)
+
 
 class GeneticStrategy:
     def __init__(self, space: Space, population: int = 12, crossover: float = 0.7,
@@ -37,11 +41,13 @@ class GeneticStrategy:
         self.rng = random.Random(seed)
         self.population: list = []
         self.scores: dict = {}
+        self.canonical = getattr(space, "canonical", lambda genome: genome)
+        self.evaluated: set = set()  # canonical keys of everything told
 
     def _fresh(self, make) -> object:
-        for _ in range(100):  # avoid re-asking evaluated genomes
+        for _ in range(100):  # avoid re-asking evaluated (or equivalent) genomes
             genome = make()
-            if genome not in self.scores:
+            if self.canonical(genome) not in self.evaluated:
                 return genome
         return genome
 
@@ -60,15 +66,18 @@ class GeneticStrategy:
                 genome = self.space.mutate(self.rng, genome)
             return genome
         batch: list = []
+        keys: set = set()
         while len(batch) < self.size:
             genome = self._fresh(child)
-            if genome not in batch:
+            if self.canonical(genome) not in keys:
                 batch.append(genome)
+                keys.add(self.canonical(genome))
         return batch
 
     def tell(self, genomes: list, objectives: np.ndarray) -> None:
         for genome, row in zip(genomes, objectives, strict=True):
             self.scores[genome] = tuple(row)
+            self.evaluated.add(self.canonical(genome))
         pool = list(dict.fromkeys(self.population + list(genomes)))
         keep = survivors(np.array([self.scores[g] for g in pool]), self.size)
         self.population = [pool[i] for i in keep]

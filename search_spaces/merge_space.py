@@ -2,9 +2,9 @@
 
 A candidate is a recipe (see `recipes.py`) whose core is a merge of the experts onto the base, or a
 source model itself (an expert is the merge base + 1·τ of that expert). The genes of that merge
-are the method, per expert a weight for each layer group (`groups` anchors spread over depth, as
-mergekit gradients; all 0 leaves the expert out), a density and λ; the
-genome of mergekit-evolve and of Sakana's parameter-space merging, plus PCB and the method choice.
+are the method, per expert a weight and a density for each layer group (`groups` anchors spread
+over depth, as mergekit gradients; weights all 0 leave the expert out) and λ: the genome of
+mergekit-evolve and of Sakana's parameter-space merging, plus PCB and the method choice.
 Around the core, a recipe may carry weight noise (`mutate`) and dropped layers (`edit`), which is
 how the size objective varies.
 
@@ -29,6 +29,7 @@ from search_spaces.recipes import Recipe
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "pcb")
 SPARSE = ("ties", "dare_ties", "pcb")
+MIN_DENSITY = 0.05
 
 
 @dataclass(frozen=True)
@@ -50,21 +51,30 @@ class MergeSpace:
             return values if len(values) == self.groups else (values[0],) * self.groups
         return (float(value),) * self.groups
 
-    def merge_recipe(self, method: str, weights: dict[str, Any], density: float, lam: float,
-                     seed: int) -> Recipe:
+    def merge_recipe(self, method: str, weights: dict[str, Any],
+                     densities: dict[str, Any] | float, lam: float, seed: int) -> Recipe:
+        """A flat merge; `weights` and `densities` map experts to a number or group anchors
+        (a single number for `densities` is every expert's)."""
         anchors = {e: self.anchors(w) for e, w in weights.items()}
         chosen = [e for e in self.experts if max(anchors.get(e, (0.0,))) > 0]
         if not chosen:
             chosen = [max(self.experts, key=lambda e: max(anchors.get(e, (0.0,))))]
             anchors = {chosen[0]: (0.5,) * self.groups}
+        if not isinstance(densities, dict):
+            densities = dict.fromkeys(chosen, densities)
 
-        def setting(values: tuple[float, ...]) -> float | list[float]:
-            rounded = [round(max(v, 0.0), 4) for v in values]
+        def setting(values: tuple[float, ...], low: float, high: float) -> float | list[float]:
+            rounded = [round(min(max(v, low), high), 4) for v in values]
             return rounded[0] if len(set(rounded)) == 1 else rounded
-        params: dict[str, Any] = {"weight": [setting(anchors[e]) for e in chosen],
-                                  "lambda": round(lam, 4)}
+        params: dict[str, Any] = {
+            "weight": [setting(anchors[e], 0.0, float("inf")) for e in chosen],
+            "lambda": round(lam, 4)}
         if method in SPARSE:
-            params["density"] = round(density, 4)
+            per_expert = [setting(self.anchors(densities.get(e, 0.5)), MIN_DENSITY, 1.0)
+                          for e in chosen]
+            same = all(d == per_expert[0] for d in per_expert)
+            params["density"] = per_expert[0] if same and not isinstance(
+                per_expert[0], list) else per_expert
         return {"op": "merge", "method": method, "seed": seed, "base": {"model": self.base},
                 "inputs": [{"model": e} for e in chosen], "params": params}
 
@@ -84,19 +94,20 @@ class MergeSpace:
         """
         core = self.core(recipe)
         if "model" in core:
-            weights = ({core["model"]: self.anchors(1.0)} if core["model"] in self.experts
-                       else {})
-            return {"method": "task_arithmetic", "seed": 0, "weights": weights, "density": 1.0,
-                    "lambda": 1.0}
+            chosen = [core["model"]] if core["model"] in self.experts else []
+            return {"method": "task_arithmetic", "seed": 0,
+                    "weights": {e: self.anchors(1.0) for e in chosen},
+                    "densities": {e: self.anchors(1.0) for e in chosen}, "lambda": 1.0}
         if core.get("op") != "merge" or any("model" not in i for i in core["inputs"]):
             return None
-        params = core["params"]
-        weights = params["weight"] if isinstance(params["weight"], list) else \
-            [params["weight"]] * len(core["inputs"])
+        params, names = core["params"], [i["model"] for i in core["inputs"]]
+
+        def per_expert(key: str, default: float) -> dict[str, tuple[float, ...]]:
+            value = params.get(key, default)  # a list is one setting per input (the API's rule)
+            values = value if isinstance(value, list) else [value] * len(names)
+            return {n: self.anchors(v) for n, v in zip(names, values, strict=True)}
         return {"method": core["method"], "seed": core.get("seed", 0),
-                "weights": {i["model"]: self.anchors(w) for i, w in zip(core["inputs"], weights,
-                                                                        strict=True)},
-                "density": float(params.get("density", 0.5)),
+                "weights": per_expert("weight", 1.0), "densities": per_expert("density", 0.5),
                 "lambda": float(params.get("lambda", 1.0))}
 
     @staticmethod
@@ -113,17 +124,21 @@ class MergeSpace:
 
     def from_genes(self, genes: dict[str, Any], seed: int) -> Recipe:
         """A flat merge from a gene dict (as `genes()` returns, or a continuous strategy asks)."""
-        return self.merge_recipe(genes["method"], genes["weights"], genes["density"],
-                                 genes["lambda"], seed)
+        densities = genes.get("densities", genes.get("density", 0.5))
+        return self.merge_recipe(genes["method"], genes["weights"], densities, genes["lambda"],
+                                 seed)
+
+    def _around(self, rng: random.Random, low: float, high: float,
+                spread: float) -> list[float]:
+        """Group anchors: a level drawn in [low, high], each anchor jittered by ±spread."""
+        level = rng.uniform(low, high)
+        return [level + rng.uniform(-spread, spread) for _ in range(self.groups)]
 
     def random(self, rng: random.Random) -> Recipe:
         chosen = rng.sample(self.experts, rng.randint(2, len(self.experts)))
-        weights = {}
-        for expert in chosen:
-            level = rng.uniform(0.2, 1.2)
-            weights[expert] = [max(0.0, level + rng.uniform(-0.3, 0.3))
-                               for _ in range(self.groups)]
-        return self.merge_recipe(rng.choice(self.methods), weights, rng.uniform(0.2, 0.9),
+        weights = {e: self._around(rng, 0.2, 1.2, 0.3) for e in chosen}
+        densities = {e: self._around(rng, 0.2, 0.9, 0.15) for e in chosen}
+        return self.merge_recipe(rng.choice(self.methods), weights, densities,
                                  rng.uniform(0.3, 1.0), rng.randrange(2**31))
 
     def crossover(self, rng: random.Random, a: Recipe, b: Recipe) -> Recipe:
@@ -140,26 +155,29 @@ class MergeSpace:
         if not genes_a["weights"] and not genes_b["weights"]:  # two bases: nothing to mix
             return self.mutate_genes(rng, a)
         pick = [genes_a, genes_b]
-        weights = {e: rng.choice(pick)["weights"].get(e, 0.0) for e in self.experts}  # per expert
-        child = self.merge_recipe(rng.choice(pick)["method"], weights,
-                                  rng.choice(pick)["density"], rng.choice(pick)["lambda"],
-                                  rng.randrange(2**31))
+        donors = {e: rng.choice(pick) for e in self.experts}  # per expert: weight and density
+        weights = {e: donor["weights"].get(e, 0.0) for e, donor in donors.items()}
+        densities = {e: donor["densities"].get(e, 0.5) for e, donor in donors.items()}
+        child = self.merge_recipe(rng.choice(pick)["method"], weights, densities,
+                                  rng.choice(pick)["lambda"], rng.randrange(2**31))
         return self._rewrap(rng.choice([a, b]), child)
 
     def mutate_genes(self, rng: random.Random, recipe: Recipe, scale: float = 0.15) -> Recipe:
         genes = self.genes(recipe)
         if genes is None:
             return self.mutate_weights(rng, recipe)
-        weights = {}
+        weights, densities = {}, {}
         for expert in self.experts:
             if expert in genes["weights"]:  # perturb each anchor; may drop out at 0
                 weights[expert] = [max(0.0, w + rng.gauss(0, scale))
                                    for w in genes["weights"][expert]]
+                densities[expert] = [d + rng.gauss(0, scale)
+                                     for d in genes["densities"][expert]]
             elif rng.random() < 0.2:  # bring an absent expert in
                 weights[expert] = rng.uniform(0.2, 1.0)
+                densities[expert] = rng.uniform(0.2, 0.9)
         method = rng.choice(self.methods) if rng.random() < 0.1 else genes["method"]
-        child = self.merge_recipe(method, weights,
-                                  min(1.0, max(0.05, genes["density"] + rng.gauss(0, scale))),
+        child = self.merge_recipe(method, weights, densities,
                                   max(0.05, genes["lambda"] + rng.gauss(0, scale)),
                                   rng.randrange(2**31))
         return self._rewrap(recipe, child)

@@ -35,10 +35,16 @@ class NasBenchGraph:
     dataset: str = "cora"
 
     def lookup(self, genome: Genome) -> dict | None:
+        return _table(self.dataset).get(self.canonical(genome))
+
+    @staticmethod
+    @cache
+    def canonical(genome: Genome) -> str | tuple:
+        """The architecture's isomorphism-invariant hash (the table's key): about 2.3 genomes
+        share each architecture, and the GA spends no evaluation on a second copy."""
         from nas_bench_graph.architecture import Arch, gnn_list, link_list
 
-        arch = Arch(list(link_list[genome[0]]), [gnn_list[g] for g in genome[1:]])
-        return _table(self.dataset).get(arch.valid_hash())
+        return Arch(list(link_list[genome[0]]), [gnn_list[g] for g in genome[1:]]).valid_hash()
 
     def objectives(self, genome: Genome) -> tuple[float, float]:
         """(−validation accuracy, parameters in millions): both minimized; invalid → worst."""

@@ -59,19 +59,34 @@ def test_drop_layers_errors(world):
         materialize({"op": "teleport"}, states.__getitem__)
 
 
-def test_layer_group_weights_match_mergekit_gradients(world):
+def test_layer_group_weights_and_densities_match_mergekit_gradients(world):
     from tests.mergekit_reference import mergekit_merge
 
     space, states = world
     recipe = space.merge_recipe("ties", {"add": [0.3, 1.1], "sort": 0.8, "reverse": [1.0, 0.2]},
-                                0.6, 1.0, seed=0)
+                                {"add": [0.3, 0.8], "sort": 0.6, "reverse": [0.9, 0.4]}, 1.0,
+                                seed=0)
     assert recipe["params"]["weight"] == [[0.3, 1.1], 0.8, [1.0, 0.2]]  # gradients over depth
+    assert recipe["params"]["density"] == [[0.3, 0.8], 0.6, [0.9, 0.4]]
     ours = materialize(recipe, states.__getitem__)
     models = [states[i["model"]] for i in recipe["inputs"]]
     # the first layer sits at the gradients' start, the last at their end; TIES works per tensor,
-    # so each end equals mergekit's merge with those scalar weights
-    for layer, weights in ((0, [0.3, 0.8, 1.0]), (3, [1.1, 0.8, 0.2])):
+    # so each end equals mergekit's merge with those scalar weights and densities
+    for layer, weights, densities in ((0, [0.3, 0.8, 1.0], [0.3, 0.6, 0.9]),
+                                      (3, [1.1, 0.8, 0.2], [0.8, 0.6, 0.4])):
         reference = mergekit_merge("ties", states["base"], models, weight=weights,
-                                   density=0.6, **{"lambda": 1.0})
+                                   density=densities, **{"lambda": 1.0})
         names = [n for n in reference if f"layers.{layer}." in n]
         assert names and all(torch.equal(ours[n], reference[n]) for n in names)
+
+
+def test_genes_round_trip_through_recipes(world):
+    space, _ = world
+    rng = random.Random(3)
+    for _ in range(20):
+        recipe = space.random(rng)
+        genes = space.genes(recipe)
+        assert space.from_genes(genes, recipe["seed"]) == recipe
+    shared = space.merge_recipe("pcb", {"add": 1.0, "sort": 0.5}, 0.3, 0.8, seed=1)
+    assert shared["params"]["density"] == 0.3  # one density for all stays a scalar
+    assert space.from_genes(space.genes(shared), 1) == shared
