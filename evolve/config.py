@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fitness.estimators import ESTIMATORS
 from fitness.reduced_sets import SELECTIONS
@@ -61,11 +68,27 @@ class RunConfig(_Strict):
     operators: Operators = Operators()
     population: int = Field(16, ge=4)
     generations: int = Field(8, ge=1)
+    evaluations: int | None = Field(None, ge=1, description="the run's budget in candidates "
+                                    "bred and evaluated (calibration aside); replaces "
+                                    "generations: the last generation may be smaller")
     fitness: Fitness = Fitness()
-    strategy: Literal["ga", "cmaes", "tpe"] = "ga"
+    strategy: Literal["ga", "cmaes", "tpe", "nsga2"] = "ga"
     seed: int = 0
     device: str = "cpu"
     export_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> RunConfig:
+        if self.evaluations is not None and "generations" in self.model_fields_set:
+            raise ValueError("give generations or evaluations, not both")
+        return self
+
+    def generation_sizes(self) -> list[int]:
+        """Children per generation: `population` each, or the evaluation budget split so."""
+        if self.evaluations is None:
+            return [self.population] * self.generations
+        full, rest = divmod(self.evaluations, self.population)
+        return [self.population] * full + ([rest] if rest else [])
 
     @field_validator("objectives")
     @classmethod
@@ -87,7 +110,10 @@ def load_config(path: Path, overrides: dict | None = None) -> RunConfig:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the run config must be a mapping of keys to values")
-    data |= {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "generations" in overrides:  # a generations override replaces an evaluation budget
+        data.pop("evaluations", None)
+    data |= overrides
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:

@@ -98,9 +98,12 @@ class Evolution:
         self.budget = Budget(config.fitness.items_per_task, config.fitness.promote_items_per_task,
                              config.fitness.max_full_per_generation, config.fitness.selection,
                              config.fitness.estimator)
+        self.sizes = config.generation_sizes()
         self.genes = None if config.strategy == "ga" else MergeGeneStrategy(
-            config.strategy, setup.space.experts, setup.space.methods, config.population,
-            config.population * config.generations, config.seed)
+            config.strategy, setup.space.experts, setup.space.methods, setup.space.groups,
+            len(config.objectives), sum(self.sizes), config.seed,
+            primary=list(config.objectives).index("accuracy") if "accuracy" in
+            config.objectives else 0, population=config.population)
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
         self.timings = Timings()
@@ -157,16 +160,17 @@ class Evolution:
         ids = [c.id for c in candidates]
         return [ids[i] for i in survivors(self._matrix(ids), self.config.population)]
 
-    def breed(self, generation: int, population: list[str]) -> list[tuple[Candidate, str]]:
+    def breed(self, generation: int, population: list[str],
+              size: int) -> list[tuple[Candidate, str]]:
         rng = random.Random(f"{self.config.seed}/gen/{generation}")
-        if self.genes is not None:  # CMA-ES / TPE propose flat merges from their own model
+        if self.genes is not None:  # CMA-ES / optuna propose flat merges from their own model
             return [(Candidate(f"g{generation}-{k}", self.setup.space.from_genes(
                 genes, rng.randrange(2**31)), tuple(self.setup.space.experts)),
-                self.config.strategy) for k, genes in enumerate(self.genes.ask())]
+                self.config.strategy) for k, genes in enumerate(self.genes.ask(size))]
         rank, crowding = rank_and_crowding(self._matrix(population))
         operators = self.config.operators
         children = []
-        for k in range(self.config.population):
+        for k in range(size):
             first = population[tournament(rng, rank, crowding)]
             roll = rng.random()
             space = self.setup.space
@@ -191,17 +195,17 @@ class Evolution:
         self.store.set_meta("status", "running")
         self.store.event("start")
         population = self.calibrate()
-        for generation in range(1, self.config.generations + 1):
-            self.progress("generations", generation - 1, self.config.generations)
-            children = self.breed(generation, population)
+        for generation, size in enumerate(self.sizes, start=1):
+            self.progress("generations", generation - 1, len(self.sizes))
+            children = self.breed(generation, population, size)
             results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
                 [child for child, _ in c], self.budget, on_candidate=lambda done, total:
                 self.progress("candidates this generation", done, total)))
             for (child, operator), result in zip(children, results, strict=True):
                 self._record(child, generation, operator, result)
-            if self.genes is not None:  # loss: cautious accuracy (failed candidates: worst)
-                self.genes.tell([-(r.objectives["accuracy"][0] - r.objectives["accuracy"][1])
-                                 if r.ok else 1.0 for r in results])
+            if self.genes is not None:
+                self.genes.tell([self._matrix([c.id])[0] if r.ok else None
+                                 for (c, _), r in zip(children, results, strict=True)])
             for identifier in population:  # exact results found since replace estimates
                 if identifier in self.fitness.exact:
                     self.results[identifier] = self.fitness.exact[identifier]
@@ -210,7 +214,7 @@ class Evolution:
             matrix = self._matrix(pool)
             population = [pool[i] for i in survivors(matrix, self.config.population)]
             self._save_generation(generation, population)
-        self.progress("generations", self.config.generations, self.config.generations)
+        self.progress("generations", len(self.sizes), len(self.sizes))
         front = self.finish(population)
         self.timings.wall = time.perf_counter() - started
         self.timings.worker = self.recorder.seconds
@@ -254,7 +258,7 @@ class Evolution:
                                           len(self.setup.task_of), None)
             self.store.add_report(identifier, "test", self._test_report(candidate))
         front = self._front(front)
-        self._save_generation(self.config.generations + 1, front)
+        self._save_generation(len(self.sizes) + 1, front)
         return front
 
     def _test_report(self, candidate: Candidate) -> dict:

@@ -90,6 +90,7 @@ def run(
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         data = validated.model_dump()
+        data.pop("generations" if data["evaluations"] is not None else "evaluations")
         data["sources"] = {k: _absolute(v, config.parent) for k, v in data["sources"].items()}
         data["tasks"] = [_absolute(t, config.parent) for t in data["tasks"]]
         (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -123,10 +124,10 @@ def status(run: str = typer.Argument(..., help="run directory or run id")) -> No
     run_dir = _run_dir(run)
     store = RunStore(run_dir)
     config = load_config(run_dir / "config.yaml")
-    generations = store.generations()
+    generations, planned = store.generations(), len(config.generation_sizes())
     out = Console()
     out.print(f"{run_dir}: {store.meta('status', 'unknown')}, generation "
-              f"{min(len(generations), config.generations)}/{config.generations}, "
+              f"{min(len(generations), planned)}/{planned}, "
               f"{store.count('individuals')} individuals, {store.count('answers')} answer batches")
     for entry in generations:
         out.print(f"  generation {entry['generation']:3d}: front of {len(entry['front'])}, "

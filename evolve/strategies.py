@@ -131,53 +131,76 @@ class OptunaStrategy:
 
 
 class MergeGeneStrategy:
-    """CMA-ES (nevergrad) or optuna TPE over a flat merge's continuous genes.
+    """CMA-ES (nevergrad) or optuna's TPE / NSGA-II samplers over a flat merge's genes.
 
-    The genes are a method (categorical), one weight per expert in [0, 1.5], a density and λ;
-    `ask()` returns gene dicts for `MergeSpace.from_genes`, `tell()` takes one loss per gene dict
-    (lower is better). Both optimizers are seeded, so a run replays exactly on resume.
+    The genes are those of `MergeSpace`: a method (categorical), per expert and layer group a
+    weight in [0, 1.5] and a density in [0.05, 1], and λ in [0.2, 1.5]. `ask(n)` returns gene
+    dicts for `MergeSpace.from_genes`; `tell(rows)` takes one objective row (to minimize) per
+    asked dict, None for a candidate that failed. optuna's samplers are multi-objective and see
+    the whole row; CMA-ES minimizes one number, the row's `primary` column (the accuracy). All
+    are seeded, so a run replays exactly on resume.
     """
 
+    KINDS = ("cmaes", "tpe", "nsga2")
+
     def __init__(self, kind: str, experts: tuple[str, ...], methods: tuple[str, ...],
-                 batch: int, budget: int, seed: int = 0):
-        self.kind, self.experts, self.methods, self.batch = kind, experts, methods, batch
+                 groups: int, objectives: int, budget: int, seed: int = 0, primary: int = 0,
+                 population: int = 16):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown gene strategy {kind!r}; use one of {list(self.KINDS)}")
+        self.kind, self.experts, self.methods, self.primary = kind, experts, methods, primary
+        self.bounds = ({f"w{e}.{g}": (0.0, 1.5) for e in range(len(experts))
+                        for g in range(groups)}
+                       | {f"d{e}.{g}": (0.05, 1.0) for e in range(len(experts))
+                          for g in range(groups)} | {"lambda": (0.2, 1.5)})
+        self.groups = groups
         if kind == "cmaes":
             import nevergrad as ng
 
-            parametrization = ng.p.Dict(
-                method=ng.p.Choice(list(methods)),
-                weights=ng.p.Array(shape=(len(experts),), lower=0.0, upper=1.5),
-                density=ng.p.Scalar(lower=0.05, upper=1.0), lam=ng.p.Scalar(lower=0.2, upper=1.5))
+            parametrization = ng.p.Dict(method=ng.p.Choice(list(methods)),
+                                        unit=ng.p.Array(shape=(len(self.bounds),), lower=0.0,
+                                                        upper=1.0))
             parametrization.random_state = np.random.RandomState(seed)
             self.optimizer = ng.optimizers.CMA(parametrization=parametrization, budget=budget,
-                                               num_workers=batch)
-        elif kind == "tpe":
+                                               num_workers=population)
+        else:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            self.study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
-        else:
-            raise ValueError(f"unknown gene strategy {kind!r}; use cmaes or tpe")
+            sampler = (optuna.samplers.TPESampler(seed=seed, multivariate=True) if kind == "tpe"
+                       else optuna.samplers.NSGAIISampler(population_size=population, seed=seed))
+            self.study = optuna.create_study(directions=["minimize"] * objectives,
+                                             sampler=sampler)
         self._pending: list = []
 
-    def ask(self) -> list[dict]:
-        if self.kind == "cmaes":
-            self._pending = [self.optimizer.ask() for _ in range(self.batch)]
-            return [{"method": c.value["method"],
-                     "weights": dict(zip(self.experts, map(float, c.value["weights"]),
-                                         strict=True)),
-                     "density": float(c.value["density"]), "lambda": float(c.value["lam"])}
-                    for c in self._pending]
-        self._pending = [self.study.ask() for _ in range(self.batch)]
-        return [{"method": t.suggest_categorical("method", list(self.methods)),
-                 "weights": {e: t.suggest_float(f"w{i}", 0.0, 1.5)
-                             for i, e in enumerate(self.experts)},
-                 "density": t.suggest_float("density", 0.05, 1.0),
-                 "lambda": t.suggest_float("lambda", 0.2, 1.5)} for t in self._pending]
+    def _genes(self, method: str, values: dict[str, float]) -> dict:
+        def anchors(prefix: str, expert: int) -> list[float]:
+            return [values[f"{prefix}{expert}.{g}"] for g in range(self.groups)]
+        return {"method": method,
+                "weights": {e: anchors("w", i) for i, e in enumerate(self.experts)},
+                "densities": {e: anchors("d", i) for i, e in enumerate(self.experts)},
+                "lambda": values["lambda"]}
 
-    def tell(self, losses: list[float]) -> None:
-        for pending, loss in zip(self._pending, losses, strict=True):
-            if self.kind == "cmaes":
-                self.optimizer.tell(pending, float(loss))
+    def ask(self, n: int) -> list[dict]:
+        if self.kind == "cmaes":
+            self._pending = [self.optimizer.ask() for _ in range(n)]
+            return [self._genes(c.value["method"], {
+                name: low + float(u) * (high - low)
+                for (name, (low, high)), u in zip(self.bounds.items(), c.value["unit"],
+                                                  strict=True)}) for c in self._pending]
+        self._pending = [self.study.ask() for _ in range(n)]
+        return [self._genes(t.suggest_categorical("method", list(self.methods)),
+                            {name: t.suggest_float(name, low, high)
+                             for name, (low, high) in self.bounds.items()})
+                for t in self._pending]
+
+    def tell(self, rows: list[np.ndarray | None]) -> None:
+        for pending, row in zip(self._pending, rows, strict=True):
+            if self.kind == "cmaes":  # a failed candidate: worse than any accuracy
+                self.optimizer.tell(pending, 1.0 if row is None else float(row[self.primary]))
+            elif row is None:
+                import optuna
+
+                self.study.tell(pending, state=optuna.trial.TrialState.FAIL)
             else:
-                self.study.tell(pending, float(loss))
+                self.study.tell(pending, [float(v) for v in row])

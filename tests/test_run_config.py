@@ -28,6 +28,9 @@ def test_the_default_run_config_is_valid():
      "fitness.estimator"),
     ("sources: {base: a, experts: [b, c]}\ntasks: [t]\noperators: {methods: [magic]}",
      "operators.methods.0"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\ngenerations: 3\nevaluations: 40",
+     "give generations or evaluations, not both"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\nstrategy: hillclimb", "strategy"),
     ("tasks: [t]", "sources: Field required"),
     ("- a\n- b", "must be a mapping"),
     ("sources: {base: [", "not valid YAML"),
@@ -48,3 +51,14 @@ def test_missing_config_file(tmp_path):
 def test_the_real_checkpoint_example_is_valid():
     config = load_config(EXAMPLES / "hf-checkpoints.yaml")
     assert config.device == "cuda" and config.fitness.estimator == "gmpirt"
+
+
+def test_an_evaluation_budget_sets_the_generations(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("sources: {base: a, experts: [b, c]}\ntasks: [t]\npopulation: 16\n"
+                    "evaluations: 40")
+    assert load_config(path).generation_sizes() == [16, 16, 8]
+    assert load_config(path, {"generations": 2}).generation_sizes() == [16, 16]  # CLI override
+    path.write_text("sources: {base: a, experts: [b, c]}\ntasks: [t]\npopulation: 8\n"
+                    "generations: 3")
+    assert load_config(path).generation_sizes() == [8, 8, 8]
