@@ -11,30 +11,63 @@ import torch
 import yaml
 
 from evolve.export import _ensure_writable
+from operators.settings import depth, resolve
 from search_spaces.recipes import Recipe, layer_count, materialize
 
 # methods whose result mergekit reproduces tensor for tensor (DARE/DELLA draw their own masks)
 MERGEKIT_EXACT = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
+PER_MODEL = ("weight", "density", "gamma", "epsilon")
 
 
-def mergekit_config(recipe: Recipe, folders: dict[str, Path], dtype: str) -> dict | None:
-    """mergekit's YAML for a flat merge of source models, or None if mergekit cannot express it."""
+def mergekit_config(recipe: Recipe, folders: dict[str, Path], dtype: str,
+                    num_layers: int) -> dict | None:
+    """mergekit's YAML for a flat merge of source models, or None if mergekit cannot express it.
+
+    An edit around the merge (layers left out or stacked) becomes mergekit slices, one per output
+    layer, each merging that layer of every source. Inside a one-layer slice mergekit reads a
+    gradient at t = 1 (its end) and the embeddings, final norm and head at t = 0 (its start), so
+    each per-model setting is written as [value outside the layers, value at this layer], the
+    values evoforge resolved; that reproduces gradients over the sources' depth exactly.
+    """
+    layer_plan = None
+    if recipe.get("op") == "edit":
+        layer_plan, recipe = recipe["layers"], recipe["input"]
     if recipe.get("op") != "merge" or any("model" not in i for i in recipe["inputs"]):
         return None
     if recipe["method"] not in MERGEKIT_EXACT:
         return None
     params = dict(recipe.get("params", {}))
-    per_model = {k: params.pop(k) for k in ("weight", "density", "gamma", "epsilon")
-                 if k in params}
-    models = []
-    for index, source in enumerate(recipe["inputs"]):
-        values = {k: (v[index] if isinstance(v, list) else v) for k, v in per_model.items()}
-        models.append({"model": str(folders[source["model"]]), "parameters": values})
-    config = {"merge_method": recipe["method"], "models": models, "parameters": params,
-              "dtype": "float32", "out_dtype": dtype}
-    if recipe.get("base"):
-        config["base_model"] = str(folders[recipe["base"]["model"]])
+    per_model = {k: params.pop(k) for k in PER_MODEL if k in params}
+    if any(_conditional(v) for v in [*per_model.values(), *params.values()]):
+        return None  # per-tensor filters: not written out here
+    config = {"merge_method": recipe["method"], "parameters": params, "dtype": "float32",
+              "out_dtype": dtype}
+    base = str(folders[recipe["base"]["model"]]) if recipe.get("base") else None
+    if base is not None:
+        config["base_model"] = base
+    models = [str(folders[i["model"]]) for i in recipe["inputs"]]
+
+    def values(index: int, layer: int | None = None) -> dict:
+        out = {}
+        for name, value in per_model.items():
+            setting = value[index] if isinstance(value, list) else value
+            out[name] = setting if layer is None or not isinstance(setting, list) else [
+                resolve(setting, "", 0.0),
+                resolve(setting, f"layers.{layer}.", depth(f"layers.{layer}.", num_layers))]
+        return out
+    if layer_plan is None:
+        config["models"] = [{"model": m, "parameters": values(i)} for i, m in enumerate(models)]
+        return config
+    config["slices"] = [{"sources": [{"model": base, "layer_range": [k, k + 1]}] * (
+        base is not None) + [{"model": m, "layer_range": [k, k + 1], "parameters": values(i, k)}
+                             for i, m in enumerate(models)]} for k in layer_plan]
     return config
+
+
+def _conditional(setting) -> bool:
+    """A {filter, value} setting (or a list of them), as opposed to a number or a gradient."""
+    return isinstance(setting, dict) or (isinstance(setting, list) and any(
+        isinstance(v, dict) or (isinstance(v, list) and _conditional(v)) for v in setting))
 
 
 def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit: bool) -> str:
@@ -77,7 +110,8 @@ def export_individual(record: dict, setup, config, out: Path, test: dict | None,
     scorer.tokenizer.save_pretrained(out)
     folders = {name: resolve_model(name) for name in (config.sources.base,
                                                       *config.sources.experts)}
-    mergekit = mergekit_config(record["recipe"], folders, config.export_dtype)
+    mergekit = mergekit_config(record["recipe"], folders, config.export_dtype,
+                               scorer.config.num_hidden_layers)
     if mergekit is not None:
         (out / "mergekit_config.yml").write_text(yaml.safe_dump(mergekit, sort_keys=False))
     (out / "recipe.json").write_text(json.dumps(record["recipe"], indent=2))

@@ -5,8 +5,8 @@ source model itself (an expert is the merge base + 1·τ of that expert). The ge
 are the method, per expert a weight and a density for each layer group (`groups` anchors spread
 over depth, as mergekit gradients; weights all 0 leave the expert out) and λ: the genome of
 mergekit-evolve and of Sakana's parameter-space merging, plus PCB and the method choice.
-Around the core, a recipe may carry weight noise (`mutate`) and dropped layers (`edit`), which is
-how the size objective varies.
+Around the core, a recipe may carry weight noise (`mutate`) and a layer plan (`edit`: mergekit
+passthrough slices, layers left out or stacked twice), which is how the size objective varies.
 
 Operators, all seeded by the `random.Random` they are given:
 - `crossover(a, b)`: with probability `compose` a merge of the two parents' recipes (a child of
@@ -14,12 +14,14 @@ Operators, all seeded by the `random.Random` they are given:
 - `mutate_genes(a)`: Gaussian noise on weights, density and λ, sometimes a new method;
 - `mutate_weights(a)`: seeded weight noise on the materialized model (σ relative to the task
   vector, a gene rate);
-- `edit(a)`: the heuristic architecture proposer: drop one more decoder layer (the one nearest the
-  middle of those left, where layers are most redundant), or restore a dropped one.
+- `edit(a)`: the heuristic architecture proposer: drop a decoder layer (the one nearest the middle,
+  where layers are most redundant), restore a dropped one, or stack a middle layer twice (depth
+  up-scaling, as SOLAR's); between `min_layers` and 1.5× the sources' depth.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import random
 from dataclasses import dataclass
@@ -110,9 +112,9 @@ class MergeSpace:
                 "weights": per_expert("weight", 1.0), "densities": per_expert("density", 0.5),
                 "lambda": float(params.get("lambda", 1.0))}
 
-    @staticmethod
-    def dropped(recipe: Recipe) -> list[int]:
-        return list(recipe.get("drop_layers", [])) if recipe.get("op") == "edit" else []
+    def layer_plan(self, recipe: Recipe) -> list[int]:
+        """The decoder layers of `recipe`, as indices into its core's (all, if unedited)."""
+        return list(recipe["layers"]) if recipe.get("op") == "edit" else list(range(self.layers))
 
     def _rewrap(self, template: Recipe, core: Recipe) -> Recipe:
         """`core` wrapped in the same mutate/edit layers as `template` (edits outermost)."""
@@ -143,13 +145,13 @@ class MergeSpace:
 
     def crossover(self, rng: random.Random, a: Recipe, b: Recipe) -> Recipe:
         genes_a, genes_b = self.genes(a), self.genes(b)
-        same_shape = self.dropped(a) == self.dropped(b)
+        same_shape = self.layer_plan(a) == self.layer_plan(b)
         if same_shape and (genes_a is None or genes_b is None or rng.random() < self.compose):
             share = rng.uniform(0.3, 0.7)
             composed = {"op": "merge", "method": "linear", "seed": rng.randrange(2**31),
                         "inputs": [self._unedited(a), self._unedited(b)],
                         "params": {"weight": [round(share, 4), round(1 - share, 4)]}}
-            return self._edited(composed, self.dropped(a))
+            return self._edited(composed, self.layer_plan(a))
         if genes_a is None or genes_b is None:
             return self.mutate_genes(rng, a if genes_a is not None else b)
         if not genes_a["weights"] and not genes_b["weights"]:  # two bases: nothing to mix
@@ -187,22 +189,30 @@ class MergeSpace:
                  "sigma": round(rng.uniform(0.02, 0.1), 4),
                  "rate": round(rng.uniform(0.05, 0.3), 4),
                  "base": {"model": self.base}, "input": copy.deepcopy(self._unedited(recipe))}
-        return self._edited(noisy, self.dropped(recipe))  # edits stay outermost
+        return self._edited(noisy, self.layer_plan(recipe))  # edits stay outermost
 
     @staticmethod
     def _unedited(recipe: Recipe) -> Recipe:
         return recipe["input"] if recipe.get("op") == "edit" else recipe
 
-    @staticmethod
-    def _edited(recipe: Recipe, dropped: list[int]) -> Recipe:
-        return {"op": "edit", "drop_layers": dropped, "input": recipe} if dropped else recipe
+    def _edited(self, recipe: Recipe, layers: list[int]) -> Recipe:
+        if layers == list(range(self.layers)):
+            return recipe
+        return {"op": "edit", "layers": layers, "input": recipe}
 
     def edit(self, rng: random.Random, recipe: Recipe) -> Recipe:
-        dropped, inner = self.dropped(recipe), self._unedited(recipe)
-        left = [i for i in range(self.layers) if i not in dropped]
-        if dropped and (len(left) <= self.min_layers or rng.random() < 0.25):
-            restored = rng.choice(dropped)
-            return self._edited(inner, [d for d in dropped if d != restored])
+        layers, inner = self.layer_plan(recipe), self._unedited(recipe)
+        missing = [i for i in range(self.layers) if i not in layers]
+        moves = {"drop": 0.6 if len(layers) > self.min_layers else 0.0,
+                 "restore": 0.25 if missing else 0.0,
+                 "stack": 0.15 if len(layers) < self.layers * 3 // 2 else 0.0}
+        move = rng.choices(list(moves), weights=list(moves.values()))[0]
         middle = (self.layers - 1) / 2
-        victim = min(left, key=lambda i: (abs(i - middle), rng.random()))
-        return self._edited(inner, sorted([*dropped, victim]))
+        central = min(range(len(layers)), key=lambda p: (abs(layers[p] - middle), rng.random()))
+        if move == "drop":
+            layers.pop(central)
+        elif move == "restore":
+            bisect.insort(layers, rng.choice(missing))
+        else:
+            layers.insert(central + 1, layers[central])
+        return self._edited(inner, layers)

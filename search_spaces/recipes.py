@@ -7,7 +7,10 @@ parameters and seeds:
      "inputs": [{"model": "zoo/rev"}, {"model": "zoo/sort"}],
      "params": {"weight": [0.7, 0.4], "density": 0.35, "lambda": 1.1}}
     {"op": "mutate", "seed": 9137, "sigma": 0.01, "rate": 0.05, "input": {...}}
-    {"op": "edit", "drop_layers": [2], "input": {...}}     (fewer decoder layers: smaller)
+    {"op": "edit", "layers": [0, 1, 1, 3], "input": {...}}  (decoder layers, by input index)
+
+An edit is mergekit's passthrough slicing: the output's decoder layers, in order, as indices into
+the input's; leaving one out makes the model smaller, repeating one stacks it (depth up-scaling).
 
 `materialize` turns a recipe into a state dict, deterministically (the operators are seeded per
 tensor), so a recipe is all a run needs to store, resume or export an individual. The parents of
@@ -76,8 +79,7 @@ def materialize(recipe: Recipe, load: Callable[[str], Mapping[str, torch.Tensor]
                                  sigma=recipe["sigma"], rate=recipe["rate"],
                                  base=materialize(base, load, cache) if base else None)
     elif op == "edit":
-        state = drop_layers(materialize(recipe["input"], load, cache),
-                            recipe.get("drop_layers", []))
+        state = select_layers(materialize(recipe["input"], load, cache), recipe["layers"])
     else:
         raise RecipeError(f"unknown recipe op {op!r} in {recipe}; expected model, merge, mutate "
                           "or edit")
@@ -95,21 +97,25 @@ def layer_count(state: Mapping[str, torch.Tensor]) -> int:
     return max(found) + 1 if found else 0
 
 
-def drop_layers(state: Mapping[str, torch.Tensor], dropped: list[int]) -> StateDict:
-    """Remove decoder layers and renumber the rest (mergekit passthrough with those slices)."""
+def select_layers(state: Mapping[str, torch.Tensor], layers: list[int]) -> StateDict:
+    """The decoder layers `layers` (input indices, in output order; repeats allowed), renumbered
+    0..len-1; tensors outside the layer stack are kept (mergekit passthrough slices)."""
     total = layer_count(state)
-    if any(not 0 <= k < total for k in dropped) or len(set(dropped)) >= total:
-        raise RecipeError(f"drop_layers {dropped}: the model has layers 0..{total - 1} and must "
-                          "keep at least one")
-    kept = [i for i in range(total) if i not in set(dropped)]
-    renumber = {old: new for new, old in enumerate(kept)}
+    if not layers or any(not 0 <= k < total for k in layers):
+        raise RecipeError(f"edit layers {layers}: the input has layers 0..{total - 1}; list at "
+                          "least one of them")
+    by_layer: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
     out: StateDict = {}
     for name, tensor in state.items():
         match = LAYER.match(name)
         if match is None:
             out[name] = tensor
-        elif int(match.group(2)) in renumber:
-            out[f"{match.group(1)}{renumber[int(match.group(2))]}{match.group(3)}"] = tensor
+        else:
+            by_layer.setdefault(int(match.group(2)), []).append(
+                (match.group(1), match.group(3), tensor))
+    for new, old in enumerate(layers):
+        for prefix, suffix, tensor in by_layer[old]:
+            out[f"{prefix}{new}{suffix}"] = tensor
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from search_spaces.merge_space import MergeSpace
-from search_spaces.recipes import RecipeError, drop_layers, layer_count, materialize, sources_of
+from search_spaces.recipes import RecipeError, layer_count, materialize, select_layers, sources_of
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_operators_make_materializable_recipes(world):
         child = [space.crossover(rng, a, b), space.mutate_genes(rng, a),
                  space.mutate_weights(rng, a), space.edit(rng, a)][step % 4]
         state = materialize(child, states.__getitem__)
-        assert 1 <= layer_count(state) <= 4
+        assert 1 <= layer_count(state) <= 6  # edits may stack layers up to 1.5x
         assert all(torch.isfinite(t).all() for t in state.values())
         assert set(sources_of(child)) <= {"base", "add", "sort", "reverse"}
         population.append(child)
@@ -40,21 +40,33 @@ def test_operators_are_seeded(world):
     assert first == [space.random(random.Random(7)) for _ in range(3)]
 
 
-def test_edits_keep_a_layer_and_edit_outermost(world):
+def test_edits_drop_restore_and_stack_layers_within_bounds(world):
     space, _ = world
     rng = random.Random(1)
-    recipe = space.random(rng)
-    for _ in range(12):
+    recipe, depths = space.random(rng), set()
+    for _ in range(40):
         recipe = space.edit(rng, recipe)
-        assert len(space.dropped(recipe)) <= 3
+        plan = space.layer_plan(recipe)
+        assert space.min_layers <= len(plan) <= 6 and plan == sorted(plan)
+        depths.add(len(plan))
+    assert min(depths) < 4 < max(depths)  # both smaller and stacked (deeper) models
     noisy = space.mutate_weights(rng, space.edit(rng, space.random(rng)))
     assert noisy["op"] == "edit" and noisy["input"]["op"] == "mutate"
 
 
-def test_drop_layers_errors(world):
+def test_select_layers_drops_and_stacks(world):
     _, states = world
-    with pytest.raises(RecipeError, match="must keep at least one"):
-        drop_layers(states["base"], [0, 1, 2, 3])
+    base = states["base"]
+    stacked = select_layers(base, [0, 1, 1, 3])
+    assert layer_count(stacked) == 4
+    first = [n for n in base if "layers.1." in n]
+    assert all(torch.equal(stacked[n], base[n]) and
+               torch.equal(stacked[n.replace("layers.1.", "layers.2.")], base[n]) for n in first)
+    assert all(torch.equal(stacked[n], base[n]) for n in base if "layers.3." in n)
+    with pytest.raises(RecipeError, match=r"the input has layers 0\.\.3"):
+        select_layers(base, [0, 4])
+    with pytest.raises(RecipeError, match="list at least one"):
+        select_layers(base, [])
     with pytest.raises(RecipeError, match="unknown recipe op"):
         materialize({"op": "teleport"}, states.__getitem__)
 

@@ -134,6 +134,9 @@ def test_local_lm_scorer_answers_sizes_and_reports(tiny_models):
     assert scorer.size("m", recipe).params == sum(p.numel() for p in model.parameters())
     assert len(scorer.test_results("m", recipe)[0]) == 1
     assert scorer.latency("m", recipe, batch=4) > 0
-    smaller = {"op": "edit", "drop_layers": [1], "input": recipe}
+    smaller = {"op": "edit", "layers": [0, 2, 3], "input": recipe}
     assert scorer.size("s", smaller).params < scorer.size("m", recipe).params
     assert scorer.answers("s", smaller, torch.tensor([0, 1])).shape == (2,)
+    deeper = {"op": "edit", "layers": [0, 1, 1, 2, 3], "input": recipe}  # a stacked layer
+    assert scorer.size("d", deeper).params > scorer.size("m", recipe).params
+    assert scorer.answers("d", deeper, torch.tensor([0, 1])).shape == (2,)
