@@ -1,8 +1,9 @@
-"""The evolution loop (GA strategy): calibrate, then breed, score and select, generation by
-generation, persisting every finished step to the run store.
+"""The evolution loop: calibrate, then ask the strategy for children, score them, select
+survivors, generation by generation, persisting every finished step to the run store.
 
-The loop is deterministic given the config's seed: each generation draws from its own
-`random.Random(f"{seed}/gen/{g}")`, and the fitness is a pure function of the answers it has seen.
+The loop is deterministic given the config's seed: every strategy is seeded (the GA draws
+generation g from `random.Random(f"{seed}/gen/{g}")`), and the fitness is a pure function of the
+answers it has seen.
 Resuming therefore replays the loop from the start with the stored answers pre-loaded: finished
 evaluations are not recomputed, unfinished ones are, and the final front is the one an
 uninterrupted run gives.
@@ -20,15 +21,9 @@ import numpy as np
 import torch
 
 from evolve.config import ConfigError, RunConfig
-from evolve.selection import (
-    hypervolume,
-    minimization_matrix,
-    rank_and_crowding,
-    survivors,
-    tournament,
-)
+from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
-from evolve.strategies import MergeGeneStrategy
+from evolve.strategies import recipe_strategy
 from fitness.reduced_fitness import Budget, Candidate, FitnessResult, ReducedFitness
 from search_spaces.merge_space import MergeSpace
 from search_spaces.recipes import Recipe
@@ -99,13 +94,9 @@ class Evolution:
                              config.fitness.max_full_per_generation, config.fitness.selection,
                              config.fitness.estimator)
         self.sizes = config.generation_sizes()
-        self.genes = None if config.strategy == "ga" else MergeGeneStrategy(
-            config.strategy, setup.space.experts, setup.space.methods, setup.space.groups,
-            len(config.objectives), sum(self.sizes), config.seed,
-            primary=list(config.objectives).index("accuracy") if "accuracy" in
-            config.objectives else 0, population=config.population)
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
+        self.strategy = recipe_strategy(config, setup.space, self.recipes)
         self.timings = Timings()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -162,33 +153,9 @@ class Evolution:
 
     def breed(self, generation: int, population: list[str],
               size: int) -> list[tuple[Candidate, str]]:
-        rng = random.Random(f"{self.config.seed}/gen/{generation}")
-        if self.genes is not None:  # CMA-ES / optuna propose flat merges from their own model
-            return [(Candidate(f"g{generation}-{k}", self.setup.space.from_genes(
-                genes, rng.randrange(2**31)), tuple(self.setup.space.experts)),
-                self.config.strategy) for k, genes in enumerate(self.genes.ask(size))]
-        rank, crowding = rank_and_crowding(self._matrix(population))
-        operators = self.config.operators
-        children = []
-        for k in range(size):
-            first = population[tournament(rng, rank, crowding)]
-            roll = rng.random()
-            space = self.setup.space
-            if roll < operators.crossover.rate:
-                second = population[tournament(rng, rank, crowding)]
-                recipe = space.crossover(rng, self.recipes[first], self.recipes[second])
-                parents, operator = (first, second), "crossover"
-            elif roll < operators.crossover.rate + operators.edit.rate:
-                recipe, parents, operator = space.edit(rng, self.recipes[first]), (first,), "edit"
-            elif roll < (operators.crossover.rate + operators.edit.rate
-                         + operators.weight_noise.rate):
-                recipe = space.mutate_weights(rng, self.recipes[first])
-                parents, operator = (first,), "weight-noise"
-            else:
-                recipe = space.mutate_genes(rng, self.recipes[first])
-                parents, operator = (first,), "mutation"
-            children.append((Candidate(f"g{generation}-{k}", recipe, parents), operator))
-        return children
+        proposals = self.strategy.ask(generation, size, population, self._matrix(population))
+        return [(Candidate(f"g{generation}-{k}", p.recipe, p.parents), p.operator)
+                for k, p in enumerate(proposals)]
 
     def run(self) -> list[str]:
         started = time.perf_counter()
@@ -203,9 +170,8 @@ class Evolution:
                 self.progress("candidates this generation", done, total)))
             for (child, operator), result in zip(children, results, strict=True):
                 self._record(child, generation, operator, result)
-            if self.genes is not None:
-                self.genes.tell([self._matrix([c.id])[0] if r.ok else None
-                                 for (c, _), r in zip(children, results, strict=True)])
+            self.strategy.tell([self._matrix([c.id])[0] if r.ok else None
+                                for (c, _), r in zip(children, results, strict=True)])
             for identifier in population:  # exact results found since replace estimates
                 if identifier in self.fitness.exact:
                     self.results[identifier] = self.fitness.exact[identifier]
@@ -257,7 +223,7 @@ class Evolution:
                                           self.results[identifier].objectives,
                                           len(self.setup.task_of), None)
             self.store.add_report(identifier, "test", self._test_report(candidate))
-        front = self._front(front)
+        front = self._front(self._distinct(front))  # full results may now coincide
         self._save_generation(len(self.sizes) + 1, front)
         return front
 

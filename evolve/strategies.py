@@ -16,11 +16,18 @@ any space (a space gives `random`, `crossover` and `mutate`; optuna needs the ge
 from __future__ import annotations
 
 import random
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from evolve.selection import rank_and_crowding, survivors, tournament
+
+if TYPE_CHECKING:
+    from evolve.config import RunConfig
+    from search_spaces.merge_space import MergeSpace
+    from search_spaces.recipes import Recipe
 
 
 class Space(Protocol):
@@ -130,34 +137,92 @@ class OptunaStrategy:
             self.study.tell(trial, [float(v) for v in row])
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """A child a merge strategy asks to evaluate: its recipe, parents and the operator."""
+
+    recipe: Recipe
+    parents: tuple[str, ...]
+    operator: str
+
+
+class RecipeStrategy(Protocol):
+    """What `evolve.engine.Evolution` drives, whatever the strategy.
+
+    `ask` gets the current population (ids, with their objective rows to minimize) and returns
+    `size` proposals; `tell` gets one objective row per proposal, None for a failed candidate.
+    Survival (non-dominated sorting and crowding on stderr-aware rows) is the engine's, the same
+    for every strategy, so the front is comparable across them.
+    """
+
+    def ask(self, generation: int, size: int, population: list[str],
+            matrix: np.ndarray) -> list[Proposal]: ...
+
+    def tell(self, rows: list[np.ndarray | None]) -> None: ...
+
+
+class RecipeGeneticStrategy:
+    """The default: the GA over recipes. Binary tournaments on non-domination rank and crowding
+    pick parents; each child comes from one operator drawn by its rate: crossover (of two
+    parents), an architecture edit, weight noise, or else mutation of the merge genes.
+    Generation g draws from `random.Random(f"{seed}/gen/{g}")`, so a resumed run replays it.
+    """
+
+    def __init__(self, space: MergeSpace, recipes: Mapping[str, Recipe], crossover: float,
+                 edit: float, weight_noise: float, seed: int = 0):
+        self.space, self.recipes, self.seed = space, recipes, seed
+        self.rates = {"crossover": crossover, "edit": edit, "weight-noise": weight_noise}
+
+    def _child(self, rng: random.Random, pick) -> Proposal:
+        first, roll = pick(), rng.random()
+        recipe = self.recipes[first]
+        if roll < self.rates["crossover"]:
+            second = pick()
+            return Proposal(self.space.crossover(rng, recipe, self.recipes[second]),
+                            (first, second), "crossover")
+        roll -= self.rates["crossover"]
+        if roll < self.rates["edit"]:
+            return Proposal(self.space.edit(rng, recipe), (first,), "edit")
+        if roll < self.rates["edit"] + self.rates["weight-noise"]:
+            return Proposal(self.space.mutate_weights(rng, recipe), (first,), "weight-noise")
+        return Proposal(self.space.mutate_genes(rng, recipe), (first,), "mutation")
+
+    def ask(self, generation: int, size: int, population: list[str],
+            matrix: np.ndarray) -> list[Proposal]:
+        rng = random.Random(f"{self.seed}/gen/{generation}")
+        rank, crowding = rank_and_crowding(matrix)
+        return [self._child(rng, lambda: population[tournament(rng, rank, crowding)])
+                for _ in range(size)]
+
+    def tell(self, rows: list[np.ndarray | None]) -> None:
+        """Nothing to learn: the GA's memory is the population the engine keeps."""
+
+
 class MergeGeneStrategy:
     """CMA-ES (nevergrad) or optuna's TPE / NSGA-II samplers over a flat merge's genes.
 
     The genes are those of `MergeSpace`: a method (categorical), per expert and layer group a
-    weight in [0, 1.5] and a density in [0.05, 1], and λ in [0.2, 1.5]. `ask(n)` returns gene
-    dicts for `MergeSpace.from_genes`; `tell(rows)` takes one objective row (to minimize) per
-    asked dict, None for a candidate that failed. optuna's samplers are multi-objective and see
-    the whole row; CMA-ES minimizes one number, the row's `primary` column (the accuracy). All
-    are seeded, so a run replays exactly on resume.
+    weight in [0, 1.5] and a density in [0.05, 1], and λ in [0.2, 1.5]. They propose flat merges
+    from their own model of the search, not from the population. optuna's samplers are
+    multi-objective and see the whole row; CMA-ES minimizes one number, the row's `primary`
+    column (the accuracy). All are seeded, so a run replays exactly on resume.
     """
 
     KINDS = ("cmaes", "tpe", "nsga2")
 
-    def __init__(self, kind: str, experts: tuple[str, ...], methods: tuple[str, ...],
-                 groups: int, objectives: int, budget: int, seed: int = 0, primary: int = 0,
-                 population: int = 16):
+    def __init__(self, kind: str, space: MergeSpace, objectives: int, budget: int,
+                 seed: int = 0, primary: int = 0, population: int = 16):
         if kind not in self.KINDS:
             raise ValueError(f"unknown gene strategy {kind!r}; use one of {list(self.KINDS)}")
-        self.kind, self.experts, self.methods, self.primary = kind, experts, methods, primary
-        self.bounds = ({f"w{e}.{g}": (0.0, 1.5) for e in range(len(experts))
-                        for g in range(groups)}
-                       | {f"d{e}.{g}": (0.05, 1.0) for e in range(len(experts))
+        self.kind, self.space, self.primary, self.seed = kind, space, primary, seed
+        experts, groups = len(space.experts), space.groups
+        self.bounds = ({f"w{e}.{g}": (0.0, 1.5) for e in range(experts) for g in range(groups)}
+                       | {f"d{e}.{g}": (0.05, 1.0) for e in range(experts)
                           for g in range(groups)} | {"lambda": (0.2, 1.5)})
-        self.groups = groups
         if kind == "cmaes":
             import nevergrad as ng
 
-            parametrization = ng.p.Dict(method=ng.p.Choice(list(methods)),
+            parametrization = ng.p.Dict(method=ng.p.Choice(list(space.methods)),
                                         unit=ng.p.Array(shape=(len(self.bounds),), lower=0.0,
                                                         upper=1.0))
             parametrization.random_state = np.random.RandomState(seed)
@@ -175,24 +240,32 @@ class MergeGeneStrategy:
 
     def _genes(self, method: str, values: dict[str, float]) -> dict:
         def anchors(prefix: str, expert: int) -> list[float]:
-            return [values[f"{prefix}{expert}.{g}"] for g in range(self.groups)]
+            return [values[f"{prefix}{expert}.{g}"] for g in range(self.space.groups)]
+        experts = self.space.experts
         return {"method": method,
-                "weights": {e: anchors("w", i) for i, e in enumerate(self.experts)},
-                "densities": {e: anchors("d", i) for i, e in enumerate(self.experts)},
+                "weights": {e: anchors("w", i) for i, e in enumerate(experts)},
+                "densities": {e: anchors("d", i) for i, e in enumerate(experts)},
                 "lambda": values["lambda"]}
 
-    def ask(self, n: int) -> list[dict]:
+    def _ask_genes(self, size: int) -> list[dict]:
         if self.kind == "cmaes":
-            self._pending = [self.optimizer.ask() for _ in range(n)]
+            self._pending = [self.optimizer.ask() for _ in range(size)]
             return [self._genes(c.value["method"], {
                 name: low + float(u) * (high - low)
                 for (name, (low, high)), u in zip(self.bounds.items(), c.value["unit"],
                                                   strict=True)}) for c in self._pending]
-        self._pending = [self.study.ask() for _ in range(n)]
-        return [self._genes(t.suggest_categorical("method", list(self.methods)),
+        self._pending = [self.study.ask() for _ in range(size)]
+        return [self._genes(t.suggest_categorical("method", list(self.space.methods)),
                             {name: t.suggest_float(name, low, high)
                              for name, (low, high) in self.bounds.items()})
                 for t in self._pending]
+
+    def ask(self, generation: int, size: int, population: list[str],
+            matrix: np.ndarray) -> list[Proposal]:
+        rng = random.Random(f"{self.seed}/gen/{generation}")  # the merges' own seeds
+        return [Proposal(self.space.from_genes(genes, rng.randrange(2**31)),
+                         tuple(self.space.experts), self.kind)
+                for genes in self._ask_genes(size)]
 
     def tell(self, rows: list[np.ndarray | None]) -> None:
         for pending, row in zip(self._pending, rows, strict=True):
@@ -204,3 +277,18 @@ class MergeGeneStrategy:
                 self.study.tell(pending, state=optuna.trial.TrialState.FAIL)
             else:
                 self.study.tell(pending, [float(v) for v in row])
+
+
+def recipe_strategy(config: RunConfig, space: MergeSpace,
+                    recipes: Mapping[str, Recipe]) -> RecipeStrategy:
+    """The strategy a run config names (`strategy:`), over the run's merge space."""
+    if config.strategy == "ga":
+        operators = config.operators
+        return RecipeGeneticStrategy(space, recipes, operators.crossover.rate,
+                                     operators.edit.rate, operators.weight_noise.rate,
+                                     config.seed)
+    objectives = list(config.objectives)
+    return MergeGeneStrategy(config.strategy, space, len(objectives),
+                             sum(config.generation_sizes()), config.seed,
+                             objectives.index("accuracy") if "accuracy" in objectives else 0,
+                             config.population)
