@@ -26,7 +26,8 @@ from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_ac
 from fitness.irt import fit_irt
 from fitness.reduced_sets import select_items
 from operators.cache import cache_dir
-from search_spaces.recipes import Recipe, random_merge_recipe, sources_of
+from search_spaces.merge_space import MergeSpace
+from search_spaces.recipes import Recipe, sources_of
 from search_spaces.zoo_landscape import default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
@@ -48,11 +49,15 @@ def zoo_populations(calibration: int, held_out: int, seed: int = 0
     base, experts = "zoo/base", [f"zoo/{s}" for s in DEFAULT_RECIPE.skills]
     fixed: list[Recipe] = [{"model": name} for name in (base, *experts)]
     fixed += default_merge_recipes(base, experts)
+    space = MergeSpace(base, tuple(experts), DEFAULT_RECIPE.layers)
+
+    def draw(rng: random.Random) -> Recipe:  # a point of the run's search space, 30 % mutants
+        recipe = space.random(rng)
+        return space.mutate_weights(rng, recipe) if rng.random() < 0.3 else recipe
     rng = random.Random(f"calibration/{seed}")
-    calibration_set = fixed + [random_merge_recipe(rng, base, experts)
-                               for _ in range(max(calibration - len(fixed), 0))]
+    calibration_set = fixed + [draw(rng) for _ in range(max(calibration - len(fixed), 0))]
     rng = random.Random(f"held-out/{seed}")
-    return calibration_set, [random_merge_recipe(rng, base, experts) for _ in range(held_out)]
+    return calibration_set, [draw(rng) for _ in range(held_out)]
 
 
 def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,

@@ -20,7 +20,6 @@ a recipe, for lineage and for mp-IRT, are the source models its tree reaches.
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -32,7 +31,6 @@ import operators
 
 Recipe = dict[str, Any]
 StateDict = dict[str, torch.Tensor]
-MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties", "pcb")
 
 
 class RecipeError(ValueError):
@@ -129,22 +127,3 @@ def sources_of(recipe: Recipe) -> list[str]:
             if name not in found:
                 found.append(name)
     return found
-
-
-def random_merge_recipe(rng: random.Random, base: str, experts: list[str],
-                        mutation_rate: float = 0.3) -> Recipe:
-    """A random merge of a random subset of `experts` (≥ 2), sometimes mutated."""
-    chosen = sorted(rng.sample(experts, rng.randint(2, len(experts))), key=experts.index)
-    method = rng.choice(MERGE_METHODS)
-    params: dict[str, Any] = {"weight": [round(rng.uniform(0.2, 1.2), 3) for _ in chosen],
-                              "lambda": round(rng.uniform(0.3, 1.0), 3)}
-    if method != "task_arithmetic":
-        params["density"] = round(rng.uniform(0.2, 0.9), 3)
-    recipe: Recipe = {"op": "merge", "method": method, "seed": rng.randrange(2**31),
-                      "base": {"model": base}, "inputs": [{"model": m} for m in chosen],
-                      "params": params}
-    if rng.random() < mutation_rate:
-        recipe = {"op": "mutate", "seed": rng.randrange(2**31),
-                  "sigma": round(rng.uniform(0.02, 0.2), 3), "rate": round(rng.uniform(0.05, 0.5), 3),
-                  "base": {"model": base}, "input": recipe}
-    return recipe
