@@ -56,8 +56,8 @@ class Fitness(_Strict):
     items_per_task: int = Field(20, ge=1)
     promote_items_per_task: int = Field(100, ge=1)
     max_full_per_generation: int = Field(3, ge=0)
-    selection: Literal[SELECTIONS] = "anchor"  # type: ignore[valid-type]
-    estimator: Literal[ESTIMATORS] = "gmpirt"  # type: ignore[valid-type]
+    selection: Literal[SELECTIONS] = "random"  # type: ignore[valid-type]
+    estimator: Literal[ESTIMATORS] = "gpirt"  # type: ignore[valid-type]
     dims: int = Field(0, ge=0, description="IRT dimensions; 0 = one per task")
 
 

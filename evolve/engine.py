@@ -190,11 +190,13 @@ class Evolution:
         return front
 
     def _distinct(self, pool: list[str]) -> list[str]:
-        """Pool members with distinct objective values (NSGA-II's duplicate elimination):
-        copies of one model would otherwise all sit on the front and stall selection."""
+        """Pool members with distinct values of the selection objectives (NSGA-II's duplicate
+        elimination): copies of one model would otherwise all sit on the front and stall
+        selection; the first one found stays."""
         seen, kept = set(), []
         for identifier in pool:
-            key = tuple(round(v[0], 9) for v in self.results[identifier].objectives.values())
+            values = self.results[identifier].objectives
+            key = tuple(round(values[name][0], 9) for name in self.config.objectives)
             if key not in seen:
                 seen.add(key)
                 kept.append(identifier)

@@ -178,6 +178,10 @@ class RecipeGeneticStrategy:
         recipe = self.recipes[first]
         if roll < self.rates["crossover"]:
             second = pick()
+            for _ in range(3):  # a parent crossed with itself gives itself back
+                if second != first:
+                    break
+                second = pick()
             return Proposal(self.space.crossover(rng, recipe, self.recipes[second]),
                             (first, second), "crossover")
         roll -= self.rates["crossover"]

@@ -50,7 +50,7 @@ def test_missing_config_file(tmp_path):
 
 def test_the_real_checkpoint_example_is_valid():
     config = load_config(EXAMPLES / "hf-checkpoints.yaml")
-    assert config.device == "cuda" and config.fitness.estimator == "gmpirt"
+    assert config.device == "cuda" and config.fitness.estimator == "gpirt"
 
 
 def test_an_evaluation_budget_sets_the_generations(tmp_path):
