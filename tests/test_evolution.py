@@ -100,7 +100,8 @@ def _evoforge(*args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_kill_and_resume_gives_the_same_front(config_path, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_kill_and_resume_gives_the_same_front(config_path, tmp_path, stop):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _evoforge("run", str(config_path), "--run-dir", str(straight)).wait(300) == 0
     process = _evoforge("run", str(config_path), "--run-dir", str(killed))
@@ -113,11 +114,14 @@ def test_kill_and_resume_gives_the_same_front(config_path, tmp_path):
         except sqlite3.Error:
             pass
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    assert process.wait(60) == (130 if stop == signal.SIGINT else -signal.SIGKILL)
     status = sqlite3.connect(killed / "run.db").execute(
         "SELECT value FROM meta WHERE key = 'status'").fetchone()[0]
     assert json.loads(status) == "running"  # killed mid-run, not after it finished
+    if stop == signal.SIGINT:  # Ctrl-C: a clean stop, recorded as such
+        assert sqlite3.connect(killed / "run.db").execute(
+            "SELECT COUNT(*) FROM events WHERE kind = 'interrupted'").fetchone()[0] == 1
     assert _evoforge("resume", str(killed)).wait(300) == 0
     assert _front(killed) == _front(straight)
     db = sqlite3.connect(killed / "run.db")
