@@ -130,14 +130,19 @@ def _newton_rows(design: torch.Tensor, params: torch.Tensor, y: torch.Tensor,
     return params + step.clamp(-2.0, 2.0), precision
 
 
-def fit_irt(responses: torch.Tensor, dims: int = 1, max_rounds: int = 200,
+def fit_irt(responses: torch.Tensor, dims: int = 1, max_rounds: int = 60,
             tolerance: float = 1e-6) -> IRTModel:
     """MAP fit of a (multidimensional) 2PL model to a models × items 0/1/NaN matrix.
 
     Runs on the matrix's device (CPU or GPU); the fitted parameters come back on the CPU.
 
     Alternating Newton: all abilities given the items, then all items given the abilities, each
-    a batch of small ridge-logistic Newton steps; a few dozen rounds converge.
+    a batch of small ridge-logistic Newton steps. One-dimensional fits converge in a few dozen
+    rounds. With several dimensions and few models per item parameter the posterior is nearly
+    flat along some directions, and the steps crawl along them without meeting the tolerance;
+    `max_rounds` then acts as early stopping. 60 rounds gave the same fitness-check accuracy as
+    200 for random / gpirt at 20× (MAE 1.16 vs 1.15 points, Spearman 0.854 vs 0.855) in a third
+    of the time.
     """
     if dims < 1:
         raise IRTError(f"dims must be >= 1, got {dims}")
