@@ -1,15 +1,23 @@
-"""Search strategies behind one ask/tell interface.
+"""Search strategies, ask/tell: they propose, a driver evaluates, they hear the objectives.
 
-`ask()` returns genomes to evaluate; `tell(genomes, objectives)` gives their objective rows (to
-minimize). Strategies never evaluate anything themselves, so the same driver runs any of them on
-any space (a space gives `random`, `crossover` and `mutate`; optuna needs the gene ranges).
+Strategies never evaluate anything themselves. Two drivers use them:
 
-- `GeneticStrategy` (default): NSGA-II-style. Binary tournaments on rank and crowding pick parents;
-  children come from crossover then mutation; parents and children compete for survival by
-  non-dominated sorting and crowding (pymoo). It never re-asks a genome equivalent to one already
-  evaluated: a space may define `canonical(genome)` (e.g. isomorphic architectures share one), so
-  every evaluation of the budget is spent on something new.
-- `RandomStrategy`: uniform samples, the baseline every search must beat.
+**Runs** (`evolve.engine.Evolution`, `evoforge run`) drive a `RecipeStrategy` over the merge
+space: `ask(generation, size, population, matrix)` gives proposals (recipe, parents, operator),
+`tell(rows)` their objective rows. `strategy:` in the run config picks one:
+- `RecipeGeneticStrategy` (`ga`, default): tournaments on rank and crowding, then crossover, an
+  architecture edit, weight noise or gene mutation; survival is the engine's NSGA-II selection;
+- `MergeGeneStrategy` (`cmaes`, `tpe`, `nsga2`): nevergrad's CMA-ES or optuna's samplers over a
+  flat merge's genes.
+
+**Benchmarks with a known answer** (`benchmarks/nas_search_quality.py`) drive genome strategies,
+`ask()` → genomes, `tell(genomes, objectives)`, on any space that gives `random`, `crossover`
+and `mutate`:
+- `GeneticStrategy`: the same tournaments and NSGA-II survival (pymoo) as a run. It never re-asks
+  a genome equivalent to one already evaluated: a space may define `canonical(genome)` (e.g.
+  isomorphic architectures share one), so every evaluation of the budget is spent on something
+  new;
+- `RandomStrategy`: uniform samples, the baseline every search must beat;
 - `OptunaStrategy`: optuna's multi-objective samplers (NSGA-II, TPE) through its ask/tell API.
 """
 
