@@ -128,7 +128,7 @@ def main() -> None:
                                     args.repeats)
         ours_time[method] = t_ours
         t_mk = m_mk = None
-        same = "n/a (mergekit has no pcb)"
+        same = "n/a (mergekit has no pcb)" if method == "pcb" else "not compared (--skip-mergekit)"
         if merge_state_dicts is not None and method != "pcb" and not args.skip_mergekit:
             ref, t_mk, m_mk = timed(lambda m=method, p=params: run_mergekit(m, base, models, p))
             if method == "dare_ties":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from operators.cache import cache_dir
@@ -92,6 +94,13 @@ def library() -> ctypes.CDLL | None:
                                i32]
     lib.pcb_mix.argtypes = [pointer, pointer, i32, i64, floats, floats, pointer, floats, floats,
                             floats, ctypes.c_float, pointer, i32]
+    lib.pcb_mix_recomputed.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats,
+                                       floats, floats, floats, ctypes.c_float, pointer, i32]
+    lib.pcb_thresholds.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats,
+                                   pointer, floats, floats, i64, floats, floats, i32]
+    lib.pcb_thresholds.restype = i32
+    lib.magnitude_extremes.argtypes = [pointer, pointer, i32, i64, i64, i64, floats, floats, i32]
+    lib.magnitude_extremes.restype = i32
     return lib
 
 
@@ -169,4 +178,79 @@ def pcb_mix(base: torch.Tensor, models: Sequence[torch.Tensor],
                       _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]),
                       _pointers(list(scores)), _floats(thresholds), _floats(spans),
                       _floats(weights), lam, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def magnitude_extremes(base: torch.Tensor, models: Sequence[torch.Tensor], count_low: int,
+                       count_high: int) -> list[tuple[float, float]] | None:
+    """Per model, the `count_low`-th smallest and `count_high`-th largest |model - base|, in
+    one pass over all models (bounded heaps); None if the counts are too large for heaps."""
+    if max(count_low, count_high) > EXTREME_COUNT:
+        return None
+    n = len(models)
+    low, high = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+    status = library().magnitude_extremes(base.data_ptr(), _pointers(models), n, base.numel(),
+                                          count_low, count_high, low, high,
+                                          torch.get_num_threads())
+    return list(zip(low, high, strict=True)) if status == 0 else None
+
+
+EXTREME_COUNT = 1 << 16
+
+
+def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
+                   bounds: Sequence[tuple[float, float]], low2: Sequence[float],
+                   factors: Sequence[float], ranks: Sequence[int]
+                   ) -> tuple[list[float], list[float]] | None:
+    """Each model's PCB drop threshold (score at ascending rank `ranks[i]`) and largest score,
+    without storing the scores; None when the sample brackets miss (store them, then)."""
+    n, numel = len(models), base.numel()
+    if numel < 8 * SAMPLE:
+        return None
+    stride = numel // SAMPLE
+    sample_base = base[::stride].contiguous()
+    sample = torch.empty(n, len(sample_base))
+    pcb_scores(sample_base, [m[::stride].contiguous() for m in models], bounds, low2, factors,
+               sample)
+    size = sample.shape[1]
+    low, high, widest = [], [], 0
+    for row, rank in zip(sample.numpy(), ranks, strict=True):
+        first, last = _bracket(rank / numel, size)
+        inside = [k for k in (first, last) if 0 <= k < size]
+        ordered = np.partition(row, inside) if inside else row  # O(size), not a sort
+        low.append(-math.inf if first < 0 else float(ordered[first]))
+        high.append(math.inf if last >= size else float(ordered[last]))
+        widest = max(widest, min(last, size - 1) - max(first, 0) + 1)
+    thresholds, maxima = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+    status = library().pcb_thresholds(
+        base.data_ptr(), _pointers(models), n, numel, _floats([b[0] for b in bounds]),
+        _floats([b[1] for b in bounds]), _floats(low2), _floats(factors),
+        (ctypes.c_int64 * n)(*ranks), _floats(low), _floats(high), 2 * widest * stride + 4096,
+        thresholds, maxima, torch.get_num_threads())
+    return (list(thresholds), list(maxima)) if status == 0 else None
+
+
+SAMPLE = 1 << 14
+
+
+def _bracket(quantile: float, size: int) -> tuple[int, int]:
+    """Sample positions around `quantile` that hold the population's value at that quantile with
+    high probability: ±4 binomial standard deviations, plus a margin."""
+    spread = int(4 * math.sqrt(size * quantile * (1 - quantile))) + 8
+    centre = int(quantile * size)
+    return centre - spread, centre + spread
+
+
+def pcb_mix_recomputed(base: torch.Tensor, models: Sequence[torch.Tensor],
+                       bounds: Sequence[tuple[float, float]], low2: Sequence[float],
+                       factors: Sequence[float], thresholds: Sequence[float],
+                       spans: Sequence[float], weights: Sequence[float], lam: float
+                       ) -> torch.Tensor:
+    """`pcb_mix` with the scores recomputed block by block instead of read from memory."""
+    out = torch.empty_like(base)
+    library().pcb_mix_recomputed(
+        base.data_ptr(), _pointers(models), len(models), base.numel(),
+        _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]), _floats(low2),
+        _floats(factors), _floats(thresholds), _floats(spans), _floats(weights), lam,
+        out.data_ptr(), torch.get_num_threads())
     return out

@@ -6,6 +6,7 @@
  * L1-sized blocks instead of one pass per torch op.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,33 @@ static inline float key_value(uint32_t k) {
     float x;
     memcpy(&x, &u, 4);
     return x;
+}
+
+/* k-th smallest of keys[0..n) (rearranges them): iterative quickselect, median-of-three. */
+static uint32_t nth_key(uint32_t *keys, int64_t n, int64_t k) {
+    int64_t left = 0, right = n - 1;
+    while (right > left) {
+        const int64_t middle = left + (right - left) / 2;
+        const uint32_t a = keys[left], b = keys[middle], c = keys[right];
+        const uint32_t pivot =
+            a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t i = left, j = right;
+        while (i <= j) {
+            while (keys[i] < pivot) ++i;
+            while (keys[j] > pivot) --j;
+            if (i <= j) {
+                const uint32_t t = keys[i];
+                keys[i] = keys[j];
+                keys[j] = t;
+                ++i;
+                --j;
+            }
+        }
+        if (k <= j) right = j;
+        else if (k >= i) left = i;
+        else return keys[k];
+    }
+    return keys[k];
 }
 
 /* value j of the stream: |a[j] - b[j]| when b is given, else a[j] */
@@ -304,8 +332,35 @@ static inline float tanh_ieee(float x) {
     return absolute < 0.4f ? small : large;
 }
 
-/* PCB scores, tanh inter-balancing: exp(factor_i (tau_i^2 - low2_i)) * tanh(tau_i * sum_k tau_k),
- * tau clipped to [low_i, high_i] in magnitude; the same steps as operators/pcb.py. */
+/* PCB's clipped task vectors of one block and their sum over models (operators/pcb.py). */
+static inline void pcb_clipped_block(const float *base, const float *const *models, int n,
+                                     int64_t block, int64_t size, const float *low,
+                                     const float *high, float tau[][BLOCK], float *total) {
+    const float *b = base + block;
+    for (int64_t j = 0; j < size; ++j) total[j] = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        const float *m = models[i] + block;
+        const float lo = low[i], hi = high[i];
+        for (int64_t j = 0; j < size; ++j) {
+            const float delta = m[j] - b[j];
+            const float absolute = fabsf(delta);
+            const float raised = absolute < lo ? lo : absolute;
+            const float magnitude = raised > hi ? hi : raised;
+            tau[i][j] = delta > 0.0f ? magnitude : (delta < 0.0f ? -magnitude : 0.0f);
+            total[j] = total[j] + tau[i][j];
+        }
+    }
+}
+
+/* One model's scores in one block: exp(factor (tau^2 - low2)) * tanh(tau * sum_k tau_k). */
+static inline void pcb_score_row(const float *tau, const float *total, int64_t size, float l2,
+                                 float f, float *out) {
+    for (int64_t j = 0; j < size; ++j)
+        out[j] = exp_ieee((tau[j] * tau[j] - l2) * f) * tanh_ieee(tau[j] * total[j]);
+}
+
+/* PCB scores, tanh inter-balancing, tau clipped to [low_i, high_i] in magnitude; the same steps
+ * as operators/pcb.py. */
 void pcb_scores(const float *base, const float *const *models, int n, int64_t numel,
                 const float *low, const float *high, const float *low2, const float *factor,
                 float *const *scores, int threads) {
@@ -313,70 +368,270 @@ void pcb_scores(const float *base, const float *const *models, int n, int64_t nu
     for (int64_t block = 0; block < numel; block += BLOCK) {
         float tau[MAX_MODELS][BLOCK], total[BLOCK];
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-        const float *b = base + block;
-        for (int64_t j = 0; j < size; ++j) total[j] = 0.0f;
-        for (int i = 0; i < n; ++i) {
-            const float *m = models[i] + block;
-            const float lo = low[i], hi = high[i];
-            for (int64_t j = 0; j < size; ++j) {
-                const float delta = m[j] - b[j];
-                const float absolute = fabsf(delta);
-                const float raised = absolute < lo ? lo : absolute;
-                const float magnitude = raised > hi ? hi : raised;
-                tau[i][j] = delta > 0.0f ? magnitude : (delta < 0.0f ? -magnitude : 0.0f);
-                total[j] = total[j] + tau[i][j];
-            }
-        }
-        for (int i = 0; i < n; ++i) {
-            float *out = scores[i] + block;
-            const float l2 = low2[i], f = factor[i];
-            for (int64_t j = 0; j < size; ++j)
-                out[j] = exp_ieee((tau[i][j] * tau[i][j] - l2) * f) *
-                         tanh_ieee(tau[i][j] * total[j]);
-        }
+        pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
+        for (int i = 0; i < n; ++i)
+            pcb_score_row(tau[i], total, size, low2[i], factor[i], scores[i] + block);
     }
 }
 
-/* ---- PCB's final mix (operators/pcb.py); the scores come from torch ---- */
+/* Every model's drop threshold (the score at ascending rank `ranks[i]`) and largest score,
+ * without storing the scores: one pass computes them block by block, counts each model's
+ * scores below its bracket [lo_i, hi_i] (from a sample) and collects those inside, then a
+ * quickselect among the collected. Returns 1 if a bracket missed its rank or a buffer filled:
+ * the caller then stores the scores and selects by radix. */
+int pcb_thresholds(const float *base, const float *const *models, int n, int64_t numel,
+                   const float *low, const float *high, const float *low2, const float *factor,
+                   const int64_t *ranks, const float *lo, const float *hi, int64_t capacity,
+                   float *thresholds, float *maxima, int threads) {
+    if (n > MAX_MODELS || numel <= 0 || capacity <= 0) return -1;
+    uint32_t lo_key[MAX_MODELS], width[MAX_MODELS];
+    uint32_t *found[MAX_MODELS] = {0};
+    int64_t found_n[MAX_MODELS] = {0}, below[MAX_MODELS] = {0};
+    int failed = 0;
+    for (int i = 0; i < n; ++i) {
+        lo_key[i] = sortable_key(lo[i]);
+        width[i] = sortable_key(hi[i]) - lo_key[i];
+        maxima[i] = -INFINITY;
+        found[i] = malloc(sizeof(uint32_t) * capacity * threads);
+        if (!found[i]) failed = 1;
+    }
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        {
+            uint32_t *local[MAX_MODELS] = {0}, top[MAX_MODELS];
+            int64_t count[MAX_MODELS] = {0}, under[MAX_MODELS] = {0};
+            int full = 0;
+            for (int i = 0; i < n; ++i) {
+                top[i] = 0; /* the smallest key: largest scores compare as keys */
+                local[i] = malloc(sizeof(uint32_t) * capacity);
+                if (!local[i]) full = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t block = 0; block < numel; block += BLOCK) {
+                if (full) continue;
+                float tau[MAX_MODELS][BLOCK], total[BLOCK], score[BLOCK];
+                const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+                pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
+                for (int i = 0; i < n; ++i) {
+                    pcb_score_row(tau[i], total, size, low2[i], factor[i], score);
+                    /* two loops: the first vectorizes (max, count below, how many inside),
+                     * the second only runs when the block has entries inside the bracket */
+                    uint32_t keys[BLOCK], best = top[i];
+                    int32_t less = 0, inside = 0;
+                    const uint32_t from = lo_key[i], span = width[i];
+                    for (int64_t j = 0; j < size; ++j) { /* integer ops only: vectorizes */
+                        keys[j] = sortable_key(score[j]);
+                        best = keys[j] > best ? keys[j] : best;
+                        less += keys[j] < from;
+                        inside += keys[j] - from <= span; /* lo <= key <= hi, unsigned */
+                    }
+                    top[i] = best;
+                    under[i] += less;
+                    if (!inside) continue;
+                    if (count[i] + inside >= capacity) { /* the compaction writes one past */
+                        full = 1;
+                        continue;
+                    }
+                    uint32_t *into = local[i] + count[i];
+                    int64_t put = 0;
+                    for (int64_t j = 0; j < size; ++j) { /* branchless compaction */
+                        into[put] = keys[j];
+                        put += keys[j] - from <= span;
+                    }
+                    count[i] += put;
+                }
+            }
+#pragma omp critical
+            {
+                failed |= full;
+                for (int i = 0; i < n && !full; ++i) {
+                    memcpy(found[i] + found_n[i], local[i], sizeof(uint32_t) * count[i]);
+                    found_n[i] += count[i];
+                    below[i] += under[i];
+                    const float largest = key_value(top[i]);
+                    maxima[i] = largest > maxima[i] ? largest : maxima[i];
+                }
+            }
+            for (int i = 0; i < n; ++i) free(local[i]);
+        }
+    }
+    for (int i = 0; i < n && !failed; ++i) {
+        const int64_t target = ranks[i] - below[i];
+        if (target < 0 || target >= found_n[i]) failed = 1;
+        else thresholds[i] = key_value(nth_key(found[i], found_n[i], target));
+    }
+    for (int i = 0; i < n; ++i) free(found[i]);
+    return failed ? 1 : 0;
+}
+
+/* The [count_low - 1]-th smallest and the [count_high]-th largest |model_i - base| of every
+ * model, in one pass over all of them: bounded heaps per thread keep the count_low smallest
+ * and count_high largest keys (PCB's clip quantiles are extreme: the heaps stay small). */
+static void heap_sift_down(uint32_t *heap, int64_t size, int64_t at, int max_heap) {
+    for (;;) {
+        int64_t child = 2 * at + 1;
+        if (child >= size) return;
+        if (child + 1 < size && (max_heap ? heap[child + 1] > heap[child]
+                                          : heap[child + 1] < heap[child])) ++child;
+        if (max_heap ? heap[child] <= heap[at] : heap[child] >= heap[at]) return;
+        const uint32_t t = heap[at];
+        heap[at] = heap[child];
+        heap[child] = t;
+        at = child;
+    }
+}
+
+static void heap_offer(uint32_t *heap, int64_t *size, int64_t cap, uint32_t key, int max_heap) {
+    if (*size < cap) { /* sift up */
+        int64_t at = (*size)++;
+        heap[at] = key;
+        while (at > 0) {
+            const int64_t parent = (at - 1) / 2;
+            if (max_heap ? heap[parent] >= heap[at] : heap[parent] <= heap[at]) break;
+            const uint32_t t = heap[at];
+            heap[at] = heap[parent];
+            heap[parent] = t;
+            at = parent;
+        }
+    } else if (max_heap ? key < heap[0] : key > heap[0]) {
+        heap[0] = key;
+        heap_sift_down(heap, *size, 0, max_heap);
+    }
+}
+
+int magnitude_extremes(const float *base, const float *const *models, int n, int64_t numel,
+                       int64_t count_low, int64_t count_high, float *low, float *high,
+                       int threads) {
+    if (n > MAX_MODELS || numel <= 0 || count_low < 1 || count_high < 1 ||
+        count_low > numel || count_high > numel)
+        return -1;
+    uint32_t *small_all = malloc(sizeof(uint32_t) * count_low * threads * n);
+    uint32_t *large_all = malloc(sizeof(uint32_t) * count_high * threads * n);
+    int64_t *small_n = calloc((size_t)threads * n, sizeof(int64_t));
+    int64_t *large_n = calloc((size_t)threads * n, sizeof(int64_t));
+    int status = 0;
+    if (!small_all || !large_all || !small_n || !large_n) status = -2;
+    if (!status) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num();
+            for (int i = 0; i < n; ++i) {
+                uint32_t *smalls = small_all + ((int64_t)t * n + i) * count_low;
+                uint32_t *larges = large_all + ((int64_t)t * n + i) * count_high;
+                int64_t *ns = small_n + (int64_t)t * n + i, *nl = large_n + (int64_t)t * n + i;
+                const float *m = models[i];
+#pragma omp for schedule(static)
+                for (int64_t j = 0; j < numel; ++j) {
+                    const uint32_t key = sortable_key(fabsf(m[j] - base[j]));
+                    if (*ns < count_low || key < smalls[0])
+                        heap_offer(smalls, ns, count_low, key, 1);
+                    if (*nl < count_high || key > larges[0])
+                        heap_offer(larges, nl, count_high, key, 0);
+                }
+            }
+        }
+        for (int i = 0; i < n; ++i) { /* pool the threads' heaps, then select exactly */
+            int64_t pooled_small = 0, pooled_large = 0;
+            uint32_t *smalls = malloc(sizeof(uint32_t) * count_low * threads);
+            uint32_t *larges = malloc(sizeof(uint32_t) * count_high * threads);
+            if (!smalls || !larges) status = -2;
+            for (int t = 0; t < threads && !status; ++t) {
+                const int64_t slot = (int64_t)t * n + i;
+                memcpy(smalls + pooled_small, small_all + slot * count_low,
+                       sizeof(uint32_t) * small_n[slot]);
+                pooled_small += small_n[slot];
+                memcpy(larges + pooled_large, large_all + slot * count_high,
+                       sizeof(uint32_t) * large_n[slot]);
+                pooled_large += large_n[slot];
+            }
+            if (!status) {
+                low[i] = key_value(nth_key(smalls, pooled_small, count_low - 1));
+                high[i] = key_value(nth_key(larges, pooled_large, pooled_large - count_high));
+            }
+            free(smalls);
+            free(larges);
+        }
+    }
+    free(small_all);
+    free(large_all);
+    free(small_n);
+    free(large_n);
+    return status;
+}
+
+/* ---- PCB's final mix (operators/pcb.py) ---- */
 
 /* The balanced weighted mean of the clipped task vectors, then base + lambda * merged. Blocks with
  * element-innermost loops, so the compiler vectorizes them. */
+static inline void pcb_mix_block(const float *base, const float *const *models, int n,
+                                 int64_t block, int64_t size, const float *low, const float *high,
+                                 const float *const *scores, const float *threshold,
+                                 const float *span, const float *weight, float lambda,
+                                 float *out) {
+    float numerator[BLOCK], denominator[BLOCK], kept_sum[BLOCK], kept_count[BLOCK];
+    const float *b = base + block;
+    for (int64_t j = 0; j < size; ++j)
+        numerator[j] = denominator[j] = kept_sum[j] = kept_count[j] = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        const float *m = models[i] + block, *score = scores[i];
+        const float lo = low[i], hi = high[i], t = threshold[i], s = span[i], w = weight[i];
+        for (int64_t j = 0; j < size; ++j) {
+            /* ternaries, not fminf/fmaxf: they vectorize (inputs are never NaN) */
+            const float delta = m[j] - b[j];
+            const float absolute = fabsf(delta);
+            const float raised = absolute < lo ? lo : absolute;
+            const float magnitude = raised > hi ? hi : raised;
+            const float tau = delta > 0.0f ? magnitude : (delta < 0.0f ? -magnitude : 0.0f);
+            const float kept = score[j] >= t ? 1.0f : 0.0f;
+            const float balanced = ((score[j] > t ? score[j] : t) - t) / s;
+            kept_count[j] = kept_count[j] + kept;
+            kept_sum[j] = kept_sum[j] + (kept * tau) * w;
+            denominator[j] = denominator[j] + balanced;
+            numerator[j] = numerator[j] + (balanced * tau) * w;
+        }
+    }
+    float *o = out + block;
+    for (int64_t j = 0; j < size; ++j) {
+        const float weight_sum = denominator[j] > 1e-12f ? denominator[j] : 1e-12f;
+        const float count = kept_count[j] > 1.0f ? kept_count[j] : 1.0f;
+        const float merged = denominator[j] > 0.0f ? numerator[j] / weight_sum
+                                                   : kept_sum[j] / count;
+        o[j] = b[j] + merged * lambda;
+    }
+}
+
+/* Scores stored by the caller (the fallback path). */
 void pcb_mix(const float *base, const float *const *models, int n, int64_t numel,
              const float *low, const float *high, const float *const *scores,
              const float *threshold, const float *span, const float *weight, float lambda,
              float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
-        float numerator[BLOCK], denominator[BLOCK], kept_sum[BLOCK], kept_count[BLOCK];
+        const float *rows[MAX_MODELS];
+        for (int i = 0; i < n; ++i) rows[i] = scores[i] + block;
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-        const float *b = base + block;
-        for (int64_t j = 0; j < size; ++j)
-            numerator[j] = denominator[j] = kept_sum[j] = kept_count[j] = 0.0f;
+        pcb_mix_block(base, models, n, block, size, low, high, rows, threshold, span, weight,
+                      lambda, out);
+    }
+}
+
+/* Scores recomputed block by block (the same function as `pcb_scores`, so the same bits):
+ * nothing tensor-sized is stored between the passes. */
+void pcb_mix_recomputed(const float *base, const float *const *models, int n, int64_t numel,
+                        const float *low, const float *high, const float *low2,
+                        const float *factor, const float *threshold, const float *span,
+                        const float *weight, float lambda, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < numel; block += BLOCK) {
+        float tau[MAX_MODELS][BLOCK], total[BLOCK], score[MAX_MODELS][BLOCK];
+        const float *rows[MAX_MODELS];
+        const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+        pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
         for (int i = 0; i < n; ++i) {
-            const float *m = models[i] + block, *score = scores[i] + block;
-            const float lo = low[i], hi = high[i], t = threshold[i], s = span[i], w = weight[i];
-            for (int64_t j = 0; j < size; ++j) {
-                /* ternaries, not fminf/fmaxf: they vectorize (inputs are never NaN) */
-                const float delta = m[j] - b[j];
-                const float absolute = fabsf(delta);
-                const float raised = absolute < lo ? lo : absolute;
-                const float magnitude = raised > hi ? hi : raised;
-                const float tau = delta > 0.0f ? magnitude : (delta < 0.0f ? -magnitude : 0.0f);
-                const float kept = score[j] >= t ? 1.0f : 0.0f;
-                const float balanced = ((score[j] > t ? score[j] : t) - t) / s;
-                kept_count[j] = kept_count[j] + kept;
-                kept_sum[j] = kept_sum[j] + (kept * tau) * w;
-                denominator[j] = denominator[j] + balanced;
-                numerator[j] = numerator[j] + (balanced * tau) * w;
-            }
+            pcb_score_row(tau[i], total, size, low2[i], factor[i], score[i]);
+            rows[i] = score[i];
         }
-        float *o = out + block;
-        for (int64_t j = 0; j < size; ++j) {
-            const float weight_sum = denominator[j] > 1e-12f ? denominator[j] : 1e-12f;
-            const float count = kept_count[j] > 1.0f ? kept_count[j] : 1.0f;
-            const float merged = denominator[j] > 0.0f ? numerator[j] / weight_sum
-                                                       : kept_sum[j] / count;
-            o[j] = b[j] + merged * lambda;
-        }
+        pcb_mix_block(base, models, n, block, size, low, high, rows, threshold, span, weight,
+                      lambda, out);
     }
 }

@@ -23,9 +23,10 @@ For one tensor with task vectors tau_1..tau_N (model - base):
 The paper flattens the whole model; like mergekit's TIES we balance per tensor, which streams.
 In the tanh mode, exp and tanh come from `operators.ieee_math` (IEEE basic operations only), so
 the scores are the same bits on every device (the softmax mode uses torch's softmax). With the
-default ``inter: tanh`` every step runs chunk by chunk (or in the fused C kernels of
-`operators.native`): the clip bounds and the drop thresholds are exact order statistics found by
-streaming selection, and the only tensor-sized buffers are the N score tensors beta_i.
+default ``inter: tanh`` every step runs chunk by chunk: the clip bounds and the drop thresholds are
+exact order statistics found by streaming selection, and the only tensor-sized buffers are the N
+score tensors beta_i. The fused C kernels of `operators.native` store not even those (see
+`_fused_tanh_merge`): three passes, with the same order statistics and so the same bits.
 ``inter: softmax`` needs tensor-wide normalizers per task pair and computes its scores on whole
 tensors.
 """
@@ -134,6 +135,31 @@ def _drop_threshold(scores: torch.Tensor, density: float) -> float:
                                 sample)[0]
 
 
+def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
+                      densities: Sequence[float], weights: Sequence[float], lam: float,
+                      clip: float) -> torch.Tensor | None:
+    """The C kernels' three passes, nothing tensor-sized stored between them: all models' clip
+    quantiles (heaps), then every drop threshold and largest score (scores computed, counted
+    within sample brackets, dropped), then the mix (scores recomputed, same bits). The values
+    are the exact order statistics the stored path finds, so the result is the same; None when
+    a sample bracket misses, and the caller stores the scores."""
+    n = base.numel()
+    low_rank, high_rank = int(n * clip), max(0, int(n * (1 - clip)) - 1)
+    bounds = native.magnitude_extremes(base, models, low_rank + 1, n - high_rank)
+    if bounds is None:
+        return None
+    low2, factors = _score_constants(bounds, len(models))
+    found = native.pcb_thresholds(base, models, bounds, low2, factors,
+                                  [n - max(1, int(d * n)) for d in densities])
+    if found is None:
+        return None
+    thresholds, maxima = found
+    spans = [max(top - threshold, _TINY) for top, threshold in zip(maxima, thresholds,
+                                                                   strict=True)]
+    return native.pcb_mix_recomputed(base, models, bounds, low2, factors, thresholds, spans,
+                                     weights, lam)
+
+
 def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: Sequence[float],
               weights: Sequence[float], lam: float = 1.0, clip: float = 1e-4,
               inter: InterBalancing = InterBalancing.TANH,
@@ -143,13 +169,18 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
     shape, dtype = base.shape, base.dtype
     base, models = flat(base), [flat(m) for m in models]
     n_tasks, numel = len(models), base.numel()
+    fused = len(models) <= native.MAX_MODELS and native.usable(base, *models)
+    if fused and inter is InterBalancing.TANH:
+        merged = _fused_tanh_merge(base, models, densities, weights, lam, clip)
+        if merged is not None:
+            return merged.to(dtype).reshape(shape)
     bounds = [_clip_bounds(model, base, clip, ws) for model in models]
     scores = ws.get("pcb-scores", (n_tasks, numel))
     fill = _tanh_scores if inter is InterBalancing.TANH else _softmax_scores
     fill(models, base, bounds, n_tasks, scores, ws)
     thresholds = [_drop_threshold(scores[i], densities[i]) for i in range(n_tasks)]
     spans_of_scores = [max(scores[i].max().item() - thresholds[i], _TINY) for i in range(n_tasks)]
-    if n_tasks <= native.MAX_MODELS and native.usable(base, *models):
+    if fused:
         merged = native.pcb_mix(base, models, bounds, scores, thresholds, spans_of_scores,
                                 weights, lam)
         return merged.to(dtype).reshape(shape)

@@ -52,3 +52,56 @@ def test_native_selection_matches_sort():
     other = torch.randn(100_003)
     magnitudes = (values - other).abs().sort().values
     assert native.select_ranks(values, other, ranks) == [magnitudes[r].item() for r in ranks]
+
+
+def _large_family(values: str = "normal") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(11)
+    base = torch.randn(300_007, generator=generator)
+    models = [base + 0.1 * torch.randn(base.shape, generator=generator) for _ in range(3)]
+    if values == "ties":  # long runs of equal magnitudes and scores
+        models = [base + (m - base).mul(20).round().div(20) for m in models]
+    return base, models
+
+
+@needs_kernels
+@pytest.mark.parametrize(("values", "params"), [
+    ("normal", {"density": 0.3, "weight": [0.5, 1.0, 0.8]}),
+    ("normal", {"density": [0.05, 0.5, 1.0], "clip": 0.0, "lambda": 1.1}),
+    ("normal", {"density": 0.2, "clip": 0.4}),  # clip ranks too far in for heaps: stored path
+    ("ties", {"density": 0.3}),
+])
+def test_fused_pcb_passes_equal_the_eager_path_on_large_tensors(values, params, monkeypatch):
+    from operators import pcb
+
+    base, models = _large_family(values)
+    ran = []
+    fused_merge = pcb._fused_tanh_merge
+    monkeypatch.setattr(pcb, "_fused_tanh_merge",
+                        lambda *args: ran.append(fused_merge(*args)) or ran[-1])
+    fused = merge("pcb", {"w": base}, [{"w": m} for m in models], **params)["w"]
+    assert (ran[0] is None) == (params.get("clip") == 0.4)
+    monkeypatch.setattr(native, "library", lambda: None)
+    eager = merge("pcb", {"w": base}, [{"w": m} for m in models], **params)["w"]
+    assert torch.equal(fused, eager)
+
+
+@needs_kernels
+def test_a_missed_bracket_falls_back_to_stored_scores(monkeypatch):
+    base, models = _large_family()
+    expected = merge("pcb", {"w": base}, [{"w": m} for m in models], density=0.3)["w"]
+    monkeypatch.setattr(native, "_bracket", lambda quantile, size: (0, 1))  # far below the rank
+    assert native.pcb_thresholds(base, models, [(0.0, 1.0)] * 3, [0.0] * 3, [1.0] * 3,
+                                 [200_000] * 3) is None
+    assert torch.equal(merge("pcb", {"w": base}, [{"w": m} for m in models],
+                             density=0.3)["w"], expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_magnitude_extremes_match_sort(values):
+    base, models = _large_family(values)
+    for count_low, count_high in ((1, 1), (31, 7), (300, 300)):
+        found = native.magnitude_extremes(base, models, count_low, count_high)
+        for (low, high), model in zip(found, models, strict=True):
+            ordered = (model - base).abs().sort().values
+            assert (low, high) == (ordered[count_low - 1].item(), ordered[-count_high].item())
