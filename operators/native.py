@@ -205,7 +205,7 @@ def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
     """Each model's PCB drop threshold (score at ascending rank `ranks[i]`) and largest score,
     without storing the scores; None when the sample brackets miss (store them, then)."""
     n, numel = len(models), base.numel()
-    if numel < 8 * SAMPLE:
+    if numel < FUSED_PCB_MIN:
         return None
     stride = numel // SAMPLE
     sample_base = base[::stride].contiguous()
@@ -231,6 +231,7 @@ def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
 
 
 SAMPLE = 1 << 14
+FUSED_PCB_MIN = 8 * SAMPLE  # entries; below this PCB stores its scores (cheap at that size)
 
 
 def _bracket(quantile: float, size: int) -> tuple[int, int]:

@@ -144,6 +144,8 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
     are the exact order statistics the stored path finds, so the result is the same; None when
     a sample bracket misses, and the caller stores the scores."""
     n = base.numel()
+    if n < native.FUSED_PCB_MIN:  # small tensors: the sample brackets would not pay
+        return None
     low_rank, high_rank = int(n * clip), max(0, int(n * (1 - clip)) - 1)
     bounds = native.magnitude_extremes(base, models, low_rank + 1, n - high_rank)
     if bounds is None:
