@@ -47,7 +47,8 @@ class MergeSpace:
     # -- genes <-> recipes -------------------------------------------------------------------
 
     def anchors(self, value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
-        """A weight setting as `groups` anchors over depth (a number is the same everywhere)."""
+        """A per-expert setting (weight or density) as `groups` anchors over depth; a number
+        is the same everywhere."""
         if isinstance(value, list | tuple):
             values = tuple(float(v) for v in value)
             return values if len(values) == self.groups else (values[0],) * self.groups
@@ -206,6 +207,8 @@ class MergeSpace:
         moves = {"drop": 0.6 if len(layers) > self.min_layers else 0.0,
                  "restore": 0.25 if missing else 0.0,
                  "stack": 0.15 if len(layers) < self.layers * 3 // 2 else 0.0}
+        if not any(moves.values()):  # a one-layer model: nothing to drop, restore or stack
+            return recipe
         move = rng.choices(list(moves), weights=list(moves.values()))[0]
         middle = (self.layers - 1) / 2
         central = min(range(len(layers)), key=lambda p: (abs(layers[p] - middle), rng.random()))

@@ -52,6 +52,8 @@ def test_edits_drop_restore_and_stack_layers_within_bounds(world):
     assert min(depths) < 4 < max(depths)  # both smaller and stacked (deeper) models
     noisy = space.mutate_weights(rng, space.edit(rng, space.random(rng)))
     assert noisy["op"] == "edit" and noisy["input"]["op"] == "mutate"
+    single = MergeSpace(space.base, space.experts, layers=1)  # nothing to edit: unchanged
+    assert single.edit(rng, recipe["input"]) == recipe["input"]
 
 
 def test_select_layers_drops_and_stacks(world):
