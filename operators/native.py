@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -27,10 +26,10 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from operators.cache import cache_dir
+from operators.quantiles import sample_bracket
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
@@ -212,34 +211,23 @@ def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
     sample = torch.empty(n, len(sample_base))
     pcb_scores(sample_base, [m[::stride].contiguous() for m in models], bounds, low2, factors,
                sample)
-    size = sample.shape[1]
-    low, high, widest = [], [], 0
-    for row, rank in zip(sample.numpy(), ranks, strict=True):
-        first, last = _bracket(rank / numel, size)
-        inside = [k for k in (first, last) if 0 <= k < size]
-        ordered = np.partition(row, inside) if inside else row  # O(size), not a sort
-        low.append(-math.inf if first < 0 else float(ordered[first]))
-        high.append(math.inf if last >= size else float(ordered[last]))
-        widest = max(widest, min(last, size - 1) - max(first, 0) + 1)
+    low, high, inside = [], [], 0
+    for row, rank in zip(sample, ranks, strict=True):
+        bracket = sample_bracket(row, rank, numel)
+        low.append(bracket[0])
+        high.append(bracket[1])
+        inside = max(inside, int(((row >= bracket[0]) & (row <= bracket[1])).sum()))
     thresholds, maxima = (ctypes.c_float * n)(), (ctypes.c_float * n)()
     status = library().pcb_thresholds(
         base.data_ptr(), _pointers(models), n, numel, _floats([b[0] for b in bounds]),
         _floats([b[1] for b in bounds]), _floats(low2), _floats(factors),
-        (ctypes.c_int64 * n)(*ranks), _floats(low), _floats(high), 2 * widest * stride + 4096,
+        (ctypes.c_int64 * n)(*ranks), _floats(low), _floats(high), 2 * inside * stride + 4096,
         thresholds, maxima, torch.get_num_threads())
     return (list(thresholds), list(maxima)) if status == 0 else None
 
 
 SAMPLE = 1 << 14
 FUSED_PCB_MIN = 8 * SAMPLE  # entries; below this PCB stores its scores (cheap at that size)
-
-
-def _bracket(quantile: float, size: int) -> tuple[int, int]:
-    """Sample positions around `quantile` that hold the population's value at that quantile with
-    high probability: ±4 binomial standard deviations, plus a margin."""
-    spread = int(4 * math.sqrt(size * quantile * (1 - quantile))) + 8
-    centre = int(quantile * size)
-    return centre - spread, centre + spread
 
 
 def pcb_mix_recomputed(base: torch.Tensor, models: Sequence[torch.Tensor],

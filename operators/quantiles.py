@@ -103,7 +103,7 @@ def kth_largest(values: torch.Tensor, k: int, nonnegative: bool = False) -> floa
     return kth_smallest(values, values.numel() - k, nonnegative)
 
 
-def _bracket(sample: torch.Tensor, rank: int, total: int) -> tuple[float, float]:
+def sample_bracket(sample: torch.Tensor, rank: int, total: int) -> tuple[float, float]:
     """A value range that holds the element of `rank` (out of `total`) unless the sample is
     wildly unrepresentative: +-4 binomial standard deviations of the sample rank, plus slack."""
     values = sample.reshape(-1).to(torch.float32)
@@ -141,7 +141,7 @@ def kth_smallest_sampled(make_chunks: Callable[[], Iterable[torch.Tensor]], rank
     """Exact values of the ascending `ranks` over the streamed chunks, all in one pass when
     `sample` (values spread over the data) brackets them; a rank it misjudged falls back to radix
     select (three passes)."""
-    brackets = [_bracket(sample, rank, total) for rank in ranks]
+    brackets = [sample_bracket(sample, rank, total) for rank in ranks]
     below = [0] * len(ranks)
     pools: list[list[torch.Tensor]] = [[] for _ in ranks]
     for chunk in make_chunks():
