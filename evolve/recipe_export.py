@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from evolve.export import _ensure_writable
-from operators.settings import depth, resolve
-from search_spaces.recipes import Recipe, layer_count, materialize
+from operators.settings import count_layers, depth, resolve
+from search_spaces.recipes import Recipe, materialize
 
 # methods whose result mergekit reproduces tensor for tensor (DARE/DELLA draw their own masks)
 MERGEKIT_EXACT = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
@@ -103,7 +103,7 @@ def export_individual(record: dict, setup, config, out: Path, test: dict | None,
     scorer = setup.scorer
     state = materialize(record["recipe"], scorer.load_source, scorer.cache)
     model_config = copy.deepcopy(scorer.config)
-    model_config.num_hidden_layers = layer_count(state)
+    model_config.num_hidden_layers = count_layers(state)
     model = AutoModelForCausalLM.from_config(model_config)
     model.load_state_dict(state)
     model.to(getattr(torch, config.export_dtype)).save_pretrained(out)

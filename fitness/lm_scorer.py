@@ -16,7 +16,8 @@ from fitness.causal_lm import CausalLMEvaluator
 from fitness.items import Task
 from fitness.results import ItemResults
 from fitness.size import Size, measure_latency, measure_size
-from search_spaces.recipes import StateCache, layer_count, materialize
+from operators.settings import count_layers
+from search_spaces.recipes import StateCache, materialize
 
 
 class LocalLMScorer:
@@ -51,7 +52,7 @@ class LocalLMScorer:
     def _state(self, candidate_id: str, recipe: dict) -> dict[str, torch.Tensor]:
         if self._current is None or self._current[0] != candidate_id:
             state = materialize(recipe, self.load_source, self.cache)
-            self.evaluator = self._evaluator(layer_count(state))
+            self.evaluator = self._evaluator(count_layers(state))
             self.evaluator.model.load_state_dict(state)
             self._current = (candidate_id, state)
         return self._current[1]

@@ -35,6 +35,9 @@ _SOURCE = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 MAX_MODELS = 32
 MAX_RANKS = 4
+EXTREME_COUNT = 1 << 16  # largest heap for `magnitude_extremes`
+SAMPLE = 1 << 14  # strided sample behind the PCB threshold brackets
+FUSED_PCB_MIN = 8 * SAMPLE  # entries; below this PCB stores its scores (cheap at that size)
 
 
 class _MergeOptions(ctypes.Structure):
@@ -194,9 +197,6 @@ def magnitude_extremes(base: torch.Tensor, models: Sequence[torch.Tensor], count
     return list(zip(low, high, strict=True)) if status == 0 else None
 
 
-EXTREME_COUNT = 1 << 16
-
-
 def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
                    bounds: Sequence[tuple[float, float]], low2: Sequence[float],
                    factors: Sequence[float], ranks: Sequence[int]
@@ -224,10 +224,6 @@ def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
         (ctypes.c_int64 * n)(*ranks), _floats(low), _floats(high), 2 * inside * stride + 4096,
         thresholds, maxima, torch.get_num_threads())
     return (list(thresholds), list(maxima)) if status == 0 else None
-
-
-SAMPLE = 1 << 14
-FUSED_PCB_MIN = 8 * SAMPLE  # entries; below this PCB stores its scores (cheap at that size)
 
 
 def pcb_mix_recomputed(base: torch.Tensor, models: Sequence[torch.Tensor],

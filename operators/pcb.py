@@ -53,11 +53,20 @@ class InterBalancing(StrEnum):
     SOFTMAX = "softmax"
 
 
+def _clip_ranks(n: int, clip: float) -> tuple[int, int]:
+    """Ascending ranks of the [clip, 1 - clip] quantiles among n values (min, max at clip 0)."""
+    return int(n * clip), max(0, int(n * (1 - clip)) - 1)
+
+
+def _drop_rank(n: int, density: float) -> int:
+    """Ascending rank of the lowest kept score: the k-th best, k = max(1, int(density * n))."""
+    return n - max(1, int(density * n))
+
+
 def _clip_bounds(model: torch.Tensor, base: torch.Tensor, clip: float, ws: Workspace
                  ) -> tuple[float, float]:
     """The [clip, 1 - clip] quantiles of |tau| (min and max when clip is 0)."""
-    n = model.numel()
-    low, high = kth_magnitudes(model, base, [int(n * clip), max(0, int(n * (1 - clip)) - 1)], ws)
+    low, high = kth_magnitudes(model, base, list(_clip_ranks(model.numel(), clip)), ws)
     return low, high
 
 
@@ -127,11 +136,11 @@ def _tanh_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Worksp
 def _drop_threshold(scores: torch.Tensor, density: float) -> float:
     """The score of the k-th best entry, k = max(1, int(density * n)): the lowest one kept."""
     n = scores.numel()
-    keep = max(1, int(density * n))
+    rank = _drop_rank(n, density)
     if native.usable(scores):
-        return native.select_ranks(scores, None, [n - keep])[0]
+        return native.select_ranks(scores, None, [rank])[0]
     sample = scores[:: max(1, n // _SAMPLE)]
-    return kth_smallest_sampled(lambda: (scores[a:b] for a, b in spans(n)), [n - keep], n,
+    return kth_smallest_sampled(lambda: (scores[a:b] for a, b in spans(n)), [rank], n,
                                 sample)[0]
 
 
@@ -146,13 +155,13 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
     n = base.numel()
     if n < native.FUSED_PCB_MIN:  # small tensors: the sample brackets would not pay
         return None
-    low_rank, high_rank = int(n * clip), max(0, int(n * (1 - clip)) - 1)
+    low_rank, high_rank = _clip_ranks(n, clip)
     bounds = native.magnitude_extremes(base, models, low_rank + 1, n - high_rank)
     if bounds is None:
         return None
     low2, factors = _score_constants(bounds, len(models))
     found = native.pcb_thresholds(base, models, bounds, low2, factors,
-                                  [n - max(1, int(d * n)) for d in densities])
+                                  [_drop_rank(n, d) for d in densities])
     if found is None:
         return None
     thresholds, maxima = found

@@ -28,10 +28,19 @@ Setting = Any  # Scalar | list[Scalar] | list[dict] | dict; validated by `check_
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 
 
+def split_layer_name(tensor_name: str) -> tuple[str, int, str] | None:
+    """(prefix, block index, suffix) of a tensor inside the layer stack, or None for
+    embeddings, norms, heads: what a layer edit renumbers."""
+    match = _LAYER_INDEX.search(tensor_name)
+    if match is None:
+        return None
+    return tensor_name[:match.start(1)], int(match.group(1)), tensor_name[match.end(1):]
+
+
 def layer_index(tensor_name: str) -> int | None:
     """The transformer-block index a tensor belongs to, or None for embeddings, norms, heads."""
-    match = _LAYER_INDEX.search(tensor_name)
-    return int(match.group(1)) if match else None
+    parts = split_layer_name(tensor_name)
+    return parts[1] if parts else None
 
 
 def count_layers(tensor_names: Iterable[str]) -> int:

@@ -20,7 +20,6 @@ a recipe, for lineage and for mp-IRT, are the source models its tree reaches.
 from __future__ import annotations
 
 import json
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 import operators
+from operators.settings import count_layers, split_layer_name
 
 Recipe = dict[str, Any]
 StateDict = dict[str, torch.Tensor]
@@ -86,31 +86,22 @@ def materialize(recipe: Recipe, load: Callable[[str], Mapping[str, torch.Tensor]
     return state
 
 
-LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
-
-
-def layer_count(state: Mapping[str, torch.Tensor]) -> int:
-    """Number of decoder layers (`...layers.<i>....` tensor names) in a state dict."""
-    found = {int(m.group(2)) for name in state if (m := LAYER.match(name))}
-    return max(found) + 1 if found else 0
-
-
 def select_layers(state: Mapping[str, torch.Tensor], layers: list[int]) -> StateDict:
     """The decoder layers `layers` (input indices, in output order; repeats allowed), renumbered
     0..len-1; tensors outside the layer stack are kept (mergekit passthrough slices)."""
-    total = layer_count(state)
+    total = count_layers(state)
     if not layers or any(not 0 <= k < total for k in layers):
         raise RecipeError(f"edit layers {layers}: the input has layers 0..{total - 1}; list at "
                           "least one of them")
     by_layer: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
     out: StateDict = {}
     for name, tensor in state.items():
-        match = LAYER.match(name)
-        if match is None:
+        parts = split_layer_name(name)
+        if parts is None:
             out[name] = tensor
         else:
-            by_layer.setdefault(int(match.group(2)), []).append(
-                (match.group(1), match.group(3), tensor))
+            prefix, index, suffix = parts
+            by_layer.setdefault(index, []).append((prefix, suffix, tensor))
     for new, old in enumerate(layers):
         for prefix, suffix, tensor in by_layer[old]:
             out[f"{prefix}{new}{suffix}"] = tensor

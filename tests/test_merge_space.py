@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from operators.settings import count_layers
 from search_spaces.merge_space import MergeSpace
-from search_spaces.recipes import RecipeError, layer_count, materialize, select_layers, sources_of
+from search_spaces.recipes import RecipeError, materialize, select_layers, sources_of
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_operators_make_materializable_recipes(world):
         child = [space.crossover(rng, a, b), space.mutate_genes(rng, a),
                  space.mutate_weights(rng, a), space.edit(rng, a)][step % 4]
         state = materialize(child, states.__getitem__)
-        assert 1 <= layer_count(state) <= 6  # edits may stack layers up to 1.5x
+        assert 1 <= count_layers(state) <= 6  # edits may stack layers up to 1.5x
         assert all(torch.isfinite(t).all() for t in state.values())
         assert set(sources_of(child)) <= {"base", "add", "sort", "reverse"}
         population.append(child)
@@ -60,7 +61,7 @@ def test_select_layers_drops_and_stacks(world):
     _, states = world
     base = states["base"]
     stacked = select_layers(base, [0, 1, 1, 3])
-    assert layer_count(stacked) == 4
+    assert count_layers(stacked) == 4
     first = [n for n in base if "layers.1." in n]
     assert all(torch.equal(stacked[n], base[n]) and
                torch.equal(stacked[n.replace("layers.1.", "layers.2.")], base[n]) for n in first)
