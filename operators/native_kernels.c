@@ -10,6 +10,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 512
 #define MAX_MODELS 32
@@ -56,6 +59,51 @@ static uint32_t nth_key(uint32_t *keys, int64_t n, int64_t k) {
         else return keys[k];
     }
     return keys[k];
+}
+
+/* ---- collecting the keys inside (or outside) a bracket [from, from + span] ---- */
+
+#ifdef __AVX2__
+/* pack_lanes[mask]: the lane indices of mask's set bits, in order (AVX2 left-packing). */
+static uint32_t pack_lanes[256][8];
+
+__attribute__((constructor)) static void build_pack_lanes(void) {
+    for (int mask = 0; mask < 256; ++mask)
+        for (int lane = 0, put = 0; lane < 8; ++lane)
+            if (mask >> lane & 1) pack_lanes[mask][put++] = (uint32_t)lane;
+}
+#endif
+
+/* Appends to `into` the keys inside the bracket (outside it when `outside` is 1) and returns
+ * how many. Callers collect a few percent of the keys: AVX2 packs eight keys per step with no
+ * branch per key; elsewhere a branchless scalar loop. Writes up to 8 entries past the returned
+ * count (callers leave COLLECT_SLACK spare). */
+#define COLLECT_SLACK 8
+static inline int64_t collect_keys(const uint32_t *keys, int64_t size, uint32_t from,
+                                   uint32_t span, int outside, uint32_t *into) {
+    int64_t put = 0, j = 0;
+#ifdef __AVX2__
+    /* unsigned key - from <= span, as a signed compare of both sides with the top bit flipped */
+    const __m256i origin = _mm256_set1_epi32((int32_t)from);
+    const __m256i flip = _mm256_set1_epi32((int32_t)0x80000000u);
+    const __m256i limit = _mm256_set1_epi32((int32_t)(span ^ 0x80000000u));
+    for (; j + 8 <= size; j += 8) {
+        const __m256i key = _mm256_loadu_si256((const __m256i *)(keys + j));
+        const __m256i offset = _mm256_xor_si256(_mm256_sub_epi32(key, origin), flip);
+        const __m256i excluded = _mm256_cmpgt_epi32(offset, limit);
+        const int beyond = _mm256_movemask_ps(_mm256_castsi256_ps(excluded));
+        const int mask = (outside ? beyond : ~beyond) & 0xFF;
+        if (!mask) continue;
+        const __m256i lanes = _mm256_loadu_si256((const __m256i *)pack_lanes[mask]);
+        _mm256_storeu_si256((__m256i *)(into + put), _mm256_permutevar8x32_epi32(key, lanes));
+        put += __builtin_popcount((unsigned)mask);
+    }
+#endif
+    for (; j < size; ++j) {
+        into[put] = keys[j];
+        put += (keys[j] - from <= span) ^ outside;
+    }
+    return put;
 }
 
 /* value j of the stream: |a[j] - b[j]| when b is given, else a[j] */
@@ -298,25 +346,26 @@ void merge_task_vectors(const float *base, const float *const *models, const flo
 
 /* ---- exp and tanh from IEEE basic operations (operators/ieee_math.py, step for step) ---- */
 
-static inline float exp_ieee(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+/* exp for x in [-87, 88] (no clamp: for callers whose argument provably lies there). */
+static inline float exp_ieee_in_range(float x) {
     const float k = nearbyintf(x * 0x1.715476p+0f);
     const float r = (x - k * 0x1.62e4p-1f) - k * 0x1.7f7d1cp-20f;
-    float p = 0x1.a01a02p-13f;
-    p = p * r + 0x1.6c16c2p-10f;
-    p = p * r + 0x1.111112p-7f;
-    p = p * r + 0x1.555556p-5f;
-    p = p * r + 0x1.555556p-3f;
-    p = p * r + 0x1p-1f;
-    p = p * r + 0x1p+0f;
-    p = p * r + 0x1p+0f;
+    const float r2 = r * r, r4 = r2 * r2;
+    const float a23 = 0x1p-1f + r * 0x1.555556p-3f, a45 = 0x1.555556p-5f + r * 0x1.111112p-7f;
+    const float a67 = 0x1.6c16c2p-10f + r * 0x1.a01a02p-13f;
+    const float p = 0x1p+0f + ((r + r2 * a23) + r4 * (a45 + r2 * a67));
     const int32_t bits = ((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
     return p * scale;
 }
 
-static inline float tanh_ieee(float x) {
+static inline float exp_ieee(float x) {
+    return exp_ieee_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
+}
+
+/* tanh below |x| = 0.4: the odd Taylor series. */
+static inline float tanh_small_ieee(float x) {
     const float square = x * x;
     float p = 0x1.d6d3d0p-9f;
     p = p * square + -0x1.226e36p-7f;
@@ -324,7 +373,11 @@ static inline float tanh_ieee(float x) {
     p = p * square + -0x1.ba1ba2p-5f;
     p = p * square + 0x1.111112p-3f;
     p = p * square + -0x1.555556p-2f;
-    const float small = x + (x * square) * p;
+    return x + (x * square) * p;
+}
+
+static inline float tanh_ieee(float x) {
+    const float small = tanh_small_ieee(x);
     const float absolute = x < 0.0f ? -x : x;
     const float magnitude = absolute > 9.0f ? 9.0f : absolute;
     float large = 1.0f - 2.0f / (exp_ieee(magnitude * 2.0f) + 1.0f);
@@ -353,10 +406,32 @@ static inline void pcb_clipped_block(const float *base, const float *const *mode
 }
 
 /* One model's scores in one block: exp(factor (tau^2 - low2)) * tanh(tau * sum_k tau_k). */
+/* Task vectors are small, so whole blocks take cheaper forms of tanh with the same bits:
+ * - |x| < 0.4 everywhere: the series alone (no exp, no division);
+ * - |x| < 2^-12 everywhere: the series' correction x^3 p (|p| < 0.34) is below half an ulp of x,
+ *   so the series rounds to x + 0 (the + 0 keeps its result for x = -0: +0). */
+#define TANH_IS_IDENTITY 0x1p-12f
+/* The intra-balancing exponent (tau^2 - low2) * factor lies in [0, N], N <= MAX_MODELS: tau is
+ * clipped to [low, high] in magnitude, rounding is monotone, and factor = N / max(high^2 - low2,
+ * tiny). So exp's clamp to [-87, 88] never acts and is skipped. */
 static inline void pcb_score_row(const float *tau, const float *total, int64_t size, float l2,
                                  float f, float *out) {
-    for (int64_t j = 0; j < size; ++j)
-        out[j] = exp_ieee((tau[j] * tau[j] - l2) * f) * tanh_ieee(tau[j] * total[j]);
+    int32_t large = 0, curved = 0; /* integer counts: float max reductions would not vectorize */
+    for (int64_t j = 0; j < size; ++j) {
+        const float x = fabsf(tau[j] * total[j]);
+        large += x >= 0.4f;
+        curved += x >= TANH_IS_IDENTITY;
+    }
+    if (!curved) {
+        for (int64_t j = 0; j < size; ++j)
+            out[j] = exp_ieee_in_range((tau[j] * tau[j] - l2) * f) * (tau[j] * total[j] + 0.0f);
+    } else if (!large) {
+        for (int64_t j = 0; j < size; ++j)
+            out[j] = exp_ieee_in_range((tau[j] * tau[j] - l2) * f) * tanh_small_ieee(tau[j] * total[j]);
+    } else {
+        for (int64_t j = 0; j < size; ++j)
+            out[j] = exp_ieee_in_range((tau[j] * tau[j] - l2) * f) * tanh_ieee(tau[j] * total[j]);
+    }
 }
 
 /* PCB scores, tanh inter-balancing, tau clipped to [low_i, high_i] in magnitude; the same steps
@@ -372,6 +447,52 @@ void pcb_scores(const float *base, const float *const *models, int n, int64_t nu
         for (int i = 0; i < n; ++i)
             pcb_score_row(tau[i], total, size, low2[i], factor[i], scores[i] + block);
     }
+}
+
+/* The sample behind `pcb_thresholds`' brackets: PCB's scores at m entries, taken as m / SAMPLE_RUN
+ * evenly spaced runs of SAMPLE_RUN consecutive entries (whole cache lines, where single strided
+ * entries would each cost a miss). Per model, lo[i] and hi[i] are the sample scores at ranks
+ * low_rank[i] and high_rank[i] (-1 and m: no bound, -inf and +inf). Returns the largest number of
+ * sample scores inside a bracket, or -1 for bad arguments or no memory. */
+#define SAMPLE_RUN 16
+int64_t pcb_sample_brackets(const float *base, const float *const *models, int n, int64_t numel,
+                            const float *low, const float *high, const float *low2,
+                            const float *factor, int64_t m, const int64_t *low_rank,
+                            const int64_t *high_rank, float *lo, float *hi) {
+    if (n > MAX_MODELS || m <= 0 || m % SAMPLE_RUN || numel < m) return -1;
+    float *gathered = malloc(sizeof(float) * m * (n + 1)), *scores = malloc(sizeof(float) * m * n);
+    uint32_t *keys = malloc(sizeof(uint32_t) * m);
+    int64_t widest = -1;
+    if (gathered && scores && keys) {
+        const int64_t runs = m / SAMPLE_RUN, spacing = numel / runs;
+        const float *sampled[MAX_MODELS];
+        float *rows[MAX_MODELS];
+        for (int i = 0; i < n; ++i) {
+            sampled[i] = gathered + (i + 1) * m;
+            rows[i] = scores + i * m;
+        }
+        for (int64_t r = 0; r < runs; ++r) {
+            memcpy(gathered + r * SAMPLE_RUN, base + r * spacing, sizeof(float) * SAMPLE_RUN);
+            for (int i = 0; i < n; ++i)
+                memcpy(gathered + (i + 1) * m + r * SAMPLE_RUN, models[i] + r * spacing,
+                       sizeof(float) * SAMPLE_RUN);
+        }
+        pcb_scores(gathered, sampled, n, m, low, high, low2, factor, rows, 1);
+        widest = 0;
+        for (int i = 0; i < n; ++i) {
+            for (int64_t j = 0; j < m; ++j) keys[j] = sortable_key(rows[i][j]);
+            lo[i] = low_rank[i] < 0 ? -INFINITY : key_value(nth_key(keys, m, low_rank[i]));
+            hi[i] = high_rank[i] >= m ? INFINITY : key_value(nth_key(keys, m, high_rank[i]));
+            const uint32_t from = sortable_key(lo[i]), span = sortable_key(hi[i]) - from;
+            int64_t inside = 0;
+            for (int64_t j = 0; j < m; ++j) inside += keys[j] - from <= span;
+            widest = inside > widest ? inside : widest;
+        }
+    }
+    free(gathered);
+    free(scores);
+    free(keys);
+    return widest;
 }
 
 /* Every model's drop threshold (the score at ascending rank `ranks[i]`) and largest score,
@@ -414,8 +535,8 @@ int pcb_thresholds(const float *base, const float *const *models, int n, int64_t
                 pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
                 for (int i = 0; i < n; ++i) {
                     pcb_score_row(tau[i], total, size, low2[i], factor[i], score);
-                    /* two loops: the first vectorizes (max, count below, how many inside),
-                     * the second only runs when the block has entries inside the bracket */
+                    /* the first loop vectorizes (max, count below, how many inside); the
+                     * collection only runs when the block has entries inside the bracket */
                     uint32_t keys[BLOCK], best = top[i];
                     int32_t less = 0, inside = 0;
                     const uint32_t from = lo_key[i], span = width[i];
@@ -428,17 +549,11 @@ int pcb_thresholds(const float *base, const float *const *models, int n, int64_t
                     top[i] = best;
                     under[i] += less;
                     if (!inside) continue;
-                    if (count[i] + inside >= capacity) { /* the compaction writes one past */
+                    if (count[i] + inside + COLLECT_SLACK > capacity) {
                         full = 1;
                         continue;
                     }
-                    uint32_t *into = local[i] + count[i];
-                    int64_t put = 0;
-                    for (int64_t j = 0; j < size; ++j) { /* branchless compaction */
-                        into[put] = keys[j];
-                        put += keys[j] - from <= span;
-                    }
-                    count[i] += put;
+                    count[i] += collect_keys(keys, size, from, span, 0, local[i] + count[i]);
                 }
             }
 #pragma omp critical
@@ -515,18 +630,39 @@ int magnitude_extremes(const float *base, const float *const *models, int n, int
 #pragma omp parallel num_threads(threads)
         {
             const int t = omp_get_thread_num();
-            for (int i = 0; i < n; ++i) {
-                uint32_t *smalls = small_all + ((int64_t)t * n + i) * count_low;
-                uint32_t *larges = large_all + ((int64_t)t * n + i) * count_high;
-                int64_t *ns = small_n + (int64_t)t * n + i, *nl = large_n + (int64_t)t * n + i;
-                const float *m = models[i];
 #pragma omp for schedule(static)
-                for (int64_t j = 0; j < numel; ++j) {
-                    const uint32_t key = sortable_key(fabsf(m[j] - base[j]));
-                    if (*ns < count_low || key < smalls[0])
-                        heap_offer(smalls, ns, count_low, key, 1);
-                    if (*nl < count_high || key > larges[0])
-                        heap_offer(larges, nl, count_high, key, 0);
+            for (int64_t block = 0; block < numel; block += BLOCK) {
+                const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+                const float *b = base + block;
+                uint32_t keys[BLOCK], candidates[BLOCK + COLLECT_SLACK];
+                for (int i = 0; i < n; ++i) {
+                    const int64_t slot = (int64_t)t * n + i;
+                    uint32_t *smalls = small_all + slot * count_low;
+                    uint32_t *larges = large_all + slot * count_high;
+                    int64_t *ns = small_n + slot, *nl = large_n + slot;
+                    const float *m = models[i] + block;
+                    uint32_t least = UINT32_MAX, most = 0;
+                    for (int64_t j = 0; j < size; ++j) { /* integer min/max: vectorizes */
+                        keys[j] = sortable_key(fabsf(m[j] - b[j]));
+                        least = keys[j] < least ? keys[j] : least;
+                        most = keys[j] > most ? keys[j] : most;
+                    }
+                    const uint32_t *offered = keys;
+                    int64_t offers = size;
+                    if (*ns == count_low && *nl == count_high && smalls[0] <= larges[0]) {
+                        /* full, disjoint heaps: most blocks hold no candidate, others a few */
+                        if (least >= smalls[0] && most <= larges[0]) continue;
+                        offers = collect_keys(keys, size, smalls[0], larges[0] - smalls[0], 1,
+                                              candidates);
+                        offered = candidates;
+                    }
+                    for (int64_t j = 0; j < offers; ++j) {
+                        const uint32_t key = offered[j];
+                        if (*ns < count_low || key < smalls[0])
+                            heap_offer(smalls, ns, count_low, key, 1);
+                        if (*nl < count_high || key > larges[0])
+                            heap_offer(larges, nl, count_high, key, 0);
+                    }
                 }
             }
         }
@@ -562,35 +698,44 @@ int magnitude_extremes(const float *base, const float *const *models, int n, int
 /* ---- PCB's final mix (operators/pcb.py) ---- */
 
 /* The balanced weighted mean of the clipped task vectors, then base + lambda * merged. Blocks with
- * element-innermost loops, so the compiler vectorizes them. */
-static inline void pcb_mix_block(const float *base, const float *const *models, int n,
-                                 int64_t block, int64_t size, const float *low, const float *high,
+ * element-innermost loops, so the compiler vectorizes them. The kept mean for entries whose
+ * balance is 0 in every task only runs in the rare blocks that have such entries. */
+static inline void pcb_mix_block(const float *b, float tau[][BLOCK], int n, int64_t size,
                                  const float *const *scores, const float *threshold,
                                  const float *span, const float *weight, float lambda,
-                                 float *out) {
-    float numerator[BLOCK], denominator[BLOCK], kept_sum[BLOCK], kept_count[BLOCK];
-    const float *b = base + block;
-    for (int64_t j = 0; j < size; ++j)
-        numerator[j] = denominator[j] = kept_sum[j] = kept_count[j] = 0.0f;
+                                 float *o) {
+    float numerator[BLOCK], denominator[BLOCK];
+    for (int64_t j = 0; j < size; ++j) numerator[j] = denominator[j] = 0.0f;
     for (int i = 0; i < n; ++i) {
-        const float *m = models[i] + block, *score = scores[i];
-        const float lo = low[i], hi = high[i], t = threshold[i], s = span[i], w = weight[i];
+        const float *score = scores[i], *t_i = tau[i];
+        const float t = threshold[i], s = span[i], w = weight[i];
         for (int64_t j = 0; j < size; ++j) {
             /* ternaries, not fminf/fmaxf: they vectorize (inputs are never NaN) */
-            const float delta = m[j] - b[j];
-            const float absolute = fabsf(delta);
-            const float raised = absolute < lo ? lo : absolute;
-            const float magnitude = raised > hi ? hi : raised;
-            const float tau = delta > 0.0f ? magnitude : (delta < 0.0f ? -magnitude : 0.0f);
-            const float kept = score[j] >= t ? 1.0f : 0.0f;
             const float balanced = ((score[j] > t ? score[j] : t) - t) / s;
-            kept_count[j] = kept_count[j] + kept;
-            kept_sum[j] = kept_sum[j] + (kept * tau) * w;
             denominator[j] = denominator[j] + balanced;
-            numerator[j] = numerator[j] + (balanced * tau) * w;
+            numerator[j] = numerator[j] + (balanced * t_i[j]) * w;
         }
     }
-    float *o = out + block;
+    int32_t unbalanced = 0;
+    for (int64_t j = 0; j < size; ++j) unbalanced += denominator[j] <= 0.0f;
+    if (!unbalanced) {
+        for (int64_t j = 0; j < size; ++j) {
+            const float weight_sum = denominator[j] > 1e-12f ? denominator[j] : 1e-12f;
+            o[j] = b[j] + (numerator[j] / weight_sum) * lambda;
+        }
+        return;
+    }
+    float kept_sum[BLOCK], kept_count[BLOCK];
+    for (int64_t j = 0; j < size; ++j) kept_sum[j] = kept_count[j] = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        const float *score = scores[i], *t_i = tau[i];
+        const float t = threshold[i], w = weight[i];
+        for (int64_t j = 0; j < size; ++j) {
+            const float kept = score[j] >= t ? 1.0f : 0.0f;
+            kept_count[j] = kept_count[j] + kept;
+            kept_sum[j] = kept_sum[j] + (kept * t_i[j]) * w;
+        }
+    }
     for (int64_t j = 0; j < size; ++j) {
         const float weight_sum = denominator[j] > 1e-12f ? denominator[j] : 1e-12f;
         const float count = kept_count[j] > 1.0f ? kept_count[j] : 1.0f;
@@ -607,11 +752,13 @@ void pcb_mix(const float *base, const float *const *models, int n, int64_t numel
              float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
+        float tau[MAX_MODELS][BLOCK], total[BLOCK];
         const float *rows[MAX_MODELS];
         for (int i = 0; i < n; ++i) rows[i] = scores[i] + block;
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-        pcb_mix_block(base, models, n, block, size, low, high, rows, threshold, span, weight,
-                      lambda, out);
+        pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
+        pcb_mix_block(base + block, tau, n, size, rows, threshold, span, weight, lambda,
+                      out + block);
     }
 }
 
@@ -631,7 +778,7 @@ void pcb_mix_recomputed(const float *base, const float *const *models, int n, in
             pcb_score_row(tau[i], total, size, low2[i], factor[i], score[i]);
             rows[i] = score[i];
         }
-        pcb_mix_block(base, models, n, block, size, low, high, rows, threshold, span, weight,
-                      lambda, out);
+        pcb_mix_block(base + block, tau, n, size, rows, threshold, span, weight, lambda,
+                      out + block);
     }
 }

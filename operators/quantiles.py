@@ -103,14 +103,20 @@ def kth_largest(values: torch.Tensor, k: int, nonnegative: bool = False) -> floa
     return kth_smallest(values, values.numel() - k, nonnegative)
 
 
-def sample_bracket(sample: torch.Tensor, rank: int, total: int) -> tuple[float, float]:
-    """A value range that holds the element of `rank` (out of `total`) unless the sample is
-    wildly unrepresentative: +-4 binomial standard deviations of the sample rank, plus slack."""
-    values = sample.reshape(-1).to(torch.float32)
-    m = values.numel()
+def bracket_ranks(rank: int, total: int, m: int) -> tuple[int, int]:
+    """Sample ranks whose values bracket the element of `rank` (out of `total`) in a sample of m,
+    unless the sample is wildly unrepresentative: +-4 binomial standard deviations of the sample
+    rank, plus slack. -1 and m stand for no bound below and above."""
     center = (rank + 0.5) * m / total
     margin = 4 * math.sqrt(max(center * (1 - center / m), 1.0)) + 4
-    low_index, high_index = math.floor(center - margin), math.ceil(center + margin)
+    return max(-1, math.floor(center - margin)), min(m, math.ceil(center + margin))
+
+
+def sample_bracket(sample: torch.Tensor, rank: int, total: int) -> tuple[float, float]:
+    """The value range between a sample's `bracket_ranks`."""
+    values = sample.reshape(-1).to(torch.float32)
+    m = values.numel()
+    low_index, high_index = bracket_ranks(rank, total, m)
     low = values.kthvalue(low_index + 1).values.item() if low_index >= 0 else -math.inf
     high = values.kthvalue(high_index + 1).values.item() if high_index < m else math.inf
     return low, high
