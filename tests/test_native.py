@@ -60,6 +60,9 @@ def _large_family(values: str = "normal") -> tuple[torch.Tensor, list[torch.Tens
     models = [base + 0.1 * torch.randn(base.shape, generator=generator) for _ in range(3)]
     if values == "ties":  # long runs of equal magnitudes and scores
         models = [base + (m - base).mul(20).round().div(20) for m in models]
+    if values == "tiers":  # task vectors of 1e-3, 0.1 and 3 by thirds: each form of PCB's tanh
+        scale = torch.tensor([0.01, 1.0, 30.0]).repeat_interleave(100_003)[:base.numel()]
+        models = [base + (m - base) * scale for m in models]
     return base, models
 
 
@@ -69,6 +72,7 @@ def _large_family(values: str = "normal") -> tuple[torch.Tensor, list[torch.Tens
     ("normal", {"density": [0.05, 0.5, 1.0], "clip": 0.0, "lambda": 1.1}),
     ("normal", {"density": 0.2, "clip": 0.4}),  # clip ranks too far in for heaps: stored path
     ("ties", {"density": 0.3}),
+    ("tiers", {"density": 0.3, "clip": 0.0}),
 ])
 def test_fused_pcb_passes_equal_the_eager_path_on_large_tensors(values, params, monkeypatch):
     from operators import pcb
@@ -97,7 +101,7 @@ def test_a_missed_bracket_falls_back_to_stored_scores(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("values", ["normal", "ties"])
+@pytest.mark.parametrize("values", ["normal", "ties", "tiers"])
 def test_magnitude_extremes_match_sort(values):
     base, models = _large_family(values)
     for count_low, count_high in ((1, 1), (31, 7), (300, 300)):
