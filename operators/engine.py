@@ -22,7 +22,7 @@ from operators.pcb import pcb_merge
 from operators.quantiles import kth_smallest_streaming
 from operators.settings import Setting, TensorSite, check_setting, count_layers, resolve_first
 from operators.sources import StateDictSource, TensorSource
-from operators.sparsify import Keep, Sparsifier, sparsify
+from operators.sparsify import Keep, Sparsifier, magnitude_thresholds, sparsify
 from operators.task_arithmetic import Aggregation, merge_task_vectors
 
 
@@ -198,6 +198,9 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
         return pcb_merge(base, models, densities=[p["density"] for p in per_model],
                          weights=[p["weight"] for p in per_model], lam=shared["lambda"],
                          clip=shared["clip"], inter=shared["inter"], ws=ws)
+    thresholds = None
+    if bounds is None and method.sparsifier is Sparsifier.MAGNITUDE:
+        thresholds = magnitude_thresholds(models, base, [p["density"] for p in per_model])
     keeps = []
     for index, (model, params) in enumerate(zip(models, per_model, strict=True)):
         if bounds is not None:
@@ -213,7 +216,8 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
             model, base, method.sparsifier, density=params["density"],
             gamma=params.get("gamma", 0.0), epsilon=params.get("epsilon", 0.0),
             rescale=shared["rescale"], rescale_mode=shared.get("rescale_mode", "l1"),
-            key=rng.stream_key(seed, site.name, f"trim:{index}"), ws=ws, slot=f"keep{index}"))
+            key=rng.stream_key(seed, site.name, f"trim:{index}"), ws=ws, slot=f"keep{index}",
+            threshold=None if thresholds is None else thresholds[index]))
     how = Aggregation(method.consensus, shared["normalize"], shared["lambda"],
                       shared["weight_before_election"])
     return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how, ws)

@@ -8,8 +8,9 @@ ops and no FMA contraction, so both paths give bit-identical results (tests chec
 
 How: the source is compiled with the system C compiler (``cc -O3 -march=native -fopenmp``, see
 `_FLAGS`) into EVOFORGE_CACHE/native/<hash>/ and loaded with ctypes; there are no torch headers
-involved, so the build takes about a second, once per machine. Without a compiler, or with EVOFORGE_NATIVE=0, every
-caller falls back to the eager torch path. GPU tensors always take the eager path.
+involved, so the build takes about a second, once per machine. Without a compiler, or with
+EVOFORGE_NATIVE=0, every caller falls back to the eager torch path. GPU tensors always take the
+eager path.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-f
 MAX_MODELS = 32
 MAX_RANKS = 4
 EXTREME_COUNT = 1 << 16  # largest heap for `magnitude_extremes`
-SAMPLE = 1 << 14  # sampled entries behind the PCB threshold brackets (a multiple of 16)
-FUSED_PCB_MIN = 8 * SAMPLE  # entries; below this PCB stores its scores (cheap at that size)
+SAMPLE = 1 << 14  # sampled entries behind the selection brackets (a multiple of 16)
+FUSED_SELECT_MIN = 8 * SAMPLE  # entries; below this, selection by sample brackets does not pay
+_SCORE_MAGNITUDE, _SCORE_PCB = 0, 1  # score kinds of the kernels' scores_select
 
 
 class _MergeOptions(ctypes.Structure):
@@ -102,12 +104,12 @@ def library() -> ctypes.CDLL | None:
                             floats, ctypes.c_float, pointer, i32]
     lib.pcb_mix_recomputed.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats,
                                        floats, floats, floats, ctypes.c_float, pointer, i32]
-    lib.pcb_thresholds.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats,
-                                   pointer, floats, floats, i64, floats, floats, i32]
-    lib.pcb_thresholds.restype = i32
-    lib.pcb_sample_brackets.argtypes = [pointer, pointer, i32, i64, floats, floats, floats,
-                                        floats, i64, pointer, pointer, floats, floats]
-    lib.pcb_sample_brackets.restype = i64
+    lib.scores_sample_brackets.argtypes = [i32, pointer, pointer, i32, i64, floats, floats,
+                                           floats, floats, i64, pointer, pointer, floats, floats]
+    lib.scores_sample_brackets.restype = i64
+    lib.scores_select.argtypes = [i32, pointer, pointer, i32, i64, floats, floats, floats, floats,
+                                  pointer, floats, floats, i64, floats, floats, i32]
+    lib.scores_select.restype = i32
     lib.magnitude_extremes.argtypes = [pointer, pointer, i32, i64, i64, i64, floats, floats, i32]
     lib.magnitude_extremes.restype = i32
     return lib
@@ -204,30 +206,48 @@ def magnitude_extremes(base: torch.Tensor, models: Sequence[torch.Tensor], count
     return list(zip(low, high, strict=True)) if status == 0 else None
 
 
+def _select_scores(kind: int, base: torch.Tensor, models: Sequence[torch.Tensor],
+                   ranks: Sequence[int], pcb: tuple[list, list, list, list] | None = None
+                   ) -> tuple[list[float], list[float]] | None:
+    """Each model's score at ascending rank `ranks[i]` and its largest score, scores computed on
+    the fly and never stored (`scores_select` in the kernels); None when a sample bracket misses
+    or the tensor is too small for sampling to pay."""
+    n, numel = len(models), base.numel()
+    if numel < FUSED_SELECT_MIN:
+        return None
+    constants = [None] * 4 if pcb is None else [_floats(values) for values in pcb]
+    sample_ranks = [bracket_ranks(rank, numel, SAMPLE) for rank in ranks]
+    low, high = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+    inside = library().scores_sample_brackets(
+        kind, base.data_ptr(), _pointers(models), n, numel, *constants, SAMPLE,
+        (ctypes.c_int64 * n)(*(r[0] for r in sample_ranks)),
+        (ctypes.c_int64 * n)(*(r[1] for r in sample_ranks)), low, high)
+    if inside < 0:
+        raise MemoryError(f"score sample of {SAMPLE} entries x {n} models: out of memory")
+    thresholds, maxima = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+    status = library().scores_select(
+        kind, base.data_ptr(), _pointers(models), n, numel, *constants,
+        (ctypes.c_int64 * n)(*ranks), low, high, 2 * inside * (numel // SAMPLE) + 4096,
+        thresholds, maxima, torch.get_num_threads())
+    return (list(thresholds), list(maxima)) if status == 0 else None
+
+
+def magnitude_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
+                         ranks: Sequence[int]) -> list[float] | None:
+    """Each model's |model - base| at ascending rank `ranks[i]`, all models in one pass (TIES'
+    trim thresholds); None when a sample bracket misses (select model by model, then)."""
+    found = _select_scores(_SCORE_MAGNITUDE, base, models, ranks)
+    return None if found is None else found[0]
+
+
 def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
                    bounds: Sequence[tuple[float, float]], low2: Sequence[float],
                    factors: Sequence[float], ranks: Sequence[int]
                    ) -> tuple[list[float], list[float]] | None:
     """Each model's PCB drop threshold (score at ascending rank `ranks[i]`) and largest score,
     without storing the scores; None when the sample brackets miss (store them, then)."""
-    n, numel = len(models), base.numel()
-    if numel < FUSED_PCB_MIN:
-        return None
-    lows, highs = _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds])
-    sample_ranks = [bracket_ranks(rank, numel, SAMPLE) for rank in ranks]
-    low, high = (ctypes.c_float * n)(), (ctypes.c_float * n)()
-    inside = library().pcb_sample_brackets(
-        base.data_ptr(), _pointers(models), n, numel, lows, highs, _floats(low2),
-        _floats(factors), SAMPLE, (ctypes.c_int64 * n)(*(r[0] for r in sample_ranks)),
-        (ctypes.c_int64 * n)(*(r[1] for r in sample_ranks)), low, high)
-    if inside < 0:
-        raise MemoryError(f"PCB sample of {SAMPLE} entries x {n} models: out of memory")
-    thresholds, maxima = (ctypes.c_float * n)(), (ctypes.c_float * n)()
-    status = library().pcb_thresholds(
-        base.data_ptr(), _pointers(models), n, numel, lows, highs, _floats(low2),
-        _floats(factors), (ctypes.c_int64 * n)(*ranks), low, high,
-        2 * inside * (numel // SAMPLE) + 4096, thresholds, maxima, torch.get_num_threads())
-    return (list(thresholds), list(maxima)) if status == 0 else None
+    pcb = ([b[0] for b in bounds], [b[1] for b in bounds], list(low2), list(factors))
+    return _select_scores(_SCORE_PCB, base, models, ranks, pcb)
 
 
 def pcb_mix_recomputed(base: torch.Tensor, models: Sequence[torch.Tensor],

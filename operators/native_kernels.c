@@ -449,43 +449,79 @@ void pcb_scores(const float *base, const float *const *models, int n, int64_t nu
     }
 }
 
-/* The sample behind `pcb_thresholds`' brackets: PCB's scores at m entries, taken as m / SAMPLE_RUN
- * evenly spaced runs of SAMPLE_RUN consecutive entries (whole cache lines, where single strided
- * entries would each cost a miss). Per model, lo[i] and hi[i] are the sample scores at ranks
- * low_rank[i] and high_rank[i] (-1 and m: no bound, -inf and +inf). Returns the largest number of
- * sample scores inside a bracket, or -1 for bad arguments or no memory. */
+/* ---- exact per-model order statistics of scores computed on the fly, bracketed by a sample ----
+ *
+ * Two kinds of scores: |model_i - base| (TIES' trim threshold) and PCB's balance scores. Both are
+ * computed block by block and never stored: a sample brackets each model's wanted rank, one pass
+ * counts the scores below each bracket and collects those inside it, and a quickselect among the
+ * collected gives the exact value. */
+
+enum { SCORE_MAGNITUDE = 0, SCORE_PCB = 1 };
+
+struct scoring {
+    int kind, n;
+    const float *low, *high, *low2, *factor; /* PCB: clip bounds and score constants per model */
+};
+
+/* scores[i][0..size) of every model for the entries [block, block + size) */
+static inline void score_block(const struct scoring *sc, const float *base,
+                               const float *const *models, int64_t block, int64_t size,
+                               float scores[][BLOCK]) {
+    if (sc->kind == SCORE_PCB) {
+        float tau[MAX_MODELS][BLOCK], total[BLOCK];
+        pcb_clipped_block(base, models, sc->n, block, size, sc->low, sc->high, tau, total);
+        for (int i = 0; i < sc->n; ++i)
+            pcb_score_row(tau[i], total, size, sc->low2[i], sc->factor[i], scores[i]);
+        return;
+    }
+    const float *b = base + block;
+    for (int i = 0; i < sc->n; ++i) {
+        const float *m = models[i] + block;
+        for (int64_t j = 0; j < size; ++j) scores[i][j] = fabsf(m[j] - b[j]);
+    }
+}
+
+/* The sample: m entries, taken as m / SAMPLE_RUN evenly spaced runs of SAMPLE_RUN consecutive
+ * entries (whole cache lines, where single strided entries would each cost a miss). Per model,
+ * lo[i] and hi[i] are the sample scores at ranks low_rank[i] and high_rank[i] (-1 and m: no
+ * bound, -inf and +inf). Returns the largest number of sample scores inside a bracket, or -1 for
+ * bad arguments or no memory. */
 #define SAMPLE_RUN 16
-int64_t pcb_sample_brackets(const float *base, const float *const *models, int n, int64_t numel,
-                            const float *low, const float *high, const float *low2,
-                            const float *factor, int64_t m, const int64_t *low_rank,
-                            const int64_t *high_rank, float *lo, float *hi) {
+static int64_t sample_brackets(const struct scoring *sc, const float *base,
+                               const float *const *models, int64_t numel, int64_t m,
+                               const int64_t *low_rank, const int64_t *high_rank, float *lo,
+                               float *hi) {
+    const int n = sc->n;
     if (n > MAX_MODELS || m <= 0 || m % SAMPLE_RUN || numel < m) return -1;
-    float *gathered = malloc(sizeof(float) * m * (n + 1)), *scores = malloc(sizeof(float) * m * n);
-    uint32_t *keys = malloc(sizeof(uint32_t) * m);
+    float *gathered = malloc(sizeof(float) * m * (n + 1));
+    float (*scores)[BLOCK] = malloc(sizeof(float) * BLOCK * n);
+    uint32_t *keys = malloc(sizeof(uint32_t) * m * n);
     int64_t widest = -1;
     if (gathered && scores && keys) {
         const int64_t runs = m / SAMPLE_RUN, spacing = numel / runs;
         const float *sampled[MAX_MODELS];
-        float *rows[MAX_MODELS];
-        for (int i = 0; i < n; ++i) {
-            sampled[i] = gathered + (i + 1) * m;
-            rows[i] = scores + i * m;
-        }
+        for (int i = 0; i < n; ++i) sampled[i] = gathered + (i + 1) * m;
         for (int64_t r = 0; r < runs; ++r) {
             memcpy(gathered + r * SAMPLE_RUN, base + r * spacing, sizeof(float) * SAMPLE_RUN);
             for (int i = 0; i < n; ++i)
                 memcpy(gathered + (i + 1) * m + r * SAMPLE_RUN, models[i] + r * spacing,
                        sizeof(float) * SAMPLE_RUN);
         }
-        pcb_scores(gathered, sampled, n, m, low, high, low2, factor, rows, 1);
+        for (int64_t block = 0; block < m; block += BLOCK) {
+            const int64_t size = m - block < BLOCK ? m - block : BLOCK;
+            score_block(sc, gathered, sampled, block, size, scores);
+            for (int i = 0; i < n; ++i)
+                for (int64_t j = 0; j < size; ++j)
+                    keys[i * m + block + j] = sortable_key(scores[i][j]);
+        }
         widest = 0;
         for (int i = 0; i < n; ++i) {
-            for (int64_t j = 0; j < m; ++j) keys[j] = sortable_key(rows[i][j]);
-            lo[i] = low_rank[i] < 0 ? -INFINITY : key_value(nth_key(keys, m, low_rank[i]));
-            hi[i] = high_rank[i] >= m ? INFINITY : key_value(nth_key(keys, m, high_rank[i]));
+            uint32_t *row = keys + i * m;
+            lo[i] = low_rank[i] < 0 ? -INFINITY : key_value(nth_key(row, m, low_rank[i]));
+            hi[i] = high_rank[i] >= m ? INFINITY : key_value(nth_key(row, m, high_rank[i]));
             const uint32_t from = sortable_key(lo[i]), span = sortable_key(hi[i]) - from;
             int64_t inside = 0;
-            for (int64_t j = 0; j < m; ++j) inside += keys[j] - from <= span;
+            for (int64_t j = 0; j < m; ++j) inside += row[j] - from <= span;
             widest = inside > widest ? inside : widest;
         }
     }
@@ -495,24 +531,23 @@ int64_t pcb_sample_brackets(const float *base, const float *const *models, int n
     return widest;
 }
 
-/* Every model's drop threshold (the score at ascending rank `ranks[i]`) and largest score,
- * without storing the scores: one pass computes them block by block, counts each model's
- * scores below its bracket [lo_i, hi_i] (from a sample) and collects those inside, then a
- * quickselect among the collected. Returns 1 if a bracket missed its rank or a buffer filled:
- * the caller then stores the scores and selects by radix. */
-int pcb_thresholds(const float *base, const float *const *models, int n, int64_t numel,
-                   const float *low, const float *high, const float *low2, const float *factor,
-                   const int64_t *ranks, const float *lo, const float *hi, int64_t capacity,
-                   float *thresholds, float *maxima, int threads) {
+/* Every model's score at ascending rank `ranks[i]`, and its largest score (`maxima`, may be
+ * NULL), in one pass: scores below each bracket [lo_i, hi_i] are counted, those inside collected
+ * (at most `capacity` per thread and model), then a quickselect among the collected. Returns 1
+ * if a bracket missed its rank or a buffer filled: the caller then selects another way. */
+static int bracket_select(const struct scoring *sc, const float *base, const float *const *models,
+                          int64_t numel, const int64_t *ranks, const float *lo, const float *hi,
+                          int64_t capacity, float *thresholds, float *maxima, int threads) {
+    const int n = sc->n;
     if (n > MAX_MODELS || numel <= 0 || capacity <= 0) return -1;
-    uint32_t lo_key[MAX_MODELS], width[MAX_MODELS];
+    uint32_t lo_key[MAX_MODELS], width[MAX_MODELS], top_key[MAX_MODELS];
     uint32_t *found[MAX_MODELS] = {0};
     int64_t found_n[MAX_MODELS] = {0}, below[MAX_MODELS] = {0};
     int failed = 0;
     for (int i = 0; i < n; ++i) {
         lo_key[i] = sortable_key(lo[i]);
         width[i] = sortable_key(hi[i]) - lo_key[i];
-        maxima[i] = -INFINITY;
+        top_key[i] = 0;
         found[i] = malloc(sizeof(uint32_t) * capacity * threads);
         if (!found[i]) failed = 1;
     }
@@ -530,18 +565,17 @@ int pcb_thresholds(const float *base, const float *const *models, int n, int64_t
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < numel; block += BLOCK) {
                 if (full) continue;
-                float tau[MAX_MODELS][BLOCK], total[BLOCK], score[BLOCK];
+                float scores[MAX_MODELS][BLOCK];
                 const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-                pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
+                score_block(sc, base, models, block, size, scores);
                 for (int i = 0; i < n; ++i) {
-                    pcb_score_row(tau[i], total, size, low2[i], factor[i], score);
                     /* the first loop vectorizes (max, count below, how many inside); the
                      * collection only runs when the block has entries inside the bracket */
                     uint32_t keys[BLOCK], best = top[i];
                     int32_t less = 0, inside = 0;
                     const uint32_t from = lo_key[i], span = width[i];
                     for (int64_t j = 0; j < size; ++j) { /* integer ops only: vectorizes */
-                        keys[j] = sortable_key(score[j]);
+                        keys[j] = sortable_key(scores[i][j]);
                         best = keys[j] > best ? keys[j] : best;
                         less += keys[j] < from;
                         inside += keys[j] - from <= span; /* lo <= key <= hi, unsigned */
@@ -563,8 +597,7 @@ int pcb_thresholds(const float *base, const float *const *models, int n, int64_t
                     memcpy(found[i] + found_n[i], local[i], sizeof(uint32_t) * count[i]);
                     found_n[i] += count[i];
                     below[i] += under[i];
-                    const float largest = key_value(top[i]);
-                    maxima[i] = largest > maxima[i] ? largest : maxima[i];
+                    top_key[i] = top[i] > top_key[i] ? top[i] : top_key[i];
                 }
             }
             for (int i = 0; i < n; ++i) free(local[i]);
@@ -574,9 +607,30 @@ int pcb_thresholds(const float *base, const float *const *models, int n, int64_t
         const int64_t target = ranks[i] - below[i];
         if (target < 0 || target >= found_n[i]) failed = 1;
         else thresholds[i] = key_value(nth_key(found[i], found_n[i], target));
+        if (maxima) maxima[i] = key_value(top_key[i]);
     }
     for (int i = 0; i < n; ++i) free(found[i]);
     return failed ? 1 : 0;
+}
+
+/* The two passes for both kinds: `kind` is SCORE_MAGNITUDE or SCORE_PCB (then low, high, low2 and
+ * factor are PCB's per-model clip bounds and score constants; NULL for magnitudes). */
+int64_t scores_sample_brackets(int kind, const float *base, const float *const *models, int n,
+                               int64_t numel, const float *low, const float *high,
+                               const float *low2, const float *factor, int64_t m,
+                               const int64_t *low_rank, const int64_t *high_rank, float *lo,
+                               float *hi) {
+    const struct scoring sc = {kind, n, low, high, low2, factor};
+    return sample_brackets(&sc, base, models, numel, m, low_rank, high_rank, lo, hi);
+}
+
+int scores_select(int kind, const float *base, const float *const *models, int n, int64_t numel,
+                  const float *low, const float *high, const float *low2, const float *factor,
+                  const int64_t *ranks, const float *lo, const float *hi, int64_t capacity,
+                  float *thresholds, float *maxima, int threads) {
+    const struct scoring sc = {kind, n, low, high, low2, factor};
+    return bracket_select(&sc, base, models, numel, ranks, lo, hi, capacity, thresholds, maxima,
+                          threads);
 }
 
 /* The [count_low - 1]-th smallest and the [count_high]-th largest |model_i - base| of every

@@ -42,7 +42,7 @@ import torch
 from operators import ieee_math, native
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
 from operators.quantiles import kth_smallest_sampled
-from operators.sparsify import kth_magnitudes
+from operators.sparsify import kth_magnitudes, trim_rank
 
 _TINY = 1e-12
 _SAMPLE = 1 << 14
@@ -56,11 +56,6 @@ class InterBalancing(StrEnum):
 def _clip_ranks(n: int, clip: float) -> tuple[int, int]:
     """Ascending ranks of the [clip, 1 - clip] quantiles among n values (min, max at clip 0)."""
     return int(n * clip), max(0, int(n * (1 - clip)) - 1)
-
-
-def _drop_rank(n: int, density: float) -> int:
-    """Ascending rank of the lowest kept score: the k-th best, k = max(1, int(density * n))."""
-    return n - max(1, int(density * n))
 
 
 def _clip_bounds(model: torch.Tensor, base: torch.Tensor, clip: float, ws: Workspace
@@ -136,7 +131,7 @@ def _tanh_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Worksp
 def _drop_threshold(scores: torch.Tensor, density: float) -> float:
     """The score of the k-th best entry, k = max(1, int(density * n)): the lowest one kept."""
     n = scores.numel()
-    rank = _drop_rank(n, density)
+    rank = trim_rank(n, density)
     if native.usable(scores):
         return native.select_ranks(scores, None, [rank])[0]
     sample = scores[:: max(1, n // _SAMPLE)]
@@ -153,7 +148,7 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
     are the exact order statistics the stored path finds, so the result is the same; None when
     a sample bracket misses, and the caller stores the scores."""
     n = base.numel()
-    if n < native.FUSED_PCB_MIN:  # small tensors: the sample brackets would not pay
+    if n < native.FUSED_SELECT_MIN:  # small tensors: the sample brackets would not pay
         return None
     low_rank, high_rank = _clip_ranks(n, clip)
     bounds = native.magnitude_extremes(base, models, low_rank + 1, n - high_rank)
@@ -161,7 +156,7 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
         return None
     low2, factors = _score_constants(bounds, len(models))
     found = native.pcb_thresholds(base, models, bounds, low2, factors,
-                                  [_drop_rank(n, d) for d in densities])
+                                  [trim_rank(n, d) for d in densities])
     if found is None:
         return None
     thresholds, maxima = found

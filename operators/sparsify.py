@@ -22,7 +22,7 @@ papers). Magnitude trims take ``rescale: true`` as l1 too, as in mergekit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -115,12 +115,35 @@ def kth_magnitudes(model: torch.Tensor, base: torch.Tensor, ranks: list[int], ws
                                 _magnitude_sample(model, base), nonnegative=True)
 
 
+def trim_rank(n: int, density: float) -> int:
+    """Ascending rank of the lowest value kept (TIES' magnitudes, PCB's scores): the k-th largest,
+    k = max(1, int(density * n))."""
+    return n - max(1, int(density * n))
+
+
 def magnitude_band(model: torch.Tensor, base: torch.Tensor, density: float, ws: Workspace
                    ) -> tuple[float, float]:
     """TIES: |delta| of at least the k-th largest; ties at the threshold are all kept."""
-    n = model.numel()
-    k = max(1, int(density * n))
-    return kth_magnitudes(model, base, [n - k], ws)[0], math.inf
+    return kth_magnitudes(model, base, [trim_rank(model.numel(), density)], ws)[0], math.inf
+
+
+def magnitude_thresholds(models: Sequence[torch.Tensor], base: torch.Tensor,
+                         densities: Sequence[float]) -> list[float | None] | None:
+    """`magnitude_band`'s thresholds of all trimmed models (density < 1; None for the others) in
+    one fused pass that reads the base once; None where the kernels cannot (then model by model)."""
+    base = flat(base)
+    trimmed = [i for i, density in enumerate(densities) if density < 1]
+    models = [flat(models[i]) for i in trimmed]
+    if not trimmed or len(models) > native.MAX_MODELS or not native.usable(base, *models):
+        return None
+    found = native.magnitude_thresholds(
+        base, models, [trim_rank(base.numel(), densities[i]) for i in trimmed])
+    if found is None:
+        return None
+    thresholds: list[float | None] = [None] * len(densities)
+    for i, value in zip(trimmed, found, strict=True):
+        thresholds[i] = value
+    return thresholds
 
 
 def outlier_band(model: torch.Tensor, base: torch.Tensor, density: float, gamma: float,
@@ -190,10 +213,12 @@ def l1_rescale(model: torch.Tensor, base: torch.Tensor, keep: Keep, ws: Workspac
 def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, density: float,
              gamma: float = 0.0, epsilon: float = 0.0, rescale: bool = False,
              rescale_mode: RescaleMode = RescaleMode.L1, key: int = 0,
-             ws: Workspace | None = None, slot: str = "keep") -> Keep:
+             ws: Workspace | None = None, slot: str = "keep",
+             threshold: float | None = None) -> Keep:
     """Decide the survivors of one task vector (model - base); `key` seeds random trims.
 
     Masks of random trims live in the workspace buffer `slot`: give each model its own slot.
+    `threshold`: the magnitude trim's threshold when already known (`magnitude_thresholds`).
     """
     ws = ws or Workspace(model.device)
     if density >= 1:
@@ -215,7 +240,8 @@ def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, den
     if method is Sparsifier.DELLA:
         keep = Keep(mask=mask)
     elif method is Sparsifier.MAGNITUDE:
-        keep = Keep(band=magnitude_band(model, base, density, ws))
+        keep = Keep(band=magnitude_band(model, base, density, ws) if threshold is None
+                    else (threshold, math.inf))
     else:
         band = outlier_band(model, base, density, gamma, ws)
         keep = Keep(mask=torch.zeros(model.numel(), device=model.device)) if band is None \

@@ -109,3 +109,28 @@ def test_magnitude_extremes_match_sort(values):
         for (low, high), model in zip(found, models, strict=True):
             ordered = (model - base).abs().sort().values
             assert (low, high) == (ordered[count_low - 1].item(), ordered[-count_high].item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_magnitude_thresholds_match_sort(values):
+    base, models = _large_family(values)
+    ranks = [0, 150_000, 300_006]
+    found = native.magnitude_thresholds(base, models, ranks)
+    for value, model, rank in zip(found, models, ranks, strict=True):
+        assert value == (model - base).abs().sort().values[rank].item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("miss", [False, True])
+def test_large_ties_merges_equal_the_eager_path(miss, monkeypatch):
+    """All models' trim thresholds in one pass (or, when a bracket misses, model by model)."""
+    base, models = _large_family("ties")
+    params = {"weight": [0.5, 0.3, 0.7], "density": [0.3, 1.0, 0.05]}
+    if miss:
+        monkeypatch.setattr(native, "bracket_ranks", lambda *args: (0, 0))
+        assert native.magnitude_thresholds(base, models, [200_000] * 3) is None
+    fused = merge("ties", {"w": base}, [{"w": m} for m in models], **params)["w"]
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert torch.equal(fused, merge("ties", {"w": base}, [{"w": m} for m in models],
+                                    **params)["w"])
