@@ -63,21 +63,15 @@ def build_models(layers: int, hidden: int, seed: int = 0) -> tuple[dict, list[di
     return base, models
 
 
-def timed(fn, repeats: int = 1):
-    """(result, best wall time of `repeats` runs, peak RSS added by the first run in GiB)."""
-    best = float("inf")
-    result = peak = None
-    for attempt in range(repeats):
-        result = None
-        gc.collect()
-        before = _rss_gib()
-        _peak_reset()
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-        if attempt == 0:
-            peak = _peak_gib() - before
-    return result, best, peak
+def timed(fn):
+    """(result, wall time, peak RSS the run added above what was resident before, in GiB)."""
+    gc.collect()
+    before = _rss_gib()
+    _peak_reset()
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    return result, seconds, _peak_gib() - before
 
 
 def run_evoforge(method: str, base: dict, models: list[dict], params: dict) -> dict:
@@ -101,7 +95,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="evoforge runs per method; the best time counts (mergekit runs once)")
+                        help="rounds of evoforge runs (each method once per round); the best "
+                             "time counts (mergekit runs once)")
     parser.add_argument("--skip-mergekit", action="store_true",
                         help="time evoforge only (mergekit's TIES sorts every tensor: slow)")
     args = parser.parse_args()
@@ -119,14 +114,21 @@ def main() -> None:
     }
     # Warm-up: the first large allocations of a process pay page faults that later ones reuse.
     run_evoforge("linear", base, models, cases["linear"])
-    ours_time = {}
+    # Each round times every method once, so a slow spell of the machine (a noisy neighbour on a
+    # shared VM) lands on all methods alike instead of on whichever ran then; best round counts.
+    ours_time, ours_peak = {}, {}
+    for _ in range(args.repeats):
+        for method, params in cases.items():
+            out, seconds, peak = timed(lambda m=method, p=params: run_evoforge(m, base, models, p))
+            del out  # freed before the next run measures what is resident
+            ours_time[method] = min(seconds, ours_time.get(method, float("inf")))
+            ours_peak.setdefault(method, peak)
     header = f"{'method':16} {'evoforge s':>10} {'mergekit s':>10} {'speedup':>8} " \
              f"{'vs linear':>9} {'peak GiB ours/mk':>17}  same result"
     print(header)
     for method, params in cases.items():
-        out, t_ours, m_ours = timed(lambda m=method, p=params: run_evoforge(m, base, models, p),
-                                    args.repeats)
-        ours_time[method] = t_ours
+        out = run_evoforge(method, base, models, params)
+        t_ours, m_ours = ours_time[method], ours_peak[method]
         t_mk = m_mk = None
         same = "n/a (mergekit has no pcb)" if method == "pcb" else "not compared (--skip-mergekit)"
         if merge_state_dicts is not None and method != "pcb" and not args.skip_mergekit:

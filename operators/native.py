@@ -105,7 +105,8 @@ def library() -> ctypes.CDLL | None:
     lib.pcb_mix_recomputed.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats,
                                        floats, floats, floats, ctypes.c_float, pointer, i32]
     lib.scores_sample_brackets.argtypes = [i32, pointer, pointer, i32, i64, floats, floats,
-                                           floats, floats, i64, pointer, pointer, floats, floats]
+                                           floats, floats, i64, pointer, pointer, floats, floats,
+                                           i32]
     lib.scores_sample_brackets.restype = i64
     lib.scores_select.argtypes = [i32, pointer, pointer, i32, i64, floats, floats, floats, floats,
                                   pointer, floats, floats, i64, floats, floats, i32]
@@ -221,7 +222,7 @@ def _select_scores(kind: int, base: torch.Tensor, models: Sequence[torch.Tensor]
     inside = library().scores_sample_brackets(
         kind, base.data_ptr(), _pointers(models), n, numel, *constants, SAMPLE,
         (ctypes.c_int64 * n)(*(r[0] for r in sample_ranks)),
-        (ctypes.c_int64 * n)(*(r[1] for r in sample_ranks)), low, high)
+        (ctypes.c_int64 * n)(*(r[1] for r in sample_ranks)), low, high, torch.get_num_threads())
     if inside < 0:
         raise MemoryError(f"score sample of {SAMPLE} entries x {n} models: out of memory")
     thresholds, maxima = (ctypes.c_float * n)(), (ctypes.c_float * n)()

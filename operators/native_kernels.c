@@ -490,7 +490,7 @@ static inline void score_block(const struct scoring *sc, const float *base,
 static int64_t sample_brackets(const struct scoring *sc, const float *base,
                                const float *const *models, int64_t numel, int64_t m,
                                const int64_t *low_rank, const int64_t *high_rank, float *lo,
-                               float *hi) {
+                               float *hi, int threads) {
     const int n = sc->n;
     if (n > MAX_MODELS || m <= 0 || m % SAMPLE_RUN || numel < m) return -1;
     float *gathered = malloc(sizeof(float) * m * (n + 1));
@@ -515,6 +515,7 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
                     keys[i * m + block + j] = sortable_key(scores[i][j]);
         }
         widest = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic) reduction(max : widest)
         for (int i = 0; i < n; ++i) {
             uint32_t *row = keys + i * m;
             lo[i] = low_rank[i] < 0 ? -INFINITY : key_value(nth_key(row, m, low_rank[i]));
@@ -603,11 +604,14 @@ static int bracket_select(const struct scoring *sc, const float *base, const flo
             for (int i = 0; i < n; ++i) free(local[i]);
         }
     }
-    for (int i = 0; i < n && !failed; ++i) {
-        const int64_t target = ranks[i] - below[i];
-        if (target < 0 || target >= found_n[i]) failed = 1;
-        else thresholds[i] = key_value(nth_key(found[i], found_n[i], target));
-        if (maxima) maxima[i] = key_value(top_key[i]);
+    if (!failed) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic) reduction(| : failed)
+        for (int i = 0; i < n; ++i) {
+            const int64_t target = ranks[i] - below[i];
+            if (target < 0 || target >= found_n[i]) failed |= 1;
+            else thresholds[i] = key_value(nth_key(found[i], found_n[i], target));
+            if (maxima) maxima[i] = key_value(top_key[i]);
+        }
     }
     for (int i = 0; i < n; ++i) free(found[i]);
     return failed ? 1 : 0;
@@ -619,9 +623,9 @@ int64_t scores_sample_brackets(int kind, const float *base, const float *const *
                                int64_t numel, const float *low, const float *high,
                                const float *low2, const float *factor, int64_t m,
                                const int64_t *low_rank, const int64_t *high_rank, float *lo,
-                               float *hi) {
+                               float *hi, int threads) {
     const struct scoring sc = {kind, n, low, high, low2, factor};
-    return sample_brackets(&sc, base, models, numel, m, low_rank, high_rank, lo, hi);
+    return sample_brackets(&sc, base, models, numel, m, low_rank, high_rank, lo, hi, threads);
 }
 
 int scores_select(int kind, const float *base, const float *const *models, int n, int64_t numel,
