@@ -406,8 +406,8 @@ static inline void pcb_clipped_block(const float *base, const float *const *mode
     }
 }
 
-/* One model's scores in one block: exp(factor (tau^2 - low2)) * tanh(tau * sum_k tau_k). */
-/* Task vectors are small, so whole blocks take cheaper forms of tanh with the same bits:
+/* One model's scores in one block: exp(factor (tau^2 - low2)) * tanh(tau * sum_k tau_k).
+ * Task vectors are small, so whole blocks take cheaper forms of tanh with the same bits:
  * - |x| < 0.4 everywhere: the series alone (no exp, no division);
  * - |x| < 2^-12 everywhere: the series' correction x^3 p (|p| < 0.34) is below half an ulp of x,
  *   so the series rounds to x + 0 (the + 0 keeps its result for x = -0: +0). */
@@ -428,7 +428,8 @@ static inline void pcb_score_row(const float *tau, const float *total, int64_t s
             out[j] = exp_ieee_in_range((tau[j] * tau[j] - l2) * f) * (tau[j] * total[j] + 0.0f);
     } else if (!large) {
         for (int64_t j = 0; j < size; ++j)
-            out[j] = exp_ieee_in_range((tau[j] * tau[j] - l2) * f) * tanh_small_ieee(tau[j] * total[j]);
+            out[j] = exp_ieee_in_range((tau[j] * tau[j] - l2) * f) *
+                     tanh_small_ieee(tau[j] * total[j]);
     } else {
         for (int64_t j = 0; j < size; ++j)
             out[j] = exp_ieee_in_range((tau[j] * tau[j] - l2) * f) * tanh_ieee(tau[j] * total[j]);
@@ -437,16 +438,25 @@ static inline void pcb_score_row(const float *tau, const float *total, int64_t s
 
 /* PCB scores, tanh inter-balancing, tau clipped to [low_i, high_i] in magnitude; the same steps
  * as operators/pcb.py. */
+/* Every model's scores of one block into rows[i] (the clipped task vectors stay in tau). */
+static inline void pcb_score_block(const float *base, const float *const *models, int n,
+                                   int64_t block, int64_t size, const float *low,
+                                   const float *high, const float *low2, const float *factor,
+                                   float tau[][BLOCK], float *const *rows) {
+    float total[BLOCK];
+    pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
+    for (int i = 0; i < n; ++i) pcb_score_row(tau[i], total, size, low2[i], factor[i], rows[i]);
+}
+
 void pcb_scores(const float *base, const float *const *models, int n, int64_t numel,
                 const float *low, const float *high, const float *low2, const float *factor,
                 float *const *scores, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
-        float tau[MAX_MODELS][BLOCK], total[BLOCK];
+        float tau[MAX_MODELS][BLOCK], *rows[MAX_MODELS];
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-        pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
-        for (int i = 0; i < n; ++i)
-            pcb_score_row(tau[i], total, size, low2[i], factor[i], scores[i] + block);
+        for (int i = 0; i < n; ++i) rows[i] = scores[i] + block;
+        pcb_score_block(base, models, n, block, size, low, high, low2, factor, tau, rows);
     }
 }
 
@@ -469,10 +479,10 @@ static inline void score_block(const struct scoring *sc, const float *base,
                                const float *const *models, int64_t block, int64_t size,
                                float scores[][BLOCK]) {
     if (sc->kind == SCORE_PCB) {
-        float tau[MAX_MODELS][BLOCK], total[BLOCK];
-        pcb_clipped_block(base, models, sc->n, block, size, sc->low, sc->high, tau, total);
-        for (int i = 0; i < sc->n; ++i)
-            pcb_score_row(tau[i], total, size, sc->low2[i], sc->factor[i], scores[i]);
+        float tau[MAX_MODELS][BLOCK], *rows[MAX_MODELS];
+        for (int i = 0; i < sc->n; ++i) rows[i] = scores[i];
+        pcb_score_block(base, models, sc->n, block, size, sc->low, sc->high, sc->low2,
+                        sc->factor, tau, rows);
         return;
     }
     const float *b = base + block;
@@ -533,8 +543,7 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
     return widest;
 }
 
-/* Every model's score at ascending rank `ranks[i]`, and its largest score (`maxima`, may be
- * NULL), in one pass: scores below each bracket [lo_i, hi_i] are counted, those inside collected
+/* Every model's score at ascending rank `ranks[i]`, and its largest score, in one pass: scores below each bracket [lo_i, hi_i] are counted, those inside collected
  * (at most `capacity` per thread and model), then a quickselect among the collected. Returns 1
  * if a bracket missed its rank or a buffer filled: the caller then selects another way. */
 static int bracket_select(const struct scoring *sc, const float *base, const float *const *models,
@@ -611,7 +620,7 @@ static int bracket_select(const struct scoring *sc, const float *base, const flo
             const int64_t target = ranks[i] - below[i];
             if (target < 0 || target >= found_n[i]) failed |= 1;
             else thresholds[i] = key_value(nth_key(found[i], found_n[i], target));
-            if (maxima) maxima[i] = key_value(top_key[i]);
+            maxima[i] = key_value(top_key[i]);
         }
     }
     for (int i = 0; i < n; ++i) free(found[i]);
@@ -829,15 +838,11 @@ void pcb_mix_recomputed(const float *base, const float *const *models, int n, in
                         const float *weight, float lambda, float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
-        float tau[MAX_MODELS][BLOCK], total[BLOCK], score[MAX_MODELS][BLOCK];
-        const float *rows[MAX_MODELS];
+        float tau[MAX_MODELS][BLOCK], score[MAX_MODELS][BLOCK], *rows[MAX_MODELS];
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-        pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
-        for (int i = 0; i < n; ++i) {
-            pcb_score_row(tau[i], total, size, low2[i], factor[i], score[i]);
-            rows[i] = score[i];
-        }
-        pcb_mix_block(base + block, tau, n, size, rows, threshold, span, weight, lambda,
-                      out + block);
+        for (int i = 0; i < n; ++i) rows[i] = score[i];
+        pcb_score_block(base, models, n, block, size, low, high, low2, factor, tau, rows);
+        pcb_mix_block(base + block, tau, n, size, (const float *const *)rows, threshold, span,
+                      weight, lambda, out + block);
     }
 }
