@@ -543,9 +543,10 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
     return widest;
 }
 
-/* Every model's score at ascending rank `ranks[i]`, and its largest score, in one pass: scores below each bracket [lo_i, hi_i] are counted, those inside collected
- * (at most `capacity` per thread and model), then a quickselect among the collected. Returns 1
- * if a bracket missed its rank or a buffer filled: the caller then selects another way. */
+/* Every model's score at ascending rank `ranks[i]`, and its largest score, in one pass: scores
+ * below each bracket [lo_i, hi_i] are counted, those inside collected (at most `capacity` per
+ * thread and model), then a quickselect among the collected. Returns 1 if a bracket missed its
+ * rank or a buffer filled: the caller then selects another way. */
 static int bracket_select(const struct scoring *sc, const float *base, const float *const *models,
                           int64_t numel, const int64_t *ranks, const float *lo, const float *hi,
                           int64_t capacity, float *thresholds, float *maxima, int threads) {
