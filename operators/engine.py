@@ -15,7 +15,8 @@ import torch
 
 from operators import rng
 from operators.chunks import Workspace
-from operators.errors import MergeInputError, MergeParameterError
+from operators.errors import MergeInputError, MergeParameterError, NonFiniteInput
+from operators.finite import nonfinite_count
 from operators.interpolation import linear, slerp
 from operators.methods import Engine, Method, TrimScope, check_parameter_names, get_method
 from operators.pcb import pcb_merge
@@ -107,11 +108,8 @@ def _check_sources(sources: Sequence[TensorSource]) -> list[str]:
 
 
 def _check_finite(tensor: torch.Tensor, name: str, label: str) -> None:
-    """Reject NaN/Inf weights. A sum (one cheap pass, no allocation) is finite unless the tensor
-    holds NaN/Inf (or sums past 3e38, which real weights never do); only then count them."""
-    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
-        return
-    bad = int((~torch.isfinite(tensor)).sum())
+    """Reject NaN/Inf weights, naming the tensor and the input that holds them."""
+    bad = nonfinite_count(tensor)
     if bad:
         raise MergeInputError(
             f"tensor {name!r} of {label} holds {bad} NaN/Inf values: the checkpoint is corrupt or "
@@ -260,8 +258,9 @@ def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[Tens
     workspace = Workspace(device)
     for name in names:
         tensors = [_load(source, name, device, dtype) for source in sources]
-        for tensor, source in zip(tensors, sources, strict=True):
-            _check_finite(tensor, name, source.label)
+        if not method.checks_inputs:
+            for tensor, source in zip(tensors, sources, strict=True):
+                _check_finite(tensor, name, source.label)
         if not tensors[0].is_floating_point():
             if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
                 raise MergeInputError(
@@ -272,8 +271,17 @@ def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[Tens
         site = TensorSite.of(name, num_layers)
         base_tensor = tensors[0] if base is not None else None
         model_tensors = tensors[1:] if base is not None else tensors
-        yield name, _merge_tensor(method, site, base_tensor, model_tensors, resolver.shared(site),
-                                  resolver.per_model(site), spec.seed, bounds, workspace)
+        try:
+            merged = _merge_tensor(method, site, base_tensor, model_tensors,
+                                   resolver.shared(site), resolver.per_model(site), spec.seed,
+                                   bounds, workspace)
+        except NonFiniteInput:
+            for tensor, source in zip(tensors, sources, strict=True):
+                _check_finite(tensor, name, source.label)
+            raise MergeInputError(
+                f"tensor {name!r}: a model minus the base overflows float32 (beyond 3.4e38); the "
+                "weights are corrupt or not from the same base model") from None
+        yield name, merged
 
 
 def merge(method: str, base: Mapping[str, torch.Tensor] | None,

@@ -19,3 +19,8 @@ class MergeParameterError(MergeError):
 
 class CheckpointError(MergeError):
     """A checkpoint on disk is missing or unreadable."""
+
+
+class NonFiniteInput(MergeInputError):
+    """An input of the tensor being merged holds NaN/Inf, found by a method that checks its own
+    inputs on its first pass (`Method.checks_inputs`); the engine then names the input."""

@@ -85,6 +85,9 @@ class Method:
     shared: dict[str, Param] = field(default_factory=dict)
     needs_base: bool = True
     summary: str = ""
+    # The method rejects NaN/Inf inputs itself (raising `NonFiniteInput`) on a pass it makes
+    # anyway, so the engine skips its own check pass over the inputs.
+    checks_inputs: bool = False
 
 
 def _task_vector_method(name: str, sparsifier: Sparsifier | None, consensus: Consensus | None,
@@ -137,7 +140,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            shared={"lambda": LAMBDA,
                    "clip": Param(float, 1e-4, -1e-12, 0.5, "clip is a quantile in [0, 0.5)."),
                    "inter": Param(InterBalancing, InterBalancing.TANH.value)},
-           summary="parameter competition balancing (intra + inter task), drop, weighted mean"),
+           summary="parameter competition balancing (intra + inter task), drop, weighted mean",
+           checks_inputs=True),
 )}
 
 

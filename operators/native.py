@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from operators.cache import cache_dir
+from operators.errors import NonFiniteInput
 from operators.quantiles import bracket_ranks
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -196,7 +197,8 @@ def pcb_mix(base: torch.Tensor, models: Sequence[torch.Tensor],
 def magnitude_extremes(base: torch.Tensor, models: Sequence[torch.Tensor], count_low: int,
                        count_high: int) -> list[tuple[float, float]] | None:
     """Per model, the `count_low`-th smallest and `count_high`-th largest |model - base|, in
-    one pass over all models (bounded heaps); None if the counts are too large for heaps."""
+    one pass over all models (bounded heaps); None if the counts are too large for heaps.
+    Raises `NonFiniteInput` if an input holds NaN/Inf: the pass checks them on the way."""
     if max(count_low, count_high) > EXTREME_COUNT:
         return None
     n = len(models)
@@ -204,6 +206,8 @@ def magnitude_extremes(base: torch.Tensor, models: Sequence[torch.Tensor], count
     status = library().magnitude_extremes(base.data_ptr(), _pointers(models), n, base.numel(),
                                           count_low, count_high, low, high,
                                           torch.get_num_threads())
+    if status == 2:
+        raise NonFiniteInput("an input tensor holds NaN/Inf values (or model - base overflows)")
     return list(zip(low, high, strict=True)) if status == 0 else None
 
 

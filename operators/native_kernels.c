@@ -415,13 +415,18 @@ static inline void pcb_clipped_block(const float *base, const float *const *mode
 /* The intra-balancing exponent (tau^2 - low2) * factor lies in [0, N], N <= MAX_MODELS: tau is
  * clipped to [low, high] in magnitude, rounding is monotone, and factor = N / max(high^2 - low2,
  * tiny). So exp's clamp to [-87, 88] never acts and is skipped. */
-static inline void pcb_score_row(const float *tau, const float *total, int64_t size, float l2,
-                                 float f, float *out) {
-    int32_t large = 0, curved = 0; /* integer counts: float max reductions would not vectorize */
-    for (int64_t j = 0; j < size; ++j) {
-        const float x = fabsf(tau[j] * total[j]);
-        large += x >= 0.4f;
-        curved += x >= TANH_IS_IDENTITY;
+/* `bound` is at least every |tau_j * total_j| of the row: the tiers are picked from it, and only
+ * where it allows the full tanh, from the entries themselves. */
+static inline void pcb_score_row(const float *tau, const float *total, int64_t size, float bound,
+                                 float l2, float f, float *out) {
+    int32_t large = bound >= 0.4f, curved = bound >= TANH_IS_IDENTITY;
+    if (curved) { /* integer counts: float max reductions would not vectorize */
+        large = curved = 0;
+        for (int64_t j = 0; j < size; ++j) {
+            const float x = fabsf(tau[j] * total[j]);
+            large += x >= 0.4f;
+            curved += x >= TANH_IS_IDENTITY;
+        }
     }
     if (!curved) {
         for (int64_t j = 0; j < size; ++j)
@@ -436,16 +441,32 @@ static inline void pcb_score_row(const float *tau, const float *total, int64_t s
     }
 }
 
-/* PCB scores, tanh inter-balancing, tau clipped to [low_i, high_i] in magnitude; the same steps
- * as operators/pcb.py. */
-/* Every model's scores of one block into rows[i] (the clipped task vectors stay in tau). */
+/* The largest |v_j| of a block, compared as integer bits (a float max would not vectorize). */
+static inline float block_abs_max(const float *v, int64_t size) {
+    uint32_t most = 0;
+    for (int64_t j = 0; j < size; ++j) {
+        uint32_t bits;
+        memcpy(&bits, v + j, 4);
+        bits &= 0x7FFFFFFFu;
+        most = bits > most ? bits : most;
+    }
+    float x;
+    memcpy(&x, &most, 4);
+    return x;
+}
+
+/* Every model's scores of one block into rows[i] (the clipped task vectors stay in tau): PCB's
+ * tanh-mode scores, the same steps as operators/pcb.py. |tau_i| <= high_i after the clip, and
+ * rounding is monotone, so high_i * max|total| bounds every |tau_i * total| of the row. */
 static inline void pcb_score_block(const float *base, const float *const *models, int n,
                                    int64_t block, int64_t size, const float *low,
                                    const float *high, const float *low2, const float *factor,
                                    float tau[][BLOCK], float *const *rows) {
     float total[BLOCK];
     pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
-    for (int i = 0; i < n; ++i) pcb_score_row(tau[i], total, size, low2[i], factor[i], rows[i]);
+    const float total_max = block_abs_max(total, size);
+    for (int i = 0; i < n; ++i)
+        pcb_score_row(tau[i], total, size, high[i] * total_max, low2[i], factor[i], rows[i]);
 }
 
 void pcb_scores(const float *base, const float *const *models, int n, int64_t numel,
@@ -650,7 +671,10 @@ int scores_select(int kind, const float *base, const float *const *models, int n
 
 /* The [count_low - 1]-th smallest and the [count_high]-th largest |model_i - base| of every
  * model, in one pass over all of them: bounded heaps per thread keep the count_low smallest
- * and count_high largest keys (PCB's clip quantiles are extreme: the heaps stay small). */
+ * and count_high largest keys (PCB's clip quantiles are extreme: the heaps stay small).
+ * Returns 2 if some |model_i - base| is NaN or Inf, which every NaN/Inf input entry makes it:
+ * the pass doubles as the input check, and the caller names the culprit. */
+#define NONFINITE_KEY 0xFF800000u /* sortable_key(+Inf); +NaN keys lie above it */
 static void heap_sift_down(uint32_t *heap, int64_t size, int64_t at, int max_heap) {
     for (;;) {
         int64_t child = 2 * at + 1;
@@ -693,12 +717,13 @@ int magnitude_extremes(const float *base, const float *const *models, int n, int
     uint32_t *large_all = malloc(sizeof(uint32_t) * count_high * threads * n);
     int64_t *small_n = calloc((size_t)threads * n, sizeof(int64_t));
     int64_t *large_n = calloc((size_t)threads * n, sizeof(int64_t));
-    int status = 0;
+    int status = 0, nonfinite = 0;
     if (!small_all || !large_all || !small_n || !large_n) status = -2;
     if (!status) {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) reduction(| : nonfinite)
         {
             const int t = omp_get_thread_num();
+            uint32_t worst = 0; /* the largest key this thread saw */
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < numel; block += BLOCK) {
                 const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
@@ -716,6 +741,7 @@ int magnitude_extremes(const float *base, const float *const *models, int n, int
                         least = keys[j] < least ? keys[j] : least;
                         most = keys[j] > most ? keys[j] : most;
                     }
+                    worst = most > worst ? most : worst;
                     const uint32_t *offered = keys;
                     int64_t offers = size;
                     if (*ns == count_low && *nl == count_high && smalls[0] <= larges[0]) {
@@ -734,8 +760,10 @@ int magnitude_extremes(const float *base, const float *const *models, int n, int
                     }
                 }
             }
+            nonfinite |= worst >= NONFINITE_KEY;
         }
-        for (int i = 0; i < n; ++i) { /* pool the threads' heaps, then select exactly */
+        if (nonfinite) status = 2;
+        for (int i = 0; i < n && !status; ++i) { /* pool the threads' heaps, select exactly */
             int64_t pooled_small = 0, pooled_large = 0;
             uint32_t *smalls = malloc(sizeof(uint32_t) * count_low * threads);
             uint32_t *larges = malloc(sizeof(uint32_t) * count_high * threads);

@@ -41,6 +41,7 @@ import torch
 
 from operators import ieee_math, native
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
+from operators.finite import require_finite
 from operators.quantiles import kth_smallest_sampled
 from operators.sparsify import kth_magnitudes, trim_rank
 
@@ -146,7 +147,8 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
     quantiles (heaps), then every drop threshold and largest score (scores computed, counted
     within sample brackets, dropped), then the mix (scores recomputed, same bits). The values
     are the exact order statistics the stored path finds, so the result is the same; None when
-    a sample bracket misses, and the caller stores the scores."""
+    a sample bracket misses, and the caller stores the scores. The first pass also rejects
+    NaN/Inf inputs (`NonFiniteInput`)."""
     n = base.numel()
     if n < native.FUSED_SELECT_MIN:  # small tensors: the sample brackets would not pay
         return None
@@ -170,7 +172,10 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
               weights: Sequence[float], lam: float = 1.0, clip: float = 1e-4,
               inter: InterBalancing = InterBalancing.TANH,
               ws: Workspace | None = None) -> torch.Tensor:
-    """Merge one tensor with PCB; see the module docstring for each step."""
+    """Merge one tensor with PCB; see the module docstring for each step.
+
+    PCB checks its own inputs (`Method.checks_inputs`): NaN/Inf raise `NonFiniteInput`, found by
+    the fused kernels' first pass, or else by a separate check before the stored path."""
     ws = ws or Workspace(base.device)
     shape, dtype = base.shape, base.dtype
     base, models = flat(base), [flat(m) for m in models]
@@ -180,6 +185,7 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
         merged = _fused_tanh_merge(base, models, densities, weights, lam, clip)
         if merged is not None:
             return merged.to(dtype).reshape(shape)
+    require_finite(base, *models)
     bounds = [_clip_bounds(model, base, clip, ws) for model in models]
     scores = ws.get("pcb-scores", (n_tasks, numel))
     fill = _tanh_scores if inter is InterBalancing.TANH else _softmax_scores

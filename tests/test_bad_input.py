@@ -32,6 +32,26 @@ def test_nan_and_inf_weights_name_the_tensor_and_model(family, bad):
         merge("ties", base, models, weight=1.0, density=0.5)
 
 
+@pytest.mark.parametrize("numel", [4096, 1 << 18])  # the stored path and the fused kernels
+@pytest.mark.parametrize("where", ["base", "model #2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_pcb_checks_its_own_inputs_and_names_them(numel, where, bad):
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(numel, generator=generator)}
+    models = [{"w": base["w"] + 0.01 * torch.randn(numel, generator=generator)} for _ in range(3)]
+    (base if where == "base" else models[2])["w"][numel // 3] = bad
+    with pytest.raises(MergeInputError, match=rf"'w' of {where}.*1 NaN/Inf"):
+        merge("pcb", base, models, density=0.3)
+
+
+def test_pcb_names_a_task_vector_that_overflows():
+    base = {"w": torch.zeros(1 << 18)}
+    models = [{"w": torch.zeros(1 << 18)} for _ in range(2)]
+    base["w"][7], models[0]["w"][7] = -3e38, 3e38
+    with pytest.raises(MergeInputError, match=r"'w'.*overflows float32"):
+        merge("pcb", base, models, density=0.3)
+
+
 def test_unknown_method_lists_the_known_ones(family):
     base, models = family
     with pytest.raises(MergeParameterError, match=r"unknown merge method 'tie'.*ties"):
