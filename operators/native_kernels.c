@@ -526,20 +526,23 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
     const int n = sc->n;
     if (n > MAX_MODELS || m <= 0 || m % SAMPLE_RUN || numel < m) return -1;
     float *gathered = malloc(sizeof(float) * m * (n + 1));
-    float (*scores)[BLOCK] = malloc(sizeof(float) * BLOCK * n);
     uint32_t *keys = malloc(sizeof(uint32_t) * m * n);
     int64_t widest = -1;
-    if (gathered && scores && keys) {
+    if (gathered && keys) {
         const int64_t runs = m / SAMPLE_RUN, spacing = numel / runs;
         const float *sampled[MAX_MODELS];
         for (int i = 0; i < n; ++i) sampled[i] = gathered + (i + 1) * m;
+        /* in parallel: the gather is a cache miss per run and input */
+#pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < runs; ++r) {
             memcpy(gathered + r * SAMPLE_RUN, base + r * spacing, sizeof(float) * SAMPLE_RUN);
             for (int i = 0; i < n; ++i)
                 memcpy(gathered + (i + 1) * m + r * SAMPLE_RUN, models[i] + r * spacing,
                        sizeof(float) * SAMPLE_RUN);
         }
+#pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t block = 0; block < m; block += BLOCK) {
+            float scores[MAX_MODELS][BLOCK];
             const int64_t size = m - block < BLOCK ? m - block : BLOCK;
             score_block(sc, gathered, sampled, block, size, scores);
             for (int i = 0; i < n; ++i)
@@ -551,7 +554,11 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
         for (int i = 0; i < n; ++i) {
             uint32_t *row = keys + i * m;
             lo[i] = low_rank[i] < 0 ? -INFINITY : key_value(nth_key(row, m, low_rank[i]));
-            hi[i] = high_rank[i] >= m ? INFINITY : key_value(nth_key(row, m, high_rank[i]));
+            /* quickselect leaves the keys after rank low_rank no smaller: search only those */
+            const int64_t after = high_rank[i] > low_rank[i] ? low_rank[i] + 1 : 0;
+            hi[i] = high_rank[i] >= m ? INFINITY
+                                      : key_value(nth_key(row + after, m - after,
+                                                          high_rank[i] - after));
             const uint32_t from = sortable_key(lo[i]), span = sortable_key(hi[i]) - from;
             int64_t inside = 0;
             for (int64_t j = 0; j < m; ++j) inside += row[j] - from <= span;
@@ -559,39 +566,44 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
         }
     }
     free(gathered);
-    free(scores);
     free(keys);
     return widest;
 }
 
 /* Every model's score at ascending rank `ranks[i]`, and its largest score, in one pass: scores
  * below each bracket [lo_i, hi_i] are counted, those inside collected (at most `capacity` per
- * thread and model), then a quickselect among the collected. Returns 1 if a bracket missed its
- * rank or a buffer filled: the caller then selects another way. */
+ * thread and model) and counted in FINE_BUCKETS equal slices of the bracket's key range. The
+ * counts name the slice that holds the rank; only its keys go to the final quickselect, so
+ * the threads do the selection's bulk in parallel with nothing copied. Returns 1 if a bracket
+ * missed its rank or a buffer filled: the caller then selects another way. */
+#define FINE_BUCKETS 2048
 static int bracket_select(const struct scoring *sc, const float *base, const float *const *models,
                           int64_t numel, const int64_t *ranks, const float *lo, const float *hi,
                           int64_t capacity, float *thresholds, float *maxima, int threads) {
     const int n = sc->n;
-    if (n > MAX_MODELS || numel <= 0 || capacity <= 0) return -1;
+    if (n > MAX_MODELS || numel <= 0 || capacity <= 0 || capacity > UINT32_MAX) return -1;
     uint32_t lo_key[MAX_MODELS], width[MAX_MODELS], top_key[MAX_MODELS];
+    int shift[MAX_MODELS];
+    int64_t below[MAX_MODELS] = {0}, slice[MAX_MODELS], slice_rank[MAX_MODELS];
+    int64_t found_n[MAX_MODELS] = {0};
     uint32_t *found[MAX_MODELS] = {0};
-    int64_t found_n[MAX_MODELS] = {0}, below[MAX_MODELS] = {0};
-    int failed = 0;
+    int64_t *slices = calloc((size_t)n * FINE_BUCKETS, sizeof(int64_t));
+    int failed = slices == NULL;
     for (int i = 0; i < n; ++i) {
         lo_key[i] = sortable_key(lo[i]);
         width[i] = sortable_key(hi[i]) - lo_key[i];
-        top_key[i] = 0;
-        found[i] = malloc(sizeof(uint32_t) * capacity * threads);
-        if (!found[i]) failed = 1;
+        top_key[i] = 0; /* the smallest key: largest scores compare as keys */
+        for (shift[i] = 0; width[i] >> shift[i] >= FINE_BUCKETS; ++shift[i]) {}
     }
     if (!failed) {
 #pragma omp parallel num_threads(threads)
         {
             uint32_t *local[MAX_MODELS] = {0}, top[MAX_MODELS];
             int64_t count[MAX_MODELS] = {0}, under[MAX_MODELS] = {0};
-            int full = 0;
+            uint32_t *counts = calloc((size_t)n * FINE_BUCKETS, sizeof(uint32_t));
+            int full = counts == NULL;
             for (int i = 0; i < n; ++i) {
-                top[i] = 0; /* the smallest key: largest scores compare as keys */
+                top[i] = 0;
                 local[i] = malloc(sizeof(uint32_t) * capacity);
                 if (!local[i]) full = 1;
             }
@@ -620,32 +632,60 @@ static int bracket_select(const struct scoring *sc, const float *base, const flo
                         full = 1;
                         continue;
                     }
-                    count[i] += collect_keys(keys, size, from, span, 0, local[i] + count[i]);
+                    uint32_t *added = local[i] + count[i], *tally = counts + i * FINE_BUCKETS;
+                    const int64_t m = collect_keys(keys, size, from, span, 0, added);
+                    for (int64_t c = 0; c < m; ++c) ++tally[(added[c] - from) >> shift[i]];
+                    count[i] += m;
                 }
             }
 #pragma omp critical
             {
                 failed |= full;
                 for (int i = 0; i < n && !full; ++i) {
-                    memcpy(found[i] + found_n[i], local[i], sizeof(uint32_t) * count[i]);
-                    found_n[i] += count[i];
                     below[i] += under[i];
                     top_key[i] = top[i] > top_key[i] ? top[i] : top_key[i];
+                    for (int c = 0; c < FINE_BUCKETS; ++c)
+                        slices[i * FINE_BUCKETS + c] += counts[i * FINE_BUCKETS + c];
+                }
+            }
+#pragma omp barrier
+#pragma omp single
+            for (int i = 0; i < n && !failed; ++i) { /* the slice holding each wanted rank */
+                int64_t target = ranks[i] - below[i], c = 0;
+                const int64_t *tally = slices + i * FINE_BUCKETS;
+                while (c < FINE_BUCKETS && target >= tally[c]) target -= tally[c++];
+                if (ranks[i] < below[i] || c == FINE_BUCKETS) {
+                    failed = 1;
+                    break;
+                }
+                slice[i] = c;
+                slice_rank[i] = target;
+                found[i] = malloc(sizeof(uint32_t) * tally[c]);
+                if (!found[i]) failed = 1;
+            }
+            /* (the single's barrier) each thread keeps its keys of the slice, in place */
+            for (int i = 0; i < n && !failed; ++i) {
+                const uint32_t from = lo_key[i] + ((uint32_t)slice[i] << shift[i]);
+                const uint32_t span = ((uint32_t)1 << shift[i]) - 1;
+                const int64_t kept = collect_keys(local[i], count[i], from, span, 0, local[i]);
+#pragma omp critical
+                {
+                    memcpy(found[i] + found_n[i], local[i], sizeof(uint32_t) * kept);
+                    found_n[i] += kept;
                 }
             }
             for (int i = 0; i < n; ++i) free(local[i]);
+            free(counts);
         }
     }
-    if (!failed) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic) reduction(| : failed)
-        for (int i = 0; i < n; ++i) {
-            const int64_t target = ranks[i] - below[i];
-            if (target < 0 || target >= found_n[i]) failed |= 1;
-            else thresholds[i] = key_value(nth_key(found[i], found_n[i], target));
+    for (int i = 0; i < n; ++i) {
+        if (!failed) {
+            thresholds[i] = key_value(nth_key(found[i], found_n[i], slice_rank[i]));
             maxima[i] = key_value(top_key[i]);
         }
+        free(found[i]);
     }
-    for (int i = 0; i < n; ++i) free(found[i]);
+    free(slices);
     return failed ? 1 : 0;
 }
 
