@@ -188,10 +188,20 @@ static int find_bucket(const uint64_t *counts, int64_t rank, int64_t *below) {
     return HALF - 1;
 }
 
+/* Below this many values a quickselect over a copy of the keys beats the radix passes, whose
+ * 65536-bucket histograms cost a fixed ~1 MB of memory traffic per call (norm and bias tensors). */
+#define SMALL_SELECT 16384
+
 /* Exact values of ascending `ranks` (n_ranks <= MAX_RANKS) among the stream's n values. */
 int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks, int n_ranks,
                  float *values, int threads) {
     if (n_ranks > MAX_RANKS || n <= 0) return -1;
+    if (n <= SMALL_SELECT) {
+        uint32_t keys[SMALL_SELECT];
+        for (int64_t j = 0; j < n; ++j) keys[j] = sortable_key(stream_value(a, b, j));
+        for (int r = 0; r < n_ranks; ++r) values[r] = key_value(nth_key(keys, n, ranks[r]));
+        return 0;
+    }
     int owned;
     uint16_t *highs = acquire_highs(n, &owned);
     uint64_t *high = malloc(sizeof(uint64_t) * HALF);

@@ -44,12 +44,13 @@ def test_fused_kernels_equal_the_eager_path(method, params, monkeypatch):
 
 
 @needs_kernels
-def test_native_selection_matches_sort():
-    values = torch.randn(100_003)
-    ranks = [0, 17, 50_000, 100_002]
+@pytest.mark.parametrize("n", [100_003, 1001])  # radix passes; a quickselect for small tensors
+def test_native_selection_matches_sort(n):
+    values = torch.randn(n).mul(8).round()  # with long runs of equal values
+    ranks = [0, 17, n // 2, n - 1]
     assert native.select_ranks(values, None, ranks) == [values.sort().values[r].item()
                                                         for r in ranks]
-    other = torch.randn(100_003)
+    other = torch.randn(n)
     magnitudes = (values - other).abs().sort().values
     assert native.select_ranks(values, other, ranks) == [magnitudes[r].item() for r in ranks]
 
