@@ -182,14 +182,14 @@ def pcb_scores(base: torch.Tensor, models: Sequence[torch.Tensor],
 
 def pcb_mix(base: torch.Tensor, models: Sequence[torch.Tensor],
             bounds: Sequence[tuple[float, float]], scores: torch.Tensor,
-            thresholds: Sequence[float], spans: Sequence[float], weights: Sequence[float],
+            thresholds: Sequence[float], inverse_spans: Sequence[float], weights: Sequence[float],
             lam: float) -> torch.Tensor:
     """PCB's balanced mean and base + lambda * merged (see `operators.pcb`)."""
     n = len(models)
     out = torch.empty_like(base)
     library().pcb_mix(base.data_ptr(), _pointers(models), n, base.numel(),
                       _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]),
-                      _pointers(list(scores)), _floats(thresholds), _floats(spans),
+                      _pointers(list(scores)), _floats(thresholds), _floats(inverse_spans),
                       _floats(weights), lam, out.data_ptr(), torch.get_num_threads())
     return out
 
@@ -258,13 +258,13 @@ def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
 def pcb_mix_recomputed(base: torch.Tensor, models: Sequence[torch.Tensor],
                        bounds: Sequence[tuple[float, float]], low2: Sequence[float],
                        factors: Sequence[float], thresholds: Sequence[float],
-                       spans: Sequence[float], weights: Sequence[float], lam: float
+                       inverse_spans: Sequence[float], weights: Sequence[float], lam: float
                        ) -> torch.Tensor:
     """`pcb_mix` with the scores recomputed block by block instead of read from memory."""
     out = torch.empty_like(base)
     library().pcb_mix_recomputed(
         base.data_ptr(), _pointers(models), len(models), base.numel(),
         _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]), _floats(low2),
-        _floats(factors), _floats(thresholds), _floats(spans), _floats(weights), lam,
+        _floats(factors), _floats(thresholds), _floats(inverse_spans), _floats(weights), lam,
         out.data_ptr(), torch.get_num_threads())
     return out

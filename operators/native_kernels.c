@@ -849,16 +849,16 @@ int magnitude_extremes(const float *base, const float *const *models, int n, int
  * balance is 0 in every task only runs in the rare blocks that have such entries. */
 static inline void pcb_mix_block(const float *b, float tau[][BLOCK], int n, int64_t size,
                                  const float *const *scores, const float *threshold,
-                                 const float *span, const float *weight, float lambda,
+                                 const float *inverse_span, const float *weight, float lambda,
                                  float *o) {
     float numerator[BLOCK], denominator[BLOCK];
     for (int64_t j = 0; j < size; ++j) numerator[j] = denominator[j] = 0.0f;
     for (int i = 0; i < n; ++i) {
         const float *score = scores[i], *t_i = tau[i];
-        const float t = threshold[i], s = span[i], w = weight[i];
+        const float t = threshold[i], s = inverse_span[i], w = weight[i];
         for (int64_t j = 0; j < size; ++j) {
             /* ternaries, not fminf/fmaxf: they vectorize (inputs are never NaN) */
-            const float balanced = ((score[j] > t ? score[j] : t) - t) / s;
+            const float balanced = ((score[j] > t ? score[j] : t) - t) * s;
             denominator[j] = denominator[j] + balanced;
             numerator[j] = numerator[j] + (balanced * t_i[j]) * w;
         }
@@ -895,7 +895,7 @@ static inline void pcb_mix_block(const float *b, float tau[][BLOCK], int n, int6
 /* Scores stored by the caller (the fallback path). */
 void pcb_mix(const float *base, const float *const *models, int n, int64_t numel,
              const float *low, const float *high, const float *const *scores,
-             const float *threshold, const float *span, const float *weight, float lambda,
+             const float *threshold, const float *inverse_span, const float *weight, float lambda,
              float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
@@ -904,7 +904,7 @@ void pcb_mix(const float *base, const float *const *models, int n, int64_t numel
         for (int i = 0; i < n; ++i) rows[i] = scores[i] + block;
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
         pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
-        pcb_mix_block(base + block, tau, n, size, rows, threshold, span, weight, lambda,
+        pcb_mix_block(base + block, tau, n, size, rows, threshold, inverse_span, weight, lambda,
                       out + block);
     }
 }
@@ -913,7 +913,7 @@ void pcb_mix(const float *base, const float *const *models, int n, int64_t numel
  * nothing tensor-sized is stored between the passes. */
 void pcb_mix_recomputed(const float *base, const float *const *models, int n, int64_t numel,
                         const float *low, const float *high, const float *low2,
-                        const float *factor, const float *threshold, const float *span,
+                        const float *factor, const float *threshold, const float *inverse_span,
                         const float *weight, float lambda, float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
@@ -921,7 +921,8 @@ void pcb_mix_recomputed(const float *base, const float *const *models, int n, in
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
         for (int i = 0; i < n; ++i) rows[i] = score[i];
         pcb_score_block(base, models, n, block, size, low, high, low2, factor, tau, rows);
-        pcb_mix_block(base + block, tau, n, size, (const float *const *)rows, threshold, span,
+        pcb_mix_block(base + block, tau, n, size, (const float *const *)rows, threshold,
+                      inverse_span,
                       weight, lambda, out + block);
     }
 }

@@ -13,9 +13,10 @@ For one tensor with task vectors tau_1..tau_N (model - base):
    whose sign disagrees with the consensus score below zero; ``inter: softmax`` (the paper's
    formula): sum_k softmax_j(Norm(tau_i * tau_k)).
 3. beta_i = beta_intra_i * beta_inter_i. Keep the top ``density`` fraction of beta_i (the paper's
-   ratio r, typically 0.05-0.2), min-max scale the kept scores to [0, 1] from the threshold up,
-   zero the rest: beta^_i. An entry kept by rank whose balance is 0 in every task (it sits on the
-   threshold) takes the weighted mean of the kept values rather than 0/0.
+   ratio r, typically 0.05-0.2), min-max scale the kept scores to [0, 1] from the threshold up
+   (times the float32 reciprocal of max - threshold), zero the rest: beta^_i. An entry kept by
+   rank whose balance is 0 in every task (it sits on the threshold) takes the weighted mean of
+   the kept values rather than 0/0.
 4. tau_m = sum_i w_i * beta^_i * tau_i / sum_i beta^_i (element-wise; w_i = per-model ``weight``,
    default 1, the coefficients that PCB's optional evolutionary search tunes), theta = base +
    lambda * tau_m (lambda ~ 1-1.2 without search).
@@ -140,6 +141,14 @@ def _drop_threshold(scores: torch.Tensor, density: float) -> float:
                                 sample)[0]
 
 
+def _inverse_spans(maxima: Sequence[float], thresholds: Sequence[float]) -> list[float]:
+    """1 / (largest score - drop threshold) per task, rounded to float32 as both paths use it:
+    the min-max scaling of the kept scores multiplies by it (a divide per entry and task costs
+    several multiplies)."""
+    return [float(np.float32(1) / np.float32(max(top - threshold, _TINY)))
+            for top, threshold in zip(maxima, thresholds, strict=True)]
+
+
 def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
                       densities: Sequence[float], weights: Sequence[float], lam: float,
                       clip: float) -> torch.Tensor | None:
@@ -162,10 +171,8 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
     if found is None:
         return None
     thresholds, maxima = found
-    spans = [max(top - threshold, _TINY) for top, threshold in zip(maxima, thresholds,
-                                                                   strict=True)]
-    return native.pcb_mix_recomputed(base, models, bounds, low2, factors, thresholds, spans,
-                                     weights, lam)
+    return native.pcb_mix_recomputed(base, models, bounds, low2, factors, thresholds,
+                                     _inverse_spans(maxima, thresholds), weights, lam)
 
 
 def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: Sequence[float],
@@ -191,9 +198,9 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
     fill = _tanh_scores if inter is InterBalancing.TANH else _softmax_scores
     fill(models, base, bounds, n_tasks, scores, ws)
     thresholds = [_drop_threshold(scores[i], densities[i]) for i in range(n_tasks)]
-    spans_of_scores = [max(scores[i].max().item() - thresholds[i], _TINY) for i in range(n_tasks)]
+    inverse_spans = _inverse_spans([row.max().item() for row in scores], thresholds)
     if fused:
-        merged = native.pcb_mix(base, models, bounds, scores, thresholds, spans_of_scores,
+        merged = native.pcb_mix(base, models, bounds, scores, thresholds, inverse_spans,
                                 weights, lam)
         return merged.to(dtype).reshape(shape)
 
@@ -217,7 +224,7 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
             kept_count.add_(kept)
             kept_sum.add_(kept.mul_(taus[i]).mul_(weights[i]))
             torch.clamp_min(score, thresholds[i], out=balanced).sub_(thresholds[i])
-            balanced.div_(spans_of_scores[i])
+            balanced.mul_(inverse_spans[i])
             denominator.add_(balanced)
             numerator.add_(balanced.mul_(taus[i]).mul_(weights[i]))
         # merged = numerator / denominator where some task gives weight, else the kept mean
