@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from operators import rng
 from operators.cache import cache_dir
 from operators.errors import NonFiniteInput
 from operators.quantiles import bracket_ranks
@@ -95,9 +96,11 @@ def library() -> ctypes.CDLL | None:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.select_ranks.argtypes = [pointer, pointer, i64, pointer, i32, pointer, i32]
     lib.select_ranks.restype = i32
-    lib.keep_mask.argtypes = [ctypes.c_int32, i64, i64, ctypes.c_int32, pointer, i32]
     lib.merge_task_vectors.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer,
-                                       pointer, ctypes.POINTER(_MergeOptions), i64, pointer, i32]
+                                       pointer, pointer, pointer,
+                                       ctypes.POINTER(_MergeOptions), i64, pointer, i32]
+    lib.dare_l1_sums.argtypes = [pointer, pointer, i64, ctypes.c_int32, ctypes.c_int32, pointer,
+                                 i32]
     floats = ctypes.POINTER(ctypes.c_float)
     lib.pcb_scores.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats, pointer,
                                i32]
@@ -141,19 +144,16 @@ def select_ranks(values: torch.Tensor, minus: torch.Tensor | None, ranks: Sequen
     return list(out)
 
 
-def keep_mask(key: int, start: int, count: int, threshold: int, out: torch.Tensor) -> None:
-    """`operators.rng.keep_mask` into `out` (float32, `count` elements), bit for bit."""
-    library().keep_mask(key, start, count, threshold, out.data_ptr(), torch.get_num_threads())
-
-
 def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor],
                        bands: Sequence[tuple[float, float] | None],
-                       masks: Sequence[torch.Tensor | None], scales: Sequence[float],
+                       masks: Sequence[torch.Tensor | None],
+                       draws: Sequence[tuple[int, float] | None], scales: Sequence[float],
                        weights: Sequence[float], consensus: int, weight_before_election: bool,
                        normalize: bool, lam: float, weight_total: float) -> torch.Tensor:
-    """The fused form of `operators.task_arithmetic.merge_task_vectors` (float32 only)."""
+    """The fused form of `operators.task_arithmetic.merge_task_vectors` (float32 only);
+    `draws[i]` = (stream key, keep probability) of model i's DARE draw, made on the fly."""
     n = len(models)
-    floats = ctypes.c_float * n
+    floats, ints = ctypes.c_float * n, ctypes.c_int32 * n
     options = _MergeOptions(n, consensus, int(weight_before_election), int(normalize), lam,
                             weight_total)
     out = torch.empty_like(base)
@@ -161,9 +161,20 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor],
         base.data_ptr(), _pointers(models),
         floats(*(band[0] if band else 0.0 for band in bands)),
         floats(*(band[1] if band else -1.0 for band in bands)),
-        _pointers(masks), floats(*scales), floats(*weights), ctypes.byref(options),
-        base.numel(), out.data_ptr(), torch.get_num_threads())
+        _pointers(masks), ints(*(draw[0] if draw else 0 for draw in draws)),
+        ints(*(rng.keep_threshold(draw[1]) if draw else -1 for draw in draws)),
+        floats(*scales), floats(*weights), ctypes.byref(options), base.numel(), out.data_ptr(),
+        torch.get_num_threads())
     return out
+
+
+def dare_l1_sums(model: torch.Tensor, base: torch.Tensor, key: int, probability: float
+                 ) -> tuple[float, float]:
+    """sum |model - base| and its sum over the entries DARE's draw keeps, in float64."""
+    sums = (ctypes.c_double * 2)()
+    library().dare_l1_sums(base.data_ptr(), model.data_ptr(), base.numel(), key,
+                           rng.keep_threshold(probability), sums, torch.get_num_threads())
+    return sums[0], sums[1]
 
 
 def _floats(values: Sequence[float]) -> ctypes.Array:

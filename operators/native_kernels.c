@@ -251,15 +251,44 @@ static inline uint32_t lowbias32(uint32_t x) {
     return x;
 }
 
-void keep_mask(int32_t key, int64_t start, int64_t count, int32_t threshold, float *out,
-               int threads) {
-    const uint32_t golden = 0x9E3779B1u;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < count; ++j) {
-        uint32_t x = lowbias32((uint32_t)(start + j) * golden + (uint32_t)key);
-        int32_t top = ((int32_t)x) >> 8; /* arithmetic, as torch's int32 shift */
-        out[j] = top < threshold - (1 << 23) ? 1.0f : 0.0f;
+/* DARE's keep draw of entry `index` of stream `key`: 1 when the hash's top 24 bits, shifted
+ * arithmetically as torch's int32 shift, lie below threshold - 2^23 (rng.keep_threshold). */
+static inline float kept_draw(uint32_t key, int64_t index, int32_t threshold) {
+    const uint32_t x = lowbias32((uint32_t)index * 0x9E3779B1u + key);
+    return ((int32_t)x) >> 8 < threshold - (1 << 23) ? 1.0f : 0.0f;
+}
+
+/* The L1 norms of model - base before and after DARE's keep draw (sums[0], sums[1]), in float64
+ * (mergekit's l1 rescale), with the draw made on the fly: no mask is stored. Sixteen partial sums
+ * per thread, so the additions do not wait on each other; the order differs from torch's sum,
+ * which moves the float64 ratio by an ulp or so, far below the float32 scale it becomes. */
+#define L1_LANES 16
+void dare_l1_sums(const float *base, const float *model, int64_t numel, int32_t key,
+                  int32_t threshold, double *sums, int threads) {
+    double before = 0.0, after = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : before, after)
+    {
+        double whole[L1_LANES] = {0}, kept[L1_LANES] = {0};
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < numel; block += BLOCK) {
+            const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+            float magnitude[BLOCK], survivor[BLOCK];
+            for (int64_t j = 0; j < size; ++j) {
+                magnitude[j] = fabsf(model[block + j] - base[block + j]);
+                survivor[j] = magnitude[j] * kept_draw((uint32_t)key, block + j, threshold);
+            }
+            for (int64_t j = 0; j < size; ++j) {
+                whole[j % L1_LANES] += magnitude[j];
+                kept[j % L1_LANES] += survivor[j];
+            }
+        }
+        for (int lane = 0; lane < L1_LANES; ++lane) {
+            before += whole[lane];
+            after += kept[lane];
+        }
     }
+    sums[0] = before;
+    sums[1] = after;
 }
 
 /* ---- the generalized task-arithmetic merge of one tensor ---- */
@@ -273,10 +302,11 @@ typedef struct {
     float weight_total; /* divisor without consensus (mergekit: 1 if |sum w| < 1e-8) */
 } merge_options;
 
+/* draw_key/draw_threshold: model i's DARE keep draw, made on the fly (threshold < 0: none). */
 void merge_task_vectors(const float *base, const float *const *models, const float *low,
-                        const float *high, const float *const *masks, const float *scale,
-                        const float *weight, const merge_options *opt, int64_t numel, float *out,
-                        int threads) {
+                        const float *high, const float *const *masks, const int32_t *draw_key,
+                        const int32_t *draw_threshold, const float *scale, const float *weight,
+                        const merge_options *opt, int64_t numel, float *out, int threads) {
     const int n = opt->n_models;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
@@ -298,6 +328,12 @@ void merge_task_vectors(const float *base, const float *const *models, const flo
             if (masks[i]) {
                 const float *mask = masks[i] + block;
                 for (int64_t j = 0; j < size; ++j) di[j] = di[j] * mask[j];
+            }
+            if (draw_threshold[i] >= 0) {
+                const uint32_t key = (uint32_t)draw_key[i];
+                const int32_t threshold = draw_threshold[i];
+                for (int64_t j = 0; j < size; ++j)
+                    di[j] = di[j] * kept_draw(key, block + j, threshold);
             }
             if (scale[i] != 1.0f) {
                 const float s = scale[i];

@@ -3,7 +3,8 @@
 A sparsifier looks at one model's task vector for one tensor (delta = model - base) and returns a
 `Keep`; the merge engine then streams the tensor chunk by chunk and applies the `Keep` to each
 chunk of delta in place. Planning streams too: nothing here holds a full-size copy of delta except
-DELLA's rank computation and, for DARE, the keep mask itself.
+DELLA's rank computation and, for DARE off the C kernels (GPU, other dtypes), the keep mask
+itself; the kernels draw DARE's keeps where they apply them.
 
 - ``magnitude`` (TIES): keep the k = max(1, int(density * n)) largest |delta| of the tensor.
 - ``magnitude_outliers`` (Model Breadcrumbs): drop the int(gamma * n) largest as outliers and the
@@ -53,11 +54,13 @@ class Keep:
     """Survivors of one task vector: delta_kept = delta * [low <= |delta| <= high] * mask * scale.
 
     `band` is decided per chunk from |delta| (magnitude trims); `mask` is a flat float tensor of
-    0/1 keeps or per-entry scales (random trims).
+    0/1 keeps or per-entry scales (random trims); `draw` = (stream key, keep probability) is a
+    DARE draw made where it is applied, never stored.
     """
 
     band: tuple[float, float] | None = None
     mask: torch.Tensor | None = None
+    draw: tuple[int, float] | None = None
     scale: float = 1.0
 
     def apply_(self, delta: torch.Tensor, start: int, stop: int, scratch: torch.Tensor,
@@ -72,6 +75,9 @@ class Keep:
             torch.hardshrink(delta, _below(low), out=delta)
         if self.mask is not None:
             delta.mul_(self.mask[start:stop])
+        if self.draw is not None:
+            key, probability = self.draw
+            delta.mul_(rng.keep_mask(key, start, stop - start, probability, delta.device))
         if self.scale != 1.0:
             delta.mul_(self.scale)
 
@@ -163,9 +169,6 @@ def random_mask(model: torch.Tensor, base: torch.Tensor, density: float, key: in
     """DARE keep mask (a workspace buffer named `slot`) and, with `l1`, the L1 rescale factor."""
     n = model.numel()
     mask = ws.get(slot, n)
-    if native.usable(mask):
-        native.keep_mask(key, 0, n, rng.keep_threshold(density), mask)
-        return mask, (l1_rescale(model, base, Keep(mask=mask), ws) if l1 else 1.0)
     width = min(n, CHUNK_ELEMENTS)
     bits, scratch = ws.get("rng-bits", width, torch.int32), ws.get("rng-scratch", width, torch.int32)
     spread = ws.constant("rng-spread", width, lambda size: rng.golden_spread(size, ws.device))
@@ -232,6 +235,11 @@ def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, den
             return Keep(mask=mask / probabilities)
     model, base = flat(model), flat(base)
     l1 = rescale and rescale_mode is RescaleMode.L1
+    if method is Sparsifier.RANDOM and native.usable(model, base):  # drawn where applied
+        scale = _l1_factor(*native.dare_l1_sums(model, base, key, density)) if l1 else 1.0
+        if rescale and rescale_mode is RescaleMode.INVERSE_P:
+            scale = 1.0 / density
+        return Keep(draw=(key, density), scale=scale)
     if method is Sparsifier.RANDOM:
         mask, scale = random_mask(model, base, density, key, ws, slot, l1)
         if rescale and rescale_mode is RescaleMode.INVERSE_P:

@@ -68,8 +68,9 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps
     if n <= native.MAX_MODELS and native.usable(base_flat, *model_flats, *masks):
         merged = native.merge_task_vectors(
             base_flat, model_flats, [keep.band for keep in keeps], masks,
-            [keep.scale for keep in keeps], weights, _CONSENSUS_CODES[how.consensus],
-            how.weight_before_election, how.normalize, how.lam, weight_total.item())
+            [keep.draw for keep in keeps], [keep.scale for keep in keeps], weights,
+            _CONSENSUS_CODES[how.consensus], how.weight_before_election, how.normalize, how.lam,
+            weight_total.item())
         return merged.reshape(base.shape)
     out = torch.empty(base.numel(), dtype=base.dtype, device=device)
     width = min(base.numel(), CHUNK_ELEMENTS)

@@ -44,6 +44,21 @@ def test_fused_kernels_equal_the_eager_path(method, params, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_draws_made_on_the_fly_equal_where_torch_applies_them(method, monkeypatch):
+    """The kernels store no DARE mask: the L1 sums and the merge draw the keeps on the fly. A
+    `Keep` holding such a draw gives the same tensor when the torch path applies it (as for
+    more models than the kernels take)."""
+    base, models = make_family(3, seed=8)
+    params = {"weight": [0.5, 0.3, 0.7], "density": [0.3, 0.6, 0.9]}
+    fused = merge(method, base, models, seed=4, **params)
+    monkeypatch.setattr(native, "MAX_MODELS", 0)
+    applied_by_torch = merge(method, base, models, seed=4, **params)
+    for name in fused:
+        assert torch.equal(fused[name], applied_by_torch[name]), name
+
+
+@needs_kernels
 @pytest.mark.parametrize("n", [100_003, 1001])  # radix passes; a quickselect for small tensors
 def test_native_selection_matches_sort(n):
     values = torch.randn(n).mul(8).round()  # with long runs of equal values
