@@ -235,16 +235,16 @@ def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, den
             return Keep(mask=mask / probabilities)
     model, base = flat(model), flat(base)
     l1 = rescale and rescale_mode is RescaleMode.L1
-    if method is Sparsifier.RANDOM and native.usable(model, base):  # drawn where applied
-        scale = _l1_factor(*native.dare_l1_sums(model, base, key, density)) if l1 else 1.0
-        if rescale and rescale_mode is RescaleMode.INVERSE_P:
-            scale = 1.0 / density
-        return Keep(draw=(key, density), scale=scale)
     if method is Sparsifier.RANDOM:
-        mask, scale = random_mask(model, base, density, key, ws, slot, l1)
+        if native.usable(model, base):  # the kernels draw the keeps where they apply them
+            keep = Keep(draw=(key, density), scale=_l1_factor(
+                *native.dare_l1_sums(model, base, key, density)) if l1 else 1.0)
+        else:
+            mask, scale = random_mask(model, base, density, key, ws, slot, l1)
+            keep = Keep(mask=mask, scale=scale)
         if rescale and rescale_mode is RescaleMode.INVERSE_P:
-            scale = 1.0 / density
-        return Keep(mask=mask, scale=scale)
+            keep.scale = 1.0 / density
+        return keep
     if method is Sparsifier.DELLA:
         keep = Keep(mask=mask)
     elif method is Sparsifier.MAGNITUDE:
