@@ -19,3 +19,9 @@ class ModelLoadError(FitnessError):
 
 class ItemTooLongError(FitnessError):
     """An item does not fit in the model's context window."""
+
+
+class CandidateOutOfMemory(FitnessError):
+    """A model cannot score an item even one sequence at a time: the item's tokens, the model and
+    whatever else its device holds exceed that device's memory. Smaller batches cannot help, so the
+    evaluator stops and says what to shrink instead of halving forever."""
