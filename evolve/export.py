@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import torch
 import yaml
 
 from evolve.merge_config import MergePlan
-from operators.engine import iter_merge
+from operators.architecture import per_layer_keys
 from operators.errors import CheckpointError
 from operators.safetensors_io import DEFAULT_SHARD_BYTES, TensorSpec, write_checkpoint
+from operators.slices import MergePart, plan_slices
 from operators.sources import CheckpointSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -37,15 +39,51 @@ def _ensure_writable(out_dir: Path) -> None:
                               "--out folder or free disk space.") from None
 
 
-def _copy_config(source: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
-    config_path = source / "config.json"
+def _read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
     if not config_path.exists():
-        raise CheckpointError(f"{source} has no config.json: not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+        raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
+    return json.loads(config_path.read_text())
+
+
+def _restack(config: dict, layers: list[tuple[Path, int]]) -> None:
+    """Give `config` the depth of a model whose layers are `layers` (folder, index), in order.
+
+    Lists with one entry per layer (`layer_types` of Gemma2/3 and Qwen2 configs) follow the
+    layers, each entry taken from the config of the model the layer comes from. mergekit 0.1.5
+    sets only the depth, a config that transformers 5 refuses to save once `layer_types` no longer
+    matches it. Token-id lists and `architectures` are not per layer, whatever their length.
+    """
+    depth = config.get("num_hidden_layers")
+    if not isinstance(depth, int):
+        raise CheckpointError("config.json has no num_hidden_layers, so the depth of the stacked "
+                              "model cannot be written; stack models whose config has it")
+    per_layer = per_layer_keys(config, depth)
+    donors = {folder: _read_config(folder) for folder in dict.fromkeys(f for f, _ in layers)}
+    for key in per_layer:
+        entries = []
+        for folder, index in layers:
+            values = donors[folder].get(key)
+            if not isinstance(values, list) or index >= len(values):
+                raise CheckpointError(
+                    f"{folder}/config.json gives no {key} for layer {index}, which the output's "
+                    f"config lists per layer; stack models of one architecture")
+            entries.append(values[index])
+        config[key] = entries
+    config["num_hidden_layers"] = len(layers)
+
+
+def _output_config(plan: MergePlan, dtype: torch.dtype | None) -> dict:
+    """config.json of the merge: the base's (else the first model's), with the output's dtype and,
+    for stacked layers, its depth."""
+    config = _read_config(plan.base or plan.models[0])
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    layers = plan.layer_plan()
+    if layers is not None:
+        _restack(config, layers)
+    return config
 
 
 def _model_card(plan: MergePlan) -> str:
@@ -72,35 +110,44 @@ def export_merge(plan: MergePlan, out_dir: Path, device: str = "cpu",
     `on_tensor(done, total)` is called after each merged tensor (for progress bars).
     """
     _ensure_writable(out_dir)
-    base = CheckpointSource(plan.base) if plan.base is not None else None
-    models = [CheckpointSource(path) for path in plan.models]
-    reference = base or models[0]
     out_dtype = plan.out_dtype or plan.dtype
+    config = _output_config(plan, out_dtype)  # before the tensors: its errors leave no half output
+    opened: dict[Path, CheckpointSource] = {}
 
-    def spec_of(name: str) -> TensorSpec:
-        dtype = reference.dtype(name)
+    def source(folder: Path) -> CheckpointSource:
+        if folder not in opened:
+            opened[folder] = CheckpointSource(folder)
+        return opened[folder]
+
+    def spec_of(part: MergePart, name: str) -> TensorSpec:
+        dtype = part.reference.dtype(name)
         if out_dtype is not None and dtype.is_floating_point:
             dtype = out_dtype
-        return TensorSpec(name, reference.shape(name), dtype)
+        return TensorSpec(part.output_name(name), part.reference.shape(name), dtype)
 
     def tensors():
-        merged = iter_merge(plan.spec, base, models, device=device, dtype=plan.dtype)
+        merged = chain.from_iterable(part.tensors(device, plan.dtype) for part in parts)
         for done, (name, tensor) in enumerate(merged, start=1):
             if on_tensor is not None:
                 on_tensor(done, len(specs))
             yield name, tensor
 
     try:
-        specs = [spec_of(name) for name in reference.names()]
+        if plan.slices is None:
+            parts = [MergePart(plan.spec, None if plan.base is None else source(plan.base),
+                               [source(folder) for folder in plan.models])]
+        else:
+            parts = plan_slices([piece.map(source) for piece in plan.slices])
+        specs = [spec_of(part, name) for part in parts for name in part.reference.names()]
         write_checkpoint(out_dir, specs, tensors(), max_shard_bytes)
     except OSError as error:
         raise CheckpointError(f"writing {out_dir} failed: {error.strerror or error}. Free disk "
                               "space or choose another --out folder; the inputs are untouched.") \
             from None
     finally:
-        for source in [s for s in (base, *models) if s is not None]:
-            source.close()
-    _copy_config(plan.base or plan.models[0], out_dir, out_dtype)
+        for opened_source in opened.values():
+            opened_source.close()
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if plan.tokenizer_source is not None:
         for file in TOKENIZER_FILES:
             if (plan.tokenizer_source / file).exists():
