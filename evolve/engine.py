@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evolve.config import ConfigError, RunConfig
+from evolve.config import RunConfig
 from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
 from evolve.strategies import recipe_strategy
 from fitness.reduced_fitness import Budget, Candidate, FitnessResult, ReducedFitness
+from operators.recipes import Recipe
 from search_spaces.merge_space import MergeSpace
-from search_spaces.recipes import Recipe
 from search_spaces.zoo_landscape import default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
@@ -46,6 +46,11 @@ class RecordingScorer:
         self.seconds += time.perf_counter() - started
         self.store.add_answers(candidate_id, items.tolist(), values.tolist())
         return values
+
+    def retain(self, recipes: list[dict]) -> None:
+        """Tell the worker which recipes the population holds (its sub-recipe cache keeps
+        only those)."""
+        self.scorer.retain(recipes)
 
     def size(self, candidate_id: str, recipe: dict):
         started = time.perf_counter()
@@ -162,6 +167,7 @@ class Evolution:
         self.store.set_meta("status", "running")
         self.store.event("start")
         population = self.calibrate()
+        self.recorder.retain([self.recipes[p] for p in population])
         for generation, size in enumerate(self.sizes, start=1):
             self.progress("generations", generation - 1, len(self.sizes))
             children = self.breed(generation, population, size)
@@ -179,6 +185,7 @@ class Evolution:
                                                 zip(children, results, strict=True) if r.ok])
             matrix = self._matrix(pool)
             population = [pool[i] for i in survivors(matrix, self.config.population)]
+            self.recorder.retain([self.recipes[p] for p in population])
             self._save_generation(generation, population)
         self.progress("generations", len(self.sizes), len(self.sizes))
         front = self.finish(population)
@@ -244,48 +251,33 @@ class Evolution:
 
 
 def prepare(config: RunConfig, base_dir: Path | None = None) -> Setup:
-    """Resolve sources and tasks, check they fit together, and build the local worker."""
+    """Resolve sources and tasks, check they fit together, and build the local worker. Every
+    check happens here, before any candidate is merged or scored."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from fitness.lm_scorer import LocalLMScorer
     from fitness.tasks import load_task
+    from fitness.worker import LocalWorker
+    from operators.architecture import Architecture, check_compatible
     from operators.sources import CheckpointSource
     from search_spaces.models import resolve_model
 
-    folders = {name: resolve_model(name, base_dir) for name in (config.sources.base,
-                                                                *config.sources.experts)}
-    shapes = {}
-    for name, folder in folders.items():
-        source = CheckpointSource(folder)
-        shapes[name] = {n: tuple(source.shape(n)) for n in source.names()}
-        source.close()
-    reference = shapes[config.sources.base]
-    for name, found in shapes.items():
-        if found.keys() != reference.keys():
-            missing = sorted(reference.keys() - found.keys())[:3]
-            extra = sorted(found.keys() - reference.keys())[:3]
-            raise ConfigError(f"sources: {name} does not have the base's tensors (missing "
-                              f"{missing}, extra {extra}); experts must be fine-tunes of the base")
-        for tensor, shape in found.items():
-            if shape != reference[tensor]:
-                raise ConfigError(f"sources: {name}'s {tensor} has shape {shape}, the base's has "
-                                  f"{reference[tensor]}; experts must share the base's "
-                                  "architecture")
-    tasks = [load_task(t, base_dir) for t in config.tasks]
+    names = (config.sources.base, *config.sources.experts)
+    folders = {name: resolve_model(name, base_dir) for name in names}
     model_config = AutoConfig.from_pretrained(folders[config.sources.base], local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folders[config.sources.base], local_files_only=True)
-    cache: dict[str, dict] = {}
-
-    def load(name: str) -> dict:
-        if name not in cache:
-            source = CheckpointSource(folders[name])
-            cache[name] = {n: source.get(n).clone() for n in source.names()}
+    architecture = Architecture.of(model_config)
+    sources = [CheckpointSource(folders[name]) for name in names]
+    try:
+        check_compatible(sources[0], sources[1:], architecture)
+    finally:
+        for source in sources:
             source.close()
-        return cache[name]
-
-    scorer = LocalLMScorer(tasks, load, model_config, tokenizer, device=config.device,
-                           export_dtype=config.export_dtype)
+    tasks = [load_task(t, base_dir, config.lm_eval.include_path, config.lm_eval.metric)
+             for t in config.tasks]
+    tokenizer = AutoTokenizer.from_pretrained(folders[config.sources.base], local_files_only=True)
+    worker = LocalWorker(tasks, folders, config.sources.base, model_config, tokenizer,
+                         device=config.device, memory_budget=config.memory_budget,
+                         dtype=getattr(torch, config.dtype) if config.dtype else None)
     space = MergeSpace(config.sources.base, tuple(config.sources.experts),
-                       model_config.num_hidden_layers, tuple(config.operators.methods),
+                       architecture.num_layers, tuple(config.operators.methods),
                        config.operators.crossover.compose)
-    return Setup(space, scorer, scorer.task_of, tuple(t.name for t in tasks))
+    return Setup(space, worker, worker.task_of, tuple(t.name for t in tasks))

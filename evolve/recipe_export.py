@@ -7,12 +7,13 @@ import copy
 import json
 from pathlib import Path
 
-import torch
 import yaml
 
 from evolve.export import _ensure_writable
-from operators.settings import count_layers, depth, resolve
-from search_spaces.recipes import Recipe, materialize
+from operators.architecture import Architecture
+from operators.recipes import Recipe
+from operators.safetensors_io import TensorSpec, write_checkpoint
+from operators.settings import depth, resolve
 
 # methods whose result mergekit reproduces tensor for tensor (DARE/DELLA draw their own masks)
 MERGEKIT_EXACT = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
@@ -20,7 +21,7 @@ PER_MODEL = ("weight", "density", "gamma", "epsilon")
 
 
 def mergekit_config(recipe: Recipe, folders: dict[str, Path], dtype: str,
-                    num_layers: int) -> dict | None:
+                    architecture: Architecture) -> dict | None:
     """mergekit's YAML for a flat merge of source models, or None if mergekit cannot express it.
 
     An edit around the merge (layers left out or stacked) becomes mergekit slices, one per output
@@ -51,9 +52,12 @@ def mergekit_config(recipe: Recipe, folders: dict[str, Path], dtype: str,
         out = {}
         for name, value in per_model.items():
             setting = value[index] if isinstance(value, list) else value
-            out[name] = setting if layer is None or not isinstance(setting, list) else [
-                resolve(setting, "", 0.0),
-                resolve(setting, f"layers.{layer}.", depth(f"layers.{layer}.", num_layers))]
+            if layer is None or not isinstance(setting, list):
+                out[name] = setting
+                continue
+            tensor = architecture.layer_names(layer)[0]  # any of the layer's tensors: same depth
+            out[name] = [resolve(setting, "", 0.0),
+                         resolve(setting, tensor, depth(tensor, architecture.num_layers))]
         return out
     if layer_plan is None:
         config["models"] = [{"model": m, "parameters": values(i)} for i, m in enumerate(models)]
@@ -95,25 +99,27 @@ def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit
 
 def export_individual(record: dict, setup, config, out: Path, test: dict | None,
                       search: dict) -> None:
-    from transformers import AutoModelForCausalLM
-
+    """Stream the individual's tensors, in the run's dtype, straight into safetensors shards
+    (nothing model-sized is held): the exact bits the run scored. Tied weights stay tied (the
+    architecture's tied tensors are not written, as transformers saves them)."""
     from search_spaces.models import resolve_model
 
     _ensure_writable(out)
-    scorer = setup.scorer
-    state = materialize(record["recipe"], scorer.load_source, scorer.cache)
-    model_config = copy.deepcopy(scorer.config)
-    model_config.num_hidden_layers = count_layers(state)
-    model = AutoModelForCausalLM.from_config(model_config)
-    model.load_state_dict(state)
-    model.to(getattr(torch, config.export_dtype)).save_pretrained(out)
-    scorer.tokenizer.save_pretrained(out)
+    worker = setup.scorer
+    recipe = record["recipe"]
+    source = worker.source(recipe)
+    specs = [TensorSpec(name, tuple(source.shape(name)), source.dtype(name))
+             for name in source.names()]
+    write_checkpoint(out, specs, worker.export_tensors(recipe))
+    model_config = copy.deepcopy(worker.candidate_config(recipe))
+    model_config.dtype = str(worker.dtype).removeprefix("torch.")
+    model_config.save_pretrained(out)
+    worker.tokenizer.save_pretrained(out)
     folders = {name: resolve_model(name) for name in (config.sources.base,
                                                       *config.sources.experts)}
-    mergekit = mergekit_config(record["recipe"], folders, config.export_dtype,
-                               scorer.config.num_hidden_layers)
+    mergekit = mergekit_config(recipe, folders, model_config.dtype, worker.architecture)
     if mergekit is not None:
         (out / "mergekit_config.yml").write_text(yaml.safe_dump(mergekit, sort_keys=False))
-    (out / "recipe.json").write_text(json.dumps(record["recipe"], indent=2))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
     (out / "README.md").write_text(_card(record, config.sources.base, test, search,
                                          mergekit is not None))

@@ -34,8 +34,8 @@ from evolve.selection import rank_and_crowding, survivors, tournament
 
 if TYPE_CHECKING:
     from evolve.config import RunConfig
+    from operators.recipes import Recipe
     from search_spaces.merge_space import MergeSpace
-    from search_spaces.recipes import Recipe
 
 
 class Space(Protocol):

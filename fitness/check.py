@@ -26,8 +26,8 @@ from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_ac
 from fitness.irt import fit_irt
 from fitness.reduced_sets import select_items
 from operators.cache import cache_dir
+from operators.recipes import Recipe, sources_of
 from search_spaces.merge_space import MergeSpace
-from search_spaces.recipes import Recipe, sources_of
 from search_spaces.zoo_landscape import default_merge_recipes
 
 Progress = Callable[[str, int, int], None]

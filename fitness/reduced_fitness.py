@@ -24,11 +24,16 @@ from typing import Protocol
 
 import torch
 
-from fitness.errors import FitnessError
+from fitness.errors import CandidateOutOfMemory, FitnessError
 from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
 from fitness.irt import MODELS_PER_DIMENSION, IRTModel, fit_irt
 from fitness.reduced_sets import SELECTIONS, select_items
 from fitness.size import Size
+from operators.errors import MergeInputError, MergeParameterError
+from operators.recipes import RecipeError
+
+# errors that say something about one candidate, not about the run (see `_guarded`)
+CANDIDATE_ERRORS = (MergeInputError, MergeParameterError, RecipeError, CandidateOutOfMemory)
 
 
 class Scorer(Protocol):
@@ -209,10 +214,14 @@ class ReducedFitness:
         return [results[c.id] for c in candidates]
 
     def _guarded(self, candidate: Candidate, work) -> FitnessResult:
-        """Run one candidate's evaluation; an error marks it failed instead of ending the run."""
+        """Run one candidate's evaluation; an error that belongs to the candidate (NaN weights,
+        an invalid recipe or merge parameter, out of memory even at batch 1) marks it failed
+        and the run goes on. Anything else (a programming error, a missing file, an
+        out-of-memory while merging) stops the run with its traceback; finished work is in the
+        store and `evoforge resume` continues."""
         try:
             return work()
-        except (ValueError, RuntimeError, OSError, KeyError) as error:
+        except CANDIDATE_ERRORS as error:
             empty = torch.zeros(0)
             return FitnessResult(candidate.id, {}, "failed", empty, empty, empty,
                                  f"{type(error).__name__}: {error}")

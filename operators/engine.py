@@ -237,51 +237,66 @@ def _load(source: TensorSource, name: str, device: torch.device | str,
     return tensor.to(device)
 
 
-def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[TensorSource],
-               device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-               ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor) for every tensor, streaming one tensor at a time.
+class MergeStream:
+    """A merge, prepared: its output names, and each output tensor computed on demand.
 
+    Checking the inputs, resolving parameters and (for the TIES paper's whole-model trim) the
+    global thresholds happen once here; `tensor(name)` then merges one tensor. A recipe nested in
+    another asks for its tensors one by one, so nothing model-sized is ever held.
     `dtype` casts floating inputs first (mergekit's ``dtype:``); otherwise they keep their own.
     """
-    method = get_method(spec.method)
-    _validate(spec, method, len(models), base is not None)
-    sources = ([base] if base is not None else []) + list(models)
-    names = _check_sources(sources)
-    num_layers = count_layers(names)
-    resolver = _Resolver(spec, method, len(models))
-    bounds = None
-    if method.shared.get("trim_scope") is not None:
-        scope = resolver.shared(TensorSite(names[0] if names else "", 0.0))["trim_scope"]
-        if scope is TrimScope.MODEL:
-            bounds = _model_scope_bounds(method, resolver, base, models, names, num_layers)
-    workspace = Workspace(device)
-    for name in names:
-        tensors = [_load(source, name, device, dtype) for source in sources]
-        if not method.checks_inputs:
-            for tensor, source in zip(tensors, sources, strict=True):
+
+    def __init__(self, spec: MergeSpec, base: TensorSource | None, models: Sequence[TensorSource],
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        self.method = get_method(spec.method)
+        _validate(spec, self.method, len(models), base is not None)
+        self.spec, self.base, self.device, self.dtype = spec, base, device, dtype
+        self.sources = ([base] if base is not None else []) + list(models)
+        self.names = _check_sources(self.sources)
+        self.num_layers = count_layers(self.names)
+        self.resolver = _Resolver(spec, self.method, len(models))
+        self.bounds = None
+        if self.method.shared.get("trim_scope") is not None:
+            first = TensorSite(self.names[0] if self.names else "", 0.0)
+            if self.resolver.shared(first)["trim_scope"] is TrimScope.MODEL:
+                self.bounds = _model_scope_bounds(self.method, self.resolver, base, models,
+                                                  self.names, self.num_layers)
+        self.workspace = Workspace(device)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        tensors = [_load(source, name, self.device, self.dtype) for source in self.sources]
+        if not self.method.checks_inputs:
+            for tensor, source in zip(tensors, self.sources, strict=True):
                 _check_finite(tensor, name, source.label)
         if not tensors[0].is_floating_point():
             if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
                 raise MergeInputError(
                     f"non-float tensor {name!r} differs between inputs; it cannot be averaged. "
                     "Merge models that share it (e.g. position ids) or drop it from the inputs.")
-            yield name, tensors[0]
-            continue
-        site = TensorSite.of(name, num_layers)
-        base_tensor = tensors[0] if base is not None else None
-        model_tensors = tensors[1:] if base is not None else tensors
+            return tensors[0]
+        site = TensorSite.of(name, self.num_layers)
+        has_base = self.base is not None
+        base_tensor = tensors[0] if has_base else None
+        model_tensors = tensors[1:] if has_base else tensors
         try:
-            merged = _merge_tensor(method, site, base_tensor, model_tensors,
-                                   resolver.shared(site), resolver.per_model(site), spec.seed,
-                                   bounds, workspace)
+            return _merge_tensor(self.method, site, base_tensor, model_tensors,
+                                 self.resolver.shared(site), self.resolver.per_model(site),
+                                 self.spec.seed, self.bounds, self.workspace)
         except NonFiniteInput:
-            for tensor, source in zip(tensors, sources, strict=True):
+            for tensor, source in zip(tensors, self.sources, strict=True):
                 _check_finite(tensor, name, source.label)
             raise MergeInputError(
                 f"tensor {name!r}: a model minus the base overflows float32 (beyond 3.4e38); the "
                 "weights are corrupt or not from the same base model") from None
-        yield name, merged
+
+
+def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[TensorSource],
+               device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor) for every tensor, streaming one tensor at a time."""
+    stream = MergeStream(spec, base, models, device, dtype)
+    for name in stream.names:
+        yield name, stream.tensor(name)
 
 
 def merge(method: str, base: Mapping[str, torch.Tensor] | None,

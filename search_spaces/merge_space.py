@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from search_spaces.recipes import Recipe
+from operators.recipes import Recipe
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "pcb")
 SPARSE = ("ties", "dare_ties", "pcb")

@@ -25,7 +25,7 @@ LANDSCAPE_FILE = "landscape.json"
 
 
 def default_merge_recipes(base: str, experts: list[str] | tuple[str, ...]) -> list[dict]:
-    """The default merges as recipes (see `search_spaces.recipes`), in DEFAULT_MERGES order."""
+    """The default merges as recipes (see `operators.recipes`), in DEFAULT_MERGES order."""
     return [{"op": "merge", "method": method, "seed": 0, "base": {"model": base},
              "inputs": [{"model": e} for e in experts], "params": params}
             for method, params in DEFAULT_MERGES.values()]

@@ -32,7 +32,7 @@ def config_path(tiny_models, tmp_path_factory):
         "sources": {"base": str(tiny_models["base"]),
                     "experts": [str(tiny_models[n]) for n in ("add", "sort", "reverse")]},
         "tasks": ["pick.jsonl"], "population": 4, "generations": 3, "seed": 5,
-        "export_dtype": "float32",
+        "dtype": "float32",
         "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
                     "max_full_per_generation": 1, "dims": 1},
     }

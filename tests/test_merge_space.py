@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from operators.recipes import RecipeError, materialize, select_layers, sources_of
 from operators.settings import count_layers
 from search_spaces.merge_space import MergeSpace
-from search_spaces.recipes import RecipeError, materialize, select_layers, sources_of
 
 
 @pytest.fixture(scope="module")

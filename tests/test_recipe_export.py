@@ -12,7 +12,14 @@ import yaml
 from safetensors.torch import load_file
 
 from evolve.recipe_export import mergekit_config
-from search_spaces.recipes import materialize
+from operators.architecture import Architecture
+from operators.recipes import materialize
+
+
+def _architecture(folder: Path) -> Architecture:
+    from transformers import AutoConfig
+
+    return Architecture.of(AutoConfig.from_pretrained(folder))
 
 
 def _mergekit(config: dict, tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -33,7 +40,8 @@ def _ties(weights, densities) -> dict:
 def test_mergekit_reproduces_edited_merges_with_gradients(tiny_models, tmp_path, layers):
     merged = _ties([[0.3, 1.1], 0.8, [1.0, 0.2, 0.7]], [[0.3, 0.8], 0.6, 0.5])
     recipe = {"op": "edit", "layers": layers, "input": merged}
-    config = mergekit_config(recipe, dict(tiny_models), "float32", 4)
+    config = mergekit_config(recipe, dict(tiny_models), "float32",
+                             _architecture(tiny_models["base"]))
     assert len(config["slices"]) == len(layers)
     ours = materialize(recipe, lambda name: load_file(tiny_models[name] / "model.safetensors"))
     theirs = _mergekit(config, tmp_path)
@@ -43,11 +51,11 @@ def test_mergekit_reproduces_edited_merges_with_gradients(tiny_models, tmp_path,
 
 
 def test_flat_merges_use_models_and_inexpressible_recipes_give_none(tiny_models):
-    folders = dict(tiny_models)
-    flat = mergekit_config(_ties([1.0, 0.5, 0.7], 0.4), folders, "bfloat16", 4)
+    folders, architecture = dict(tiny_models), _architecture(tiny_models["base"])
+    flat = mergekit_config(_ties([1.0, 0.5, 0.7], 0.4), folders, "bfloat16", architecture)
     assert [m["parameters"]["weight"] for m in flat["models"]] == [1.0, 0.5, 0.7]
     noisy = {"op": "mutate", "seed": 1, "sigma": 0.1, "rate": 0.1, "input": _ties(1.0, 0.4)}
     dare = {**_ties(1.0, 0.4), "method": "dare_ties"}  # mergekit draws its own masks
     filtered = _ties([[{"filter": "mlp", "value": 0.5}, {"value": 1.0}], 1.0, 1.0], 0.4)
-    assert all(mergekit_config(r, folders, "bfloat16", 4) is None
+    assert all(mergekit_config(r, folders, "bfloat16", architecture) is None
                for r in (noisy, dare, filtered))

@@ -9,7 +9,7 @@ from fitness.errors import FitnessError
 from fitness.estimators import task_accuracies
 from fitness.irt import simulate_responses
 from fitness.reduced_fitness import Budget, Candidate, ReducedFitness
-from fitness.size import Size, measure_size
+from fitness.size import Size
 
 
 class TableScorer:
@@ -105,38 +105,43 @@ def test_uncalibrated_or_bad_budgets_are_refused():
         Budget(items_per_task=0)
 
 
-def test_size_objectives():
-    state = {"w": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "steps": torch.tensor([3], dtype=torch.int64)}
-    size = measure_size(state, "bfloat16")
-    assert (size.params, size.bytes, size.nonzero) == (5, 4 * 2 + 8, 3)
-    assert measure_size(state, "float32").bytes == 4 * 4 + 8
-
-
-def test_local_lm_scorer_answers_sizes_and_reports(tiny_models):
+def test_local_worker_answers_sizes_and_reports(tiny_models):
+    """The resident model scores what an independently built model with the same weights
+    scores; sizes count the materialized tensors; edits change depth."""
     from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fitness.causal_lm import load_causal_lm
+    from fitness.causal_lm import CausalLMEvaluator, load_causal_lm
     from fitness.items import GenerationItem, Task
-    from fitness.lm_scorer import LocalLMScorer
+    from fitness.worker import LocalWorker
+    from operators.recipes import materialize
 
     model, tokenizer = load_causal_lm(tiny_models["base"])
     tasks = [Task("t", "generation", tuple(GenerationItem(f"{i}+1=", str(i + 1), 3)
                                            for i in range(6)),
                   (GenerationItem("9+1=", "10", 3),))]
-    scorer = LocalLMScorer(tasks, lambda name: load_file(tiny_models[name] / "model.safetensors"),
-                           model.config, tokenizer)
+    config = AutoConfig.from_pretrained(tiny_models["base"])
+    worker = LocalWorker(tasks, tiny_models, "base", config, tokenizer)
     recipe = {"op": "merge", "method": "ties", "base": {"model": "base"},
               "inputs": [{"model": "add"}, {"model": "sort"}],
               "params": {"weight": 1.0, "density": 0.5}}
-    answers = scorer.answers("m", recipe, torch.tensor([5, 0, 2]))
-    direct = scorer.evaluator.evaluate("t", [tasks[0].search[i] for i in (5, 0, 2)])
+    answers = worker.answers("m", recipe, torch.tensor([5, 0, 2]))
+    state = materialize(recipe, lambda name: load_file(tiny_models[name] / "model.safetensors"))
+    independent = AutoModelForCausalLM.from_config(config)
+    independent.load_state_dict(state)
+    direct = CausalLMEvaluator(independent.eval(), tokenizer).evaluate(
+        "t", [tasks[0].search[i] for i in (5, 0, 2)])
     assert answers.tolist() == [float(c) for c in direct.correct]
-    assert scorer.size("m", recipe).params == sum(p.numel() for p in model.parameters())
-    assert len(scorer.test_results("m", recipe)[0]) == 1
-    assert scorer.latency("m", recipe, batch=4) > 0
+    assert all(torch.equal(p, state[n]) for n, p in worker.resident.model.state_dict().items())
+    size = worker.size("m", recipe)
+    assert size.params == sum(p.numel() for p in model.parameters())
+    assert size.bytes == 4 * size.params  # float32 sources, float32 run
+    assert size.nonzero == sum(int(torch.count_nonzero(t)) for t in state.values())
+    assert len(worker.test_results("m", recipe)[0]) == 1
     smaller = {"op": "edit", "layers": [0, 2, 3], "input": recipe}
-    assert scorer.size("s", smaller).params < scorer.size("m", recipe).params
-    assert scorer.answers("s", smaller, torch.tensor([0, 1])).shape == (2,)
+    assert worker.size("s", smaller).params < size.params
+    assert worker.answers("s", smaller, torch.tensor([0, 1])).shape == (2,)
+    assert worker.resident.model.config.num_hidden_layers == 3
     deeper = {"op": "edit", "layers": [0, 1, 1, 2, 3], "input": recipe}  # a stacked layer
-    assert scorer.size("d", deeper).params > scorer.size("m", recipe).params
-    assert scorer.answers("d", deeper, torch.tensor([0, 1])).shape == (2,)
+    assert worker.size("d", deeper).params > size.params
+    assert worker.answers("d", deeper, torch.tensor([0, 1])).shape == (2,)

@@ -48,11 +48,6 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_the_real_checkpoint_example_is_valid():
-    config = load_config(EXAMPLES / "hf-checkpoints.yaml")
-    assert config.device == "cuda" and config.fitness.estimator == "gpirt"
-
-
 def test_an_evaluation_budget_sets_the_generations(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("sources: {base: a, experts: [b, c]}\ntasks: [t]\npopulation: 16\n"

@@ -8,8 +8,11 @@ import yaml
 from typer.testing import CliRunner
 
 from evolve.cli import app
+from fitness.errors import CandidateOutOfMemory
 from fitness.reduced_fitness import Budget, Candidate, ReducedFitness
 from fitness.size import Size
+from operators.errors import MergeInputError
+from operators.recipes import RecipeError
 
 
 def _run(tmp_path, config: dict, run_dir=None):
@@ -69,28 +72,44 @@ def test_unwritable_run_dir(tmp_path, tiny_models, task_file):
 
 
 class FlakyScorer:
-    """Answers from a fixed matrix, but one candidate's worker crashes."""
+    """Answers from a fixed matrix, but one candidate's worker raises `error`."""
 
-    def __init__(self):
+    def __init__(self, error: Exception):
         generator = torch.Generator().manual_seed(0)
         self.responses = (torch.rand(40, 60, generator=generator) < 0.5).double()
+        self.error = error
 
     def answers(self, candidate_id, recipe, items):
         if candidate_id == "broken":
-            raise RuntimeError("CUDA out of memory")
+            raise self.error
         return self.responses[recipe["row"], items]
 
     def size(self, candidate_id, recipe):
         return Size(100, 200, 100)
 
 
-def test_a_failing_candidate_is_marked_and_the_rest_go_on():
-    fitness = ReducedFitness(FlakyScorer(), torch.arange(60) % 2, ("a", "b"), dims=1)
+def _evaluate_with(error: Exception):
+    fitness = ReducedFitness(FlakyScorer(error), torch.arange(60) % 2, ("a", "b"), dims=1)
     fitness.calibrate([Candidate(f"c{i}", {"row": i}) for i in range(20)])
-    results = fitness.evaluate([Candidate("fine", {"row": 30}), Candidate("broken", {"row": 31})],
-                               Budget(items_per_task=5, promote_items_per_task=10))
+    return fitness.evaluate([Candidate("fine", {"row": 30}), Candidate("broken", {"row": 31})],
+                            Budget(items_per_task=5, promote_items_per_task=10))
+
+
+@pytest.mark.parametrize("error", [
+    MergeInputError("tensor 'w' of merge:ties holds 3 NaN/Inf values"),
+    RecipeError("edit layers [9]: the input has layers 0..3"),
+    CandidateOutOfMemory("task 't', an item of 900 tokens runs out of memory at batch 1")])
+def test_a_candidate_that_fails_for_its_own_reason_is_marked_and_the_rest_go_on(error):
+    results = _evaluate_with(error)
     assert results[0].ok and results[0].objectives["accuracy"][1] >= 0
-    assert results[1].stage == "failed" and "CUDA out of memory" in results[1].error
+    assert results[1].stage == "failed" and str(error) in results[1].error
+
+
+@pytest.mark.parametrize("error", [KeyError("model.layers.0.mlp"), TypeError("bad call"),
+                                   torch.OutOfMemoryError("CUDA out of memory")])
+def test_programming_errors_and_raw_out_of_memory_stop_the_run(error):
+    with pytest.raises(type(error)):
+        _evaluate_with(error)
 
 
 def test_invalid_config_names_the_key(tmp_path, tiny_models, task_file):
