@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,19 @@ from search_spaces.merge_space import METHODS
 
 class ConfigError(ValueError):
     """The run config is invalid; the message names the key and what is allowed."""
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10,
+          "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '500 MB', '1.5e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write bytes or e.g. 24GiB, 500MB")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 class _Strict(BaseModel):
@@ -61,9 +75,16 @@ class Fitness(_Strict):
     dims: int = Field(0, ge=0, description="IRT dimensions; 0 = one per task")
 
 
+class LmEval(_Strict):
+    include_path: list[str] = Field([], description="folders of lm-eval task YAMLs (offline)")
+    metric: str | None = Field(None, description="a 0/1 metric of the tasks (default: acc for "
+                               "multiple choice, exact_match for generation)")
+
+
 class RunConfig(_Strict):
     sources: Sources
     tasks: list[str] = Field(min_length=1)
+    lm_eval: LmEval = LmEval()
     objectives: dict[str, Literal["max", "min"]] = {"accuracy": "max", "params": "min"}
     operators: Operators = Operators()
     population: int = Field(16, ge=4)
@@ -75,7 +96,17 @@ class RunConfig(_Strict):
     strategy: Literal["ga", "cmaes", "tpe", "nsga2"] = "ga"
     seed: int = 0
     device: str = "cpu"
-    export_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="what candidates are scored and exported in; default: the sources'")
+    memory_budget: int | None = Field(
+        None, gt=0, description="bytes a worker may hold besides the mapped sources (resident "
+        "model + sub-recipe cache); '24GiB' or '500MB' work too; default: half the RAM on a "
+        "CPU, 90 % of the GPU's memory (sources included) on a GPU")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _byte_size(cls, value):
+        return parse_bytes(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_budget(self) -> RunConfig:

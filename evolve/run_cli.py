@@ -93,6 +93,8 @@ def run(
         data.pop("generations" if data["evaluations"] is not None else "evaluations")
         data["sources"] = {k: _absolute(v, config.parent) for k, v in data["sources"].items()}
         data["tasks"] = [_absolute(t, config.parent) for t in data["tasks"]]
+        data["lm_eval"]["include_path"] = [_absolute(p, config.parent)
+                                           for p in data["lm_eval"]["include_path"]]
         (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     except OSError as error:
         _fail(OSError(f"cannot write the run directory {run_dir}: {error.strerror}; choose a "
@@ -105,7 +107,7 @@ def _absolute(value, relative_to: Path):
     """Local paths in a config are relative to the config file; built-in names stay as they are."""
     if isinstance(value, list):
         return [_absolute(v, relative_to) for v in value]
-    if value.startswith(("zoo/", "tiny/", "nas/")):
+    if value.startswith(("zoo/", "tiny/", "nas/", "lm-eval/")):
         return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (relative_to / path).resolve())

@@ -9,13 +9,17 @@ benchmarks:
 - `ChoiceItem`: multiple choice, the choice whose continuation has the highest log-likelihood
   given the prompt is the model's answer;
 - `ClassificationItem`: an input vector and a label, for classifiers such as the NAS zoo's.
+
+`LmEvalItem` is a document of an lm-eval-harness task, which lm-eval itself prompts and scores
+(fitness/lm_eval_tasks.py); its tasks have the format "lm-eval".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+# The formats of task files (fitness/jsonl_tasks.py); tasks of LmEvalItems have the format "lm-eval".
 FORMATS = ("generation", "choice", "classification")
 Split = Literal["search", "test"]
 
@@ -40,7 +44,21 @@ class ClassificationItem:
     label: int
 
 
-Item = GenerationItem | ChoiceItem | ClassificationItem
+@dataclass(frozen=True)
+class LmEvalItem:
+    """One document of an lm-eval task: its position in its lm-eval split and a hash of its content.
+
+    Results are joined back onto items by `doc_key`, never by position alone, so a mislabelled
+    sample cannot credit the wrong item. `source` is the loaded lm-eval split the document is in
+    (an `LmEvalSplit`), what the evaluator runs; it takes no part in comparisons and hashing.
+    """
+
+    doc_index: int
+    doc_key: str
+    source: Any = field(default=None, compare=False, repr=False)
+
+
+Item = GenerationItem | ChoiceItem | ClassificationItem | LmEvalItem
 
 
 @dataclass(frozen=True)
