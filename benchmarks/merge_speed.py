@@ -3,6 +3,10 @@
 Merges a base plus 3 models (>= 100M parameters each, float32, Llama-shaped tensors) with each
 method, checks that both give the same tensors, and prints the time ratio and the peak resident
 memory each merge added above the inputs. Run: ``python benchmarks/merge_speed.py [--layers N]``.
+
+``--dtype bfloat16`` gives both sides bf16 inputs, as real checkpoints are: evoforge merges them
+the way a run materializes a recipe (each input tensor converted to float32, the float32 kernels,
+rounded once to bf16), mergekit in bf16 as its ``dtype: bfloat16`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the evoforge CLI does; 
 import torch
 
 from operators import merge
+from operators.recipes import materialize
 
 try:
     from mergekit.merge_methods.api import merge_state_dicts
@@ -46,7 +51,8 @@ def _rss_gib() -> float:
     return float("nan")
 
 
-def build_models(layers: int, hidden: int, seed: int = 0) -> tuple[dict, list[dict]]:
+def build_models(layers: int, hidden: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> tuple[dict, list[dict]]:
     generator = torch.Generator().manual_seed(seed)
     shapes = {"model.embed_tokens.weight": (8000, hidden)}
     for i in range(layers):
@@ -58,9 +64,9 @@ def build_models(layers: int, hidden: int, seed: int = 0) -> tuple[dict, list[di
             shapes[f"model.layers.{i}.mlp.{name}.weight"] = shape
         shapes[f"model.layers.{i}.input_layernorm.weight"] = (hidden,)
     base = {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
-    models = [{k: v + torch.randn(v.shape, generator=generator) * 0.002 for k, v in base.items()}
-              for _ in range(3)]
-    return base, models
+    models = [{k: (v + torch.randn(v.shape, generator=generator) * 0.002).to(dtype)
+               for k, v in base.items()} for _ in range(3)]
+    return {k: v.to(dtype) for k, v in base.items()}, models
 
 
 def timed(fn):
@@ -75,9 +81,23 @@ def timed(fn):
 
 
 def run_evoforge(method: str, base: dict, models: list[dict], params: dict) -> dict:
+    if base["model.embed_tokens.weight"].dtype == torch.bfloat16:
+        return _run_recipe(method, base, models, params)
     if method == "linear":  # linear has no base: the base joins the inputs with weight 1
         return merge("linear", None, [base, *models], weight=[1.0, *params["weight"]])
     return merge(method, base, models, **params)
+
+
+def _run_recipe(method: str, base: dict, models: list[dict], params: dict) -> dict:
+    """The merge as a run's worker materializes it: float32 arithmetic, rounded once to bf16."""
+    states = {"base": base} | {f"m{i}": m for i, m in enumerate(models)}
+    inputs = [{"model": f"m{i}"} for i in range(len(models))]
+    recipe = {"op": "merge", "method": method, "base": {"model": "base"}, "inputs": inputs,
+              "params": params}
+    if method == "linear":
+        recipe = {"op": "merge", "method": "linear", "inputs": [{"model": "base"}, *inputs],
+                  "params": {"weight": [1.0, *params["weight"]]}}
+    return materialize(recipe, states.__getitem__, dtype=torch.bfloat16)
 
 
 def run_mergekit(method: str, base: dict, models: list[dict], params: dict) -> dict:
@@ -99,11 +119,12 @@ def main() -> None:
                              "time counts (mergekit runs once)")
     parser.add_argument("--skip-mergekit", action="store_true",
                         help="time evoforge only (mergekit's TIES sorts every tensor: slow)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    base, models = build_models(args.layers, args.hidden)
+    base, models = build_models(args.layers, args.hidden, dtype=getattr(torch, args.dtype))
     n_params = sum(v.numel() for v in base.values())
-    print(f"inputs: base + {len(models)} models x {n_params / 1e6:.1f}M parameters (float32), "
+    print(f"inputs: base + {len(models)} models x {n_params / 1e6:.1f}M parameters ({args.dtype}), "
           f"{torch.get_num_threads()} threads; evoforge: best of {args.repeats} runs")
     cases = {
         "linear": {"weight": WEIGHTS},
@@ -135,6 +156,11 @@ def main() -> None:
             ref, t_mk, m_mk = timed(lambda m=method, p=params: run_mergekit(m, base, models, p))
             if method == "dare_ties":
                 same = "masks differ by design (seeded per tensor); equal given masks: tests"
+            elif args.dtype == "bfloat16":
+                within = sum(int(((out[k].float() - ref[k].float()).abs()
+                                  <= ref[k].float().pow(2).mean().sqrt() / 32).sum()) for k in out)
+                same = (f"{within / n_params:.1%} of entries within 2^-5 of the tensor's RMS "
+                        "(mergekit rounds every step to bf16; we round once)")
             else:
                 differing = sum(int((out[k] != ref[k]).sum()) for k in out)
                 same = "bit-identical" if differing == 0 else (
