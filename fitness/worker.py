@@ -35,7 +35,8 @@ from fitness.items import Task
 from fitness.results import ItemResults
 from fitness.size import Size
 from operators.architecture import Architecture, edited_config
-from operators.recipes import Recipe, inner_recipes, recipe_key, recipe_source
+from operators.recipes import Recipe, inner_recipes, layer_plan, recipe_key, recipe_source
+from operators.safetensors_io import tensor_bytes
 from operators.sources import CheckpointSource, StateDictSource, TensorSource
 
 GiB = 2**30
@@ -58,10 +59,6 @@ def default_budget(device: torch.device) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
-def _bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-
-
 class SourceBank:
     """The run's source checkpoints, opened once. On a CPU a tensor is read from the mapped
     file when asked; on a GPU every tensor is copied to the device on first use and kept."""
@@ -79,9 +76,9 @@ class SourceBank:
             return self._sources[name]
         return _DeviceSource(self._sources[name], self._on_device[name], self.device)
 
-    def model_bytes(self, name: str) -> int:
+    def modeltensor_bytes(self, name: str) -> int:
         source = self._sources[name]
-        return sum(_bytes(source.shape(n), source.dtype(n)) for n in source.names())
+        return sum(tensor_bytes(source.shape(n), source.dtype(n)) for n in source.names())
 
     def close(self) -> None:
         for source in self._sources.values():
@@ -147,18 +144,6 @@ class SubRecipeCache:
             del self._entries[key], self._sizes[key]
 
 
-def layer_plan(recipe: Recipe, num_layers: int) -> list[int]:
-    """The source layer behind each output layer of a recipe (for per-layer config lists)."""
-    op = recipe.get("op", "model" if "model" in recipe else None)
-    if op == "model":
-        return list(range(num_layers))
-    if op == "edit":
-        inner = layer_plan(recipe["input"], num_layers)
-        return [inner[k] for k in recipe["layers"] if 0 <= k < len(inner)]
-    child = recipe.get("input") or recipe.get("base") or recipe["inputs"][0]
-    return layer_plan(child, num_layers)
-
-
 class ResidentModel:
     """One transformers model whose parameters are assigned each candidate's tensors.
 
@@ -207,13 +192,16 @@ class ResidentModel:
             stored.copy_(tensor)
             self._assign(modules, name, stored)
             params += tensor.numel()
-            nbytes += tensor.numel() * (torch.empty((), dtype=dtype).element_size()
-                                        if tensor.is_floating_point() else tensor.element_size())
+            nbytes += tensor_bytes(tensor.shape, dtype if tensor.is_floating_point()
+                                   else tensor.dtype)
             nonzero += int(torch.count_nonzero(stored))
         for name in [n for n in self._storage if n not in set(names)]:
             del self._storage[name]  # a shallower candidate: free the layers it does not have
         for name, target in self.architecture.tied_missing(names).items():
-            self._assign(modules, name, self._storage[target])
+            owner, _, leaf = target.rpartition(".")
+            tied = modules[owner]._parameters[leaf]  # the same Parameter, as transformers ties
+            owner, _, leaf = name.rpartition(".")
+            modules[owner]._parameters[leaf] = tied
         empty = [n for n, p in self.model.named_parameters() if p.is_meta]
         if empty:
             raise FitnessError(f"the recipe gives no tensors for {empty[:4]}; its sources lack "
@@ -251,11 +239,11 @@ class LocalWorker:
                                    if reference.dtype(n).is_floating_point)
         self.resident = ResidentModel(self.architecture, self.device,
                                       compute_dtype(self.dtype, self.device))
-        resident_bytes = sum(_bytes(reference.shape(n), self.resident.dtype)
+        resident_bytes = sum(tensor_bytes(reference.shape(n), self.resident.dtype)
                              for n in reference.names())
         budget = memory_budget if memory_budget is not None else default_budget(self.device)
         if self.device.type == "cuda":
-            budget -= sum(self.bank.model_bytes(name) for name in folders)
+            budget -= sum(self.bank.modeltensor_bytes(name) for name in folders)
         if budget < resident_bytes:
             raise MemoryBudgetError(
                 f"memory_budget {budget / GiB:.2f} GiB (after the sources) is smaller than one "
@@ -291,7 +279,7 @@ class LocalWorker:
                 continue
             source = self.source(inner)
             names = source.names()
-            if self.cache.fits(sum(_bytes(source.shape(n), source.dtype(n)) for n in names)):
+            if self.cache.fits(sum(tensor_bytes(source.shape(n), source.dtype(n)) for n in names)):
                 self.cache.put(key, {n: source.get(n) for n in names})
 
     def _load(self, candidate_id: str, recipe: Recipe) -> Size:

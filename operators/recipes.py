@@ -84,6 +84,18 @@ def sources_of(recipe: Recipe) -> list[str]:
     return found
 
 
+def layer_plan(recipe: Recipe, num_layers: int) -> list[int]:
+    """The source layer behind each output layer of a recipe (for per-layer config lists)."""
+    op = recipe.get("op", "model" if "model" in recipe else None)
+    if op == "model":
+        return list(range(num_layers))
+    if op == "edit":
+        inner = layer_plan(recipe["input"], num_layers)
+        return [inner[k] for k in recipe["layers"] if 0 <= k < len(inner)]
+    child = recipe.get("input") or recipe.get("base") or recipe["inputs"][0]
+    return layer_plan(child, num_layers)
+
+
 def inner_recipes(recipe: Recipe) -> list[Recipe]:
     """Every operation node below the root (sub-recipes a cache may hold), deepest first."""
     found: list[Recipe] = []

@@ -25,6 +25,11 @@ DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
+def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of `shape` and `dtype`, from metadata alone."""
+    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -33,7 +38,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_bytes(self.shape, self.dtype)
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:

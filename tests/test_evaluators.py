@@ -55,18 +55,24 @@ def loglik_direct(model, prompt: str, continuation: str) -> float:
 PROMPTS = ["12+34=", "rev:abc=", "sort:hgfe=", "x", "cnt:abba=", "a long prompt: 0123456789="]
 
 
-def test_exact_match_agrees_with_direct_greedy_decoding(lm):
-    model, tokenizer = lm
+def _half_right_generation_items(model) -> tuple[list[GenerationItem], list[str]]:
+    """Items of PROMPTS, half carrying the model's own greedy answer (correct), half another."""
     bounds = [3, 5, 2, 4, 2, 6]
     truths = [greedy_direct(model, p, b) for p, b in zip(PROMPTS, bounds, strict=True)]
-    # half the items carry the model's own greedy answer (correct), half a different one
     answers = [t if i % 2 == 0 and t else (t + "z")[-1:] + "q" for i, t in enumerate(truths)]
-    items = [GenerationItem(p, a, b) for p, a, b in zip(PROMPTS, answers, bounds, strict=True)]
+    return ([GenerationItem(p, a, b) for p, a, b in zip(PROMPTS, answers, bounds, strict=True)],
+            truths)
+
+
+def test_exact_match_agrees_with_direct_greedy_decoding(lm):
+    model, tokenizer = lm
+    items, truths = _half_right_generation_items(model)
     results = CausalLMEvaluator(model, tokenizer, batch_size=4).evaluate("hand", items)
     generated = CausalLMEvaluator(model, tokenizer, batch_size=4,
                                   confirm_by_teacher_forcing=False).evaluate("hand", items)
     assert results == generated  # the shortcut never changes a result
-    assert list(results.correct) == [truth == a for truth, a in zip(truths, answers, strict=True)]
+    assert list(results.correct) == [truth == item.answer
+                                     for truth, item in zip(truths, items, strict=True)]
     for prediction, truth, item, ok in zip(results.prediction, truths, items, results.correct,
                                            strict=True):
         assert prediction == (item.answer if ok else truth)
@@ -180,10 +186,7 @@ def test_teacher_forced_scores_equal_a_full_log_softmax(lm, scored_rows, batch_s
 
 def test_item_results_equal_the_full_log_softmax_evaluator(lm):
     model, tokenizer = lm
-    bounds = [3, 5, 2, 4, 2, 6]
-    truths = [greedy_direct(model, p, b) for p, b in zip(PROMPTS, bounds, strict=True)]
-    answers = [t if i % 2 == 0 and t else (t + "z")[-1:] + "q" for i, t in enumerate(truths)]
-    generation = [GenerationItem(p, a, b) for p, a, b in zip(PROMPTS, answers, bounds, strict=True)]
+    generation, truths = _half_right_generation_items(model)
     choice = [ChoiceItem(p, ("12", "46", "x", "abc", t or "0"), i % 4)
               for i, (p, t) in enumerate(zip(PROMPTS, truths, strict=True))]
     for items in (generation, choice):
