@@ -195,7 +195,8 @@ class ResidentModel:
             nbytes += tensor_bytes(tensor.shape, dtype if tensor.is_floating_point()
                                    else tensor.dtype)
             nonzero += int(torch.count_nonzero(stored))
-        for name in [n for n in self._storage if n not in set(names)]:
+        wanted = set(names)
+        for name in [n for n in self._storage if n not in wanted]:
             del self._storage[name]  # a shallower candidate: free the layers it does not have
         for name, target in self.architecture.tied_missing(names).items():
             owner, _, leaf = target.rpartition(".")

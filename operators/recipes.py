@@ -127,6 +127,13 @@ class _Node:
         return tensor
 
 
+class _Leaf(_Node):
+    """A source model, its floating tensors cast to the recipe's dtype (mergekit's `dtype:`)."""
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._rounded(self.reference.get(name))
+
+
 class _Merge(_Node):
     def __init__(self, recipe: Recipe, base: TensorSource | None, inputs: list[TensorSource],
                  dtype: torch.dtype | None, device: torch.device | str):
@@ -218,7 +225,8 @@ def recipe_source(recipe: Recipe, leaf: Callable[[str], TensorSource], *,
             raise RecipeError(f"a recipe node must be a mapping, got {node!r}")
         op = node.get("op", "model" if "model" in node else None)
         if op == "model":
-            return leaf(node["model"])
+            source = leaf(node["model"])
+            return source if dtype is None else _Leaf(source.label, source, dtype)
         if cached is not None and (hit := cached(recipe_key(node))) is not None:
             return hit
         try:
