@@ -257,20 +257,11 @@ def prepare(config: RunConfig, base_dir: Path | None = None) -> Setup:
 
     from fitness.tasks import load_task
     from fitness.worker import LocalWorker
-    from operators.architecture import Architecture, check_compatible
-    from operators.sources import CheckpointSource
     from search_spaces.models import resolve_model
 
     names = (config.sources.base, *config.sources.experts)
     folders = {name: resolve_model(name, base_dir) for name in names}
     model_config = AutoConfig.from_pretrained(folders[config.sources.base], local_files_only=True)
-    architecture = Architecture.of(model_config)
-    sources = [CheckpointSource(folders[name]) for name in names]
-    try:
-        check_compatible(sources[0], sources[1:], architecture)
-    finally:
-        for source in sources:
-            source.close()
     tasks = [load_task(t, base_dir, config.lm_eval.include_path, config.lm_eval.metric)
              for t in config.tasks]
     tokenizer = AutoTokenizer.from_pretrained(folders[config.sources.base], local_files_only=True)
@@ -278,6 +269,6 @@ def prepare(config: RunConfig, base_dir: Path | None = None) -> Setup:
                          device=config.device, memory_budget=config.memory_budget,
                          dtype=getattr(torch, config.dtype) if config.dtype else None)
     space = MergeSpace(config.sources.base, tuple(config.sources.experts),
-                       architecture.num_layers, tuple(config.operators.methods),
+                       worker.architecture.num_layers, tuple(config.operators.methods),
                        config.operators.crossover.compose)
     return Setup(space, worker, worker.task_of, tuple(t.name for t in tasks))

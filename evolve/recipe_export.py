@@ -12,7 +12,7 @@ import yaml
 from evolve.export import _ensure_writable
 from operators.architecture import Architecture
 from operators.recipes import Recipe
-from operators.safetensors_io import TensorSpec, write_checkpoint
+from operators.safetensors_io import write_checkpoint
 from operators.settings import depth, resolve
 
 # methods whose result mergekit reproduces tensor for tensor (DARE/DELLA draw their own masks)
@@ -107,10 +107,8 @@ def export_individual(record: dict, setup, config, out: Path, test: dict | None,
     _ensure_writable(out)
     worker = setup.scorer
     recipe = record["recipe"]
-    source = worker.source(recipe)
-    specs = [TensorSpec(name, tuple(source.shape(name)), source.dtype(name))
-             for name in source.names()]
-    write_checkpoint(out, specs, worker.export_tensors(recipe))
+    specs, source = worker.export_specs(recipe)
+    write_checkpoint(out, specs, ((spec.name, source.get(spec.name)) for spec in specs))
     model_config = copy.deepcopy(worker.candidate_config(recipe))
     model_config.dtype = str(worker.dtype).removeprefix("torch.")
     model_config.save_pretrained(out)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -34,9 +34,10 @@ from fitness.errors import FitnessError
 from fitness.items import Task
 from fitness.results import ItemResults
 from fitness.size import Size
-from operators.architecture import Architecture, edited_config
+from operators.architecture import Architecture, check_compatible, edited_config
+from operators.errors import CheckpointError
 from operators.recipes import Recipe, inner_recipes, layer_plan, recipe_key, recipe_source
-from operators.safetensors_io import tensor_bytes
+from operators.safetensors_io import TensorSpec, tensor_bytes
 from operators.sources import CheckpointSource, StateDictSource, TensorSource
 
 GiB = 2**30
@@ -76,7 +77,7 @@ class SourceBank:
             return self._sources[name]
         return _DeviceSource(self._sources[name], self._on_device[name], self.device)
 
-    def modeltensor_bytes(self, name: str) -> int:
+    def model_bytes(self, name: str) -> int:
         source = self._sources[name]
         return sum(tensor_bytes(source.shape(n), source.dtype(n)) for n in source.names())
 
@@ -236,6 +237,12 @@ class LocalWorker:
         self.architecture = Architecture.of(config)
         self.bank = SourceBank(folders, self.device)
         reference = self.bank.source(base)
+        try:
+            check_compatible(reference, [self.bank.source(n) for n in folders if n != base],
+                             self.architecture)
+        except CheckpointError:
+            self.bank.close()
+            raise
         self.dtype = dtype or next(reference.dtype(n) for n in reference.names()
                                    if reference.dtype(n).is_floating_point)
         self.resident = ResidentModel(self.architecture, self.device,
@@ -244,7 +251,7 @@ class LocalWorker:
                              for n in reference.names())
         budget = memory_budget if memory_budget is not None else default_budget(self.device)
         if self.device.type == "cuda":
-            budget -= sum(self.bank.modeltensor_bytes(name) for name in folders)
+            budget -= sum(self.bank.model_bytes(name) for name in folders)
         if budget < resident_bytes:
             raise MemoryBudgetError(
                 f"memory_budget {budget / GiB:.2f} GiB (after the sources) is smaller than one "
@@ -296,12 +303,12 @@ class LocalWorker:
         """The population's recipes: the only sub-recipes worth keeping materialized."""
         self.cache.retain({recipe_key(r) for r in recipes})
 
-    def export_tensors(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of the recipe's model in the run's dtype, one tensor at a time: the
-        bits the resident model scored."""
+    def export_specs(self, recipe: Recipe) -> tuple[list[TensorSpec], TensorSource]:
+        """The recipe's tensor specs in the run's dtype, and the source that streams exactly the
+        bits the resident model scored (one tensor at a time)."""
         source = self.source(recipe)
-        for name in source.names():
-            yield name, source.get(name)
+        return [TensorSpec(n, tuple(source.shape(n)), source.dtype(n)) for n in source.names()], \
+            source
 
     # -- evaluation --------------------------------------------------------------------------
 

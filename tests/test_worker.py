@@ -47,6 +47,11 @@ def test_a_tied_bf16_model_is_resident_in_float32_with_its_head_tied(family):
         assert torch.equal(model.state_dict()[name], tensor.float()), name
 
 
+def _exported(worker, recipe) -> dict[str, torch.Tensor]:
+    specs, source = worker.export_specs(recipe)
+    return {spec.name: source.get(spec.name) for spec in specs}
+
+
 def _load(folder):
     from operators.sources import CheckpointSource
 
@@ -67,11 +72,11 @@ def test_sub_recipes_are_cached_only_when_retained_and_give_the_same_bits(family
     worker = _worker(family)
     worker.answers("c", CHILD, torch.tensor([0]))
     assert worker.cache.nbytes == 0  # nobody said the parent is in the population
-    uncached = dict(worker.export_tensors(CHILD))
+    uncached = _exported(worker, CHILD)
     worker.retain([PARENT])
     worker.answers("c2", CHILD, torch.tensor([0]))
     assert worker.cache.nbytes > 0
-    cached = dict(worker.export_tensors(CHILD))
+    cached = _exported(worker, CHILD)
     assert all(torch.equal(uncached[n], cached[n]) for n in uncached)
     worker.retain([CHILD])  # the parent left the population: its weights are dropped
     assert worker.cache.nbytes == 0
