@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from operators.errors import CheckpointError
@@ -83,15 +84,12 @@ class Architecture:
 
     def locate(self, name: str) -> tuple[int, int] | None:
         """(layer, position in the layer's template) of a layer tensor; None outside the layers."""
-        return self._positions().get(name)
+        return self._positions.get(name)
 
+    @cached_property
     def _positions(self) -> dict[str, tuple[int, int]]:
-        cached = self.__dict__.get("_position_table")
-        if cached is None:
-            cached = {w.name: (i, k) for i, layer in enumerate(self.layer_weights)
-                      for k, w in enumerate(layer)}
-            object.__setattr__(self, "_position_table", cached)
-        return cached
+        return {w.name: (i, k) for i, layer in enumerate(self.layer_weights)
+                for k, w in enumerate(layer)}
 
     def rename(self, name: str, new_layer: int) -> str:
         """The name of layer tensor `name` when its layer sits at `new_layer` of the output."""
@@ -101,7 +99,7 @@ class Architecture:
     def check_tensors(self, names: Iterable[str], label: str) -> None:
         """Every tensor is described by the definition and every required one is present."""
         names = set(names)
-        described = {w.name for w in (*self.pre, *self.post)} | set(self._positions())
+        described = {w.name for w in (*self.pre, *self.post)} | set(self._positions)
         unknown = sorted(names - described)
         if unknown:
             raise CheckpointError(
