@@ -187,15 +187,16 @@ def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
 def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                   models: list[torch.Tensor], shared: dict[str, Any],
                   per_model: list[dict[str, Any]], seed: int,
-                  bounds: list[tuple[float, float] | None] | None, ws: Workspace) -> torch.Tensor:
+                  bounds: list[tuple[float, float] | None] | None, ws: Workspace,
+                  out_dtype: torch.dtype | None) -> torch.Tensor:
     if method.engine is Engine.LINEAR:
-        return linear(models, [p["weight"] for p in per_model], shared["normalize"])
+        return linear(models, [p["weight"] for p in per_model], shared["normalize"], out_dtype)
     if method.engine is Engine.SLERP:
-        return slerp(shared["t"], base, models[0])
+        return slerp(shared["t"], base, models[0], out_dtype=out_dtype)
     if method.engine is Engine.PCB:
         return pcb_merge(base, models, densities=[p["density"] for p in per_model],
                          weights=[p["weight"] for p in per_model], lam=shared["lambda"],
-                         clip=shared["clip"], inter=shared["inter"], ws=ws)
+                         clip=shared["clip"], inter=shared["inter"], ws=ws, out_dtype=out_dtype)
     thresholds = None
     if bounds is None and method.sparsifier is Sparsifier.MAGNITUDE:
         thresholds = magnitude_thresholds(models, base, [p["density"] for p in per_model])
@@ -218,7 +219,8 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
             threshold=None if thresholds is None else thresholds[index]))
     how = Aggregation(method.consensus, shared["normalize"], shared["lambda"],
                       shared["weight_before_election"])
-    return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how, ws)
+    return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how, ws,
+                              out_dtype)
 
 
 def _check_della(params: dict[str, Any], site: TensorSite, index: int) -> None:
@@ -229,12 +231,19 @@ def _check_della(params: dict[str, Any], site: TensorSite, index: int) -> None:
             f"(0, 1), got density={density}, epsilon={epsilon}")
 
 
+# Narrow dtypes whose values float32 holds exactly and that every merge engine reads chunk by chunk
+# into float32 work buffers: a merge "in float32" reads them as they are (memory-mapped, in
+# place) and writes float32 results, with the same bits as after a float32 copy of each input.
+_WIDENED_IN_PLACE = (torch.bfloat16, torch.float16)
+
+
 def _load(source: TensorSource, name: str, device: torch.device | str,
           dtype: torch.dtype | None) -> torch.Tensor:
     tensor = source.get(name)
-    if dtype is not None and tensor.is_floating_point():
-        return tensor.to(device=device, dtype=dtype)
-    return tensor.to(device)
+    if dtype is None or not tensor.is_floating_point() or (
+            dtype == torch.float32 and tensor.dtype in _WIDENED_IN_PLACE):
+        return tensor.to(device)
+    return tensor.to(device=device, dtype=dtype)
 
 
 class MergeStream:
@@ -243,7 +252,8 @@ class MergeStream:
     Checking the inputs, resolving parameters and (for the TIES paper's whole-model trim) the
     global thresholds happen once here; `tensor(name)` then merges one tensor. A recipe nested in
     another asks for its tensors one by one, so nothing model-sized is ever held.
-    `dtype` casts floating inputs first (mergekit's ``dtype:``); otherwise they keep their own.
+    `dtype` is the dtype floating inputs are merged in (mergekit's ``dtype:``), and the results':
+    wider inputs are cast to it first; otherwise inputs and results keep the inputs' dtype.
     """
 
     def __init__(self, spec: MergeSpec, base: TensorSource | None, models: Sequence[TensorSource],
@@ -281,7 +291,7 @@ class MergeStream:
         try:
             return _merge_tensor(self.method, site, base_tensor, model_tensors,
                                  self.resolver.shared(site), self.resolver.per_model(site),
-                                 self.spec.seed, self.bounds, self.workspace)
+                                 self.spec.seed, self.bounds, self.workspace, self.dtype)
         except NonFiniteInput:
             for tensor, source in zip(tensors, self.sources, strict=True):
                 _check_finite(tensor, name, source.label)

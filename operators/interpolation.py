@@ -18,17 +18,19 @@ _SLERP_CHUNK = 1024 * 1024
 
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
-           ) -> torch.Tensor:
-    """Weighted sum of the tensors, divided by the weight sum when `normalize`."""
+def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Weighted sum of the tensors, divided by the weight sum when `normalize`; in `out_dtype`
+    (default: the inputs')."""
     first = tensors[0]
     dtype = work_dtype(first.dtype)
+    out_dtype = out_dtype or first.dtype
     coefficients = torch.tensor(list(weights), dtype=dtype, device=first.device)
     denominator = coefficients.sum()
-    out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+    out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
     out_flat, sources = flat(out), [flat(t) for t in tensors]
     # Accumulate straight into the output when it has the work dtype: no scratch at all.
-    scratch = None if first.dtype == dtype else torch.empty(
+    scratch = None if out_dtype == dtype else torch.empty(
         min(first.numel(), CHUNK_ELEMENTS), dtype=dtype, device=first.device)
     for start, stop in spans(first.numel()):
         acc = out_flat[start:stop] if scratch is None else scratch[: stop - start]
@@ -43,15 +45,16 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of the whole tensor from v0 (t=0) to v1 (t=1).
+          eps: float = 1e-8, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Spherical interpolation of the whole tensor from v0 (t=0) to v1 (t=1), in `out_dtype`
+    (default: v0's).
 
     Falls back to linear interpolation when the tensors are (anti)collinear.
     """
     dtype = work_dtype(v0.dtype)
     a, b = flat(v0), flat(v1)
     if a.numel() == 0:
-        return v0.clone()
+        return v0.to(out_dtype or v0.dtype, copy=True)
     a_norms, b_norms = [], []
     for start, stop in spans(a.numel(), _SLERP_CHUNK):
         a_norms.append(torch.linalg.vector_norm(a[start:stop].to(dtype)))
@@ -73,4 +76,4 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     out_flat = flat(out)
     for start, stop in spans(a.numel(), _SLERP_CHUNK):
         out_flat[start:stop] = coef_a * a[start:stop].to(dtype) + coef_b * b[start:stop].to(dtype)
-    return out.to(v0.dtype)
+    return out.to(out_dtype or v0.dtype)

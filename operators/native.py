@@ -11,6 +11,10 @@ How: the source is compiled with the system C compiler (``cc -O3 -march=native -
 involved, so the build takes about a second, once per machine. Without a compiler, or with
 EVOFORGE_NATIVE=0, every caller falls back to the eager torch path. GPU tensors always take the
 eager path.
+
+Inputs: the models and base of a merge may be float32 or bfloat16 (`readable`); the kernels widen
+bfloat16 block by block (exactly: it is a float32's top half) and always return float32, so a bf16
+run reads its memory-mapped checkpoints in place instead of holding a float32 copy of each input.
 """
 
 from __future__ import annotations
@@ -94,37 +98,65 @@ def library() -> ctypes.CDLL | None:
                       stacklevel=2)
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.select_ranks.argtypes = [pointer, pointer, i64, pointer, i32, pointer, i32]
+    # every (base, models) pair of pointers is followed by the inputs' format (`_format`)
+    lib.select_ranks.argtypes = [pointer, pointer, i32, i64, pointer, i32, pointer, i32]
     lib.select_ranks.restype = i32
-    lib.merge_task_vectors.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer,
+    lib.merge_task_vectors.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer,
                                        pointer, pointer, pointer,
                                        ctypes.POINTER(_MergeOptions), i64, pointer, i32]
-    lib.dare_l1_sums.argtypes = [pointer, pointer, i64, ctypes.c_int32, ctypes.c_int32, pointer,
-                                 i32]
+    lib.dare_l1_sums.argtypes = [pointer, pointer, i32, i64, ctypes.c_int32, ctypes.c_int32,
+                                 pointer, i32]
     floats = ctypes.POINTER(ctypes.c_float)
-    lib.pcb_scores.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats, pointer,
-                               i32]
-    lib.pcb_mix.argtypes = [pointer, pointer, i32, i64, floats, floats, pointer, floats, floats,
-                            floats, ctypes.c_float, pointer, i32]
-    lib.pcb_mix_recomputed.argtypes = [pointer, pointer, i32, i64, floats, floats, floats, floats,
-                                       floats, floats, floats, ctypes.c_float, pointer, i32]
-    lib.scores_sample_brackets.argtypes = [i32, pointer, pointer, i32, i64, floats, floats,
+    lib.pcb_scores.argtypes = [pointer, pointer, i32, i32, i64, floats, floats, floats, floats,
+                               pointer, i32]
+    lib.pcb_mix.argtypes = [pointer, pointer, i32, i32, i64, floats, floats, pointer, floats,
+                            floats, floats, ctypes.c_float, pointer, i32]
+    lib.pcb_mix_recomputed.argtypes = [pointer, pointer, i32, i32, i64, floats, floats, floats,
+                                       floats, floats, floats, floats, ctypes.c_float, pointer,
+                                       i32]
+    lib.scores_sample_brackets.argtypes = [i32, pointer, pointer, i32, i32, i64, floats, floats,
                                            floats, floats, i64, pointer, pointer, floats, floats,
                                            i32]
     lib.scores_sample_brackets.restype = i64
-    lib.scores_select.argtypes = [i32, pointer, pointer, i32, i64, floats, floats, floats, floats,
-                                  pointer, floats, floats, i64, floats, floats, i32]
+    lib.scores_select.argtypes = [i32, pointer, pointer, i32, i32, i64, floats, floats, floats,
+                                  floats, pointer, floats, floats, i64, floats, floats, i32]
     lib.scores_select.restype = i32
-    lib.magnitude_extremes.argtypes = [pointer, pointer, i32, i64, i64, i64, floats, floats, i32]
+    lib.magnitude_extremes.argtypes = [pointer, pointer, i32, i32, i64, i64, i64, floats, floats,
+                                       i32]
     lib.magnitude_extremes.restype = i32
     return lib
 
 
+_INPUT_FORMATS = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` argument
+
+
+def _contiguous_cpu(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.is_contiguous()
+
+
 def usable(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels can take these tensors: contiguous float32 on the CPU."""
+    """Whether the kernels can take these tensors as float32 data (scores, masks): contiguous
+    float32 on the CPU."""
     return library() is not None and all(
-        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
-        for t in tensors)
+        t is None or (_contiguous_cpu(t) and t.dtype == torch.float32) for t in tensors)
+
+
+def readable(*inputs: torch.Tensor) -> bool:
+    """Whether the kernels can read these merge inputs (a base and its models): contiguous CPU
+    tensors, all float32 or all bfloat16. bfloat16 is widened block by block inside the kernels,
+    exactly, so no float32 copy of an input is ever made; results are float32."""
+    return library() is not None and bool(inputs) and all(
+        _contiguous_cpu(t) and t.dtype == inputs[0].dtype for t in inputs) \
+        and inputs[0].dtype in _INPUT_FORMATS
+
+
+def _format(tensor: torch.Tensor) -> int:
+    return _INPUT_FORMATS[tensor.dtype]
+
+
+def _result(base: torch.Tensor) -> torch.Tensor:
+    """The float32 output buffer of a merge kernel over `base`'s entries."""
+    return torch.empty(base.shape, dtype=torch.float32)
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
@@ -133,11 +165,13 @@ def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
 
 def select_ranks(values: torch.Tensor, minus: torch.Tensor | None, ranks: Sequence[int]
                  ) -> list[float]:
-    """Exact ascending-rank values of `values` (or of |values - minus|), as float32 numbers."""
+    """Exact ascending-rank values of `values` (or of |values - minus|, both in one format), as
+    float32 numbers."""
     ranks_array = (ctypes.c_int64 * len(ranks))(*ranks)
     out = (ctypes.c_float * len(ranks))()
     status = library().select_ranks(
-        values.data_ptr(), None if minus is None else minus.data_ptr(), values.numel(),
+        values.data_ptr(), None if minus is None else minus.data_ptr(), _format(values),
+        values.numel(),
         ranks_array, len(ranks), out, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"native select_ranks refused {len(ranks)} ranks of {values.numel()}")
@@ -150,15 +184,15 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor],
                        draws: Sequence[tuple[int, float] | None], scales: Sequence[float],
                        weights: Sequence[float], consensus: int, weight_before_election: bool,
                        normalize: bool, lam: float, weight_total: float) -> torch.Tensor:
-    """The fused form of `operators.task_arithmetic.merge_task_vectors` (float32 only);
-    `draws[i]` = (stream key, keep probability) of model i's DARE draw, made on the fly."""
+    """The fused form of `operators.task_arithmetic.merge_task_vectors` (float32 result; masks
+    float32); `draws[i]` = (stream key, keep probability) of model i's DARE draw, made on the fly."""
     n = len(models)
     floats, ints = ctypes.c_float * n, ctypes.c_int32 * n
     options = _MergeOptions(n, consensus, int(weight_before_election), int(normalize), lam,
                             weight_total)
-    out = torch.empty_like(base)
+    out = _result(base)
     library().merge_task_vectors(
-        base.data_ptr(), _pointers(models),
+        base.data_ptr(), _pointers(models), _format(base),
         floats(*(band[0] if band else 0.0 for band in bands)),
         floats(*(band[1] if band else -1.0 for band in bands)),
         _pointers(masks), ints(*(draw[0] if draw else 0 for draw in draws)),
@@ -172,7 +206,7 @@ def dare_l1_sums(model: torch.Tensor, base: torch.Tensor, key: int, probability:
                  ) -> tuple[float, float]:
     """sum |model - base| and its sum over the entries DARE's draw keeps, in float64."""
     sums = (ctypes.c_double * 2)()
-    library().dare_l1_sums(base.data_ptr(), model.data_ptr(), base.numel(), key,
+    library().dare_l1_sums(base.data_ptr(), model.data_ptr(), _format(base), base.numel(), key,
                            rng.keep_threshold(probability), sums, torch.get_num_threads())
     return sums[0], sums[1]
 
@@ -185,7 +219,8 @@ def pcb_scores(base: torch.Tensor, models: Sequence[torch.Tensor],
                bounds: Sequence[tuple[float, float]], low2: Sequence[float],
                factors: Sequence[float], scores: torch.Tensor) -> None:
     """Fill scores[i] with PCB's tanh-mode scores, as `operators.pcb` computes them."""
-    library().pcb_scores(base.data_ptr(), _pointers(models), len(models), base.numel(),
+    library().pcb_scores(base.data_ptr(), _pointers(models), _format(base), len(models),
+                         base.numel(),
                          _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]),
                          _floats(low2), _floats(factors), _pointers(list(scores)),
                          torch.get_num_threads())
@@ -197,8 +232,8 @@ def pcb_mix(base: torch.Tensor, models: Sequence[torch.Tensor],
             lam: float) -> torch.Tensor:
     """PCB's balanced mean and base + lambda * merged (see `operators.pcb`)."""
     n = len(models)
-    out = torch.empty_like(base)
-    library().pcb_mix(base.data_ptr(), _pointers(models), n, base.numel(),
+    out = _result(base)
+    library().pcb_mix(base.data_ptr(), _pointers(models), _format(base), n, base.numel(),
                       _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]),
                       _pointers(list(scores)), _floats(thresholds), _floats(inverse_spans),
                       _floats(weights), lam, out.data_ptr(), torch.get_num_threads())
@@ -214,8 +249,8 @@ def magnitude_extremes(base: torch.Tensor, models: Sequence[torch.Tensor], count
         return None
     n = len(models)
     low, high = (ctypes.c_float * n)(), (ctypes.c_float * n)()
-    status = library().magnitude_extremes(base.data_ptr(), _pointers(models), n, base.numel(),
-                                          count_low, count_high, low, high,
+    status = library().magnitude_extremes(base.data_ptr(), _pointers(models), _format(base), n,
+                                          base.numel(), count_low, count_high, low, high,
                                           torch.get_num_threads())
     if status == 2:
         raise NonFiniteInput("an input tensor holds NaN/Inf values (or model - base overflows)")
@@ -235,14 +270,14 @@ def _select_scores(kind: int, base: torch.Tensor, models: Sequence[torch.Tensor]
     sample_ranks = [bracket_ranks(rank, numel, SAMPLE) for rank in ranks]
     low, high = (ctypes.c_float * n)(), (ctypes.c_float * n)()
     inside = library().scores_sample_brackets(
-        kind, base.data_ptr(), _pointers(models), n, numel, *constants, SAMPLE,
+        kind, base.data_ptr(), _pointers(models), _format(base), n, numel, *constants, SAMPLE,
         (ctypes.c_int64 * n)(*(r[0] for r in sample_ranks)),
         (ctypes.c_int64 * n)(*(r[1] for r in sample_ranks)), low, high, torch.get_num_threads())
     if inside < 0:
         raise MemoryError(f"score sample of {SAMPLE} entries x {n} models: out of memory")
     thresholds, maxima = (ctypes.c_float * n)(), (ctypes.c_float * n)()
     status = library().scores_select(
-        kind, base.data_ptr(), _pointers(models), n, numel, *constants,
+        kind, base.data_ptr(), _pointers(models), _format(base), n, numel, *constants,
         (ctypes.c_int64 * n)(*ranks), low, high, 2 * inside * (numel // SAMPLE) + 4096,
         thresholds, maxima, torch.get_num_threads())
     return (list(thresholds), list(maxima)) if status == 0 else None
@@ -272,9 +307,9 @@ def pcb_mix_recomputed(base: torch.Tensor, models: Sequence[torch.Tensor],
                        inverse_spans: Sequence[float], weights: Sequence[float], lam: float
                        ) -> torch.Tensor:
     """`pcb_mix` with the scores recomputed block by block instead of read from memory."""
-    out = torch.empty_like(base)
+    out = _result(base)
     library().pcb_mix_recomputed(
-        base.data_ptr(), _pointers(models), len(models), base.numel(),
+        base.data_ptr(), _pointers(models), _format(base), len(models), base.numel(),
         _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]), _floats(low2),
         _floats(factors), _floats(thresholds), _floats(inverse_spans), _floats(weights), lam,
         out.data_ptr(), torch.get_num_threads())

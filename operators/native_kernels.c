@@ -19,6 +19,45 @@
 #define MAX_RANKS 4
 #define HALF 65536
 
+/* ---- inputs: float32 or bfloat16, read as float32 block by block ----
+ *
+ * The models and the base of one call share one format: `bf16` = 0 for float32, 1 for bfloat16.
+ * A bfloat16 is the top half of a float32, so widening it is exact: the kernels compute on the
+ * same float32 values as the eager code does after `.float()`, without a float32 copy of any
+ * input (a 128K-vocabulary embedding is 1 GiB per input in float32). */
+
+static inline float bf16_value(uint16_t half) {
+    const uint32_t bits = (uint32_t)half << 16;
+    float x;
+    memcpy(&x, &bits, 4);
+    return x;
+}
+
+/* entry j of an input */
+static inline float input_at(const void *data, int bf16, int64_t j) {
+    return bf16 ? bf16_value(((const uint16_t *)data)[j]) : ((const float *)data)[j];
+}
+
+/* entries [offset, offset + size) of an input, as float32 in `buffer` */
+static inline void load_block(const void *data, int bf16, int64_t offset, int64_t size,
+                              float *buffer) {
+    if (!bf16) {
+        memcpy(buffer, (const float *)data + offset, sizeof(float) * size);
+        return;
+    }
+    const uint16_t *half = (const uint16_t *)data + offset;
+    for (int64_t j = 0; j < size; ++j) buffer[j] = bf16_value(half[j]);
+}
+
+/* entries [offset, offset + size) as float32: the input itself when it is float32, else widened
+ * into `buffer` (size <= BLOCK) */
+static inline const float *input_block(const void *data, int bf16, int64_t offset, int64_t size,
+                                       float *buffer) {
+    if (!bf16) return (const float *)data + offset;
+    load_block(data, bf16, offset, size, buffer);
+    return buffer;
+}
+
 /* ---- order statistics: two-level radix select over sortable 32-bit keys ---- */
 
 static inline uint32_t sortable_key(float x) {
@@ -108,8 +147,8 @@ static inline int64_t collect_keys(const uint32_t *keys, int64_t size, uint32_t 
 }
 
 /* value j of the stream: |a[j] - b[j]| when b is given, else a[j] */
-static inline float stream_value(const float *a, const float *b, int64_t j) {
-    return b ? fabsf(a[j] - b[j]) : a[j];
+static inline float stream_value(const void *a, const void *b, int bf16, int64_t j) {
+    return b ? fabsf(input_at(a, bf16, j) - input_at(b, bf16, j)) : input_at(a, bf16, j);
 }
 
 /* Per-thread histogram scratch, kept between calls: fresh 256 KiB blocks per call would pay
@@ -152,7 +191,7 @@ static void release_highs(uint16_t *highs, int owned) {
         __atomic_store_n(&highs_busy, 0, __ATOMIC_RELEASE);
 }
 
-static void histogram_high(const float *a, const float *b, int64_t n, uint64_t *counts,
+static void histogram_high(const void *a, const void *b, int bf16, int64_t n, uint64_t *counts,
                            uint16_t *highs, int threads) {
     memset(counts, 0, sizeof(uint64_t) * HALF);
 #pragma omp parallel num_threads(threads)
@@ -163,7 +202,7 @@ static void histogram_high(const float *a, const float *b, int64_t n, uint64_t *
         memset(local, 0, sizeof(uint32_t) * HALF * 4);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n; ++j) {
-            const uint16_t high = (uint16_t)(sortable_key(stream_value(a, b, j)) >> 16);
+            const uint16_t high = (uint16_t)(sortable_key(stream_value(a, b, bf16, j)) >> 16);
             highs[j] = high;
             local[(size_t)(j & 3) * HALF + high]++;
         }
@@ -193,12 +232,12 @@ static int find_bucket(const uint64_t *counts, int64_t rank, int64_t *below) {
 #define SMALL_SELECT 16384
 
 /* Exact values of ascending `ranks` (n_ranks <= MAX_RANKS) among the stream's n values. */
-int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks, int n_ranks,
-                 float *values, int threads) {
+int select_ranks(const void *a, const void *b, int bf16, int64_t n, const int64_t *ranks,
+                 int n_ranks, float *values, int threads) {
     if (n_ranks > MAX_RANKS || n <= 0) return -1;
     if (n <= SMALL_SELECT) {
         uint32_t keys[SMALL_SELECT];
-        for (int64_t j = 0; j < n; ++j) keys[j] = sortable_key(stream_value(a, b, j));
+        for (int64_t j = 0; j < n; ++j) keys[j] = sortable_key(stream_value(a, b, bf16, j));
         for (int r = 0; r < n_ranks; ++r) values[r] = key_value(nth_key(keys, n, ranks[r]));
         return 0;
     }
@@ -214,7 +253,7 @@ int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks
     }
     int bucket[MAX_RANKS];
     int64_t below[MAX_RANKS];
-    histogram_high(a, b, n, high, highs, threads);
+    histogram_high(a, b, bf16, n, high, highs, threads);
     for (int r = 0; r < n_ranks; ++r) bucket[r] = find_bucket(high, ranks[r], &below[r]);
 #pragma omp parallel num_threads(threads)
     {
@@ -224,7 +263,7 @@ int select_ranks(const float *a, const float *b, int64_t n, const int64_t *ranks
         for (int64_t j = 0; j < n; ++j) {
             for (int r = 0; r < n_ranks; ++r)
                 if (highs[j] == bucket[r])
-                    local[(size_t)r * HALF + (sortable_key(stream_value(a, b, j)) & 0xFFFFu)]++;
+                    local[(size_t)r * HALF + (sortable_key(stream_value(a, b, bf16, j)) & 0xFFFFu)]++;
         }
 #pragma omp critical
         for (size_t h = 0; h < (size_t)HALF * n_ranks; ++h) low[h] += local[h];
@@ -263,7 +302,7 @@ static inline float kept_draw(uint32_t key, int64_t index, int32_t threshold) {
  * per thread, so the additions do not wait on each other; the order differs from torch's sum,
  * which moves the float64 ratio by an ulp or so, far below the float32 scale it becomes. */
 #define L1_LANES 16
-void dare_l1_sums(const float *base, const float *model, int64_t numel, int32_t key,
+void dare_l1_sums(const void *base, const void *model, int bf16, int64_t numel, int32_t key,
                   int32_t threshold, double *sums, int threads) {
     double before = 0.0, after = 0.0;
 #pragma omp parallel num_threads(threads) reduction(+ : before, after)
@@ -272,9 +311,11 @@ void dare_l1_sums(const float *base, const float *model, int64_t numel, int32_t 
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < numel; block += BLOCK) {
             const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-            float magnitude[BLOCK], survivor[BLOCK];
+            float magnitude[BLOCK], survivor[BLOCK], base_buffer[BLOCK], model_buffer[BLOCK];
+            const float *b = input_block(base, bf16, block, size, base_buffer);
+            const float *m = input_block(model, bf16, block, size, model_buffer);
             for (int64_t j = 0; j < size; ++j) {
-                magnitude[j] = fabsf(model[block + j] - base[block + j]);
+                magnitude[j] = fabsf(m[j] - b[j]);
                 survivor[j] = magnitude[j] * kept_draw((uint32_t)key, block + j, threshold);
             }
             for (int64_t j = 0; j < size; ++j) {
@@ -303,7 +344,7 @@ typedef struct {
 } merge_options;
 
 /* draw_key/draw_threshold: model i's DARE keep draw, made on the fly (threshold < 0: none). */
-void merge_task_vectors(const float *base, const float *const *models, const float *low,
+void merge_task_vectors(const void *base, const void *const *models, int bf16, const float *low,
                         const float *high, const float *const *masks, const int32_t *draw_key,
                         const int32_t *draw_threshold, const float *scale, const float *weight,
                         const merge_options *opt, int64_t numel, float *out, int threads) {
@@ -311,11 +352,11 @@ void merge_task_vectors(const float *base, const float *const *models, const flo
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
         float d[MAX_MODELS][BLOCK];
-        float votes[BLOCK], mixed[BLOCK], divisor[BLOCK];
+        float votes[BLOCK], mixed[BLOCK], divisor[BLOCK], base_buffer[BLOCK], model_buffer[BLOCK];
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-        const float *b = base + block;
+        const float *b = input_block(base, bf16, block, size, base_buffer);
         for (int i = 0; i < n; ++i) {
-            const float *m = models[i] + block;
+            const float *m = input_block(models[i], bf16, block, size, model_buffer);
             float *di = d[i];
             for (int64_t j = 0; j < size; ++j) di[j] = m[j] - b[j];
             if (high[i] >= 0) { /* magnitude band: low <= |delta| <= high */
@@ -432,14 +473,15 @@ static inline float tanh_ieee(float x) {
     return absolute < 0.4f ? small : large;
 }
 
-/* PCB's clipped task vectors of one block and their sum over models (operators/pcb.py). */
-static inline void pcb_clipped_block(const float *base, const float *const *models, int n,
+/* PCB's clipped task vectors of one block and their sum over models (operators/pcb.py); `b` is
+ * the base's block, already read. */
+static inline void pcb_clipped_block(const float *b, const void *const *models, int bf16, int n,
                                      int64_t block, int64_t size, const float *low,
                                      const float *high, float tau[][BLOCK], float *total) {
-    const float *b = base + block;
+    float model_buffer[BLOCK];
     for (int64_t j = 0; j < size; ++j) total[j] = 0.0f;
     for (int i = 0; i < n; ++i) {
-        const float *m = models[i] + block;
+        const float *m = input_block(models[i], bf16, block, size, model_buffer);
         const float lo = low[i], hi = high[i];
         for (int64_t j = 0; j < size; ++j) {
             const float delta = m[j] - b[j];
@@ -504,26 +546,27 @@ static inline float block_abs_max(const float *v, int64_t size) {
 /* Every model's scores of one block into rows[i] (the clipped task vectors stay in tau): PCB's
  * tanh-mode scores, the same steps as operators/pcb.py. |tau_i| <= high_i after the clip, and
  * rounding is monotone, so high_i * max|total| bounds every |tau_i * total| of the row. */
-static inline void pcb_score_block(const float *base, const float *const *models, int n,
+static inline void pcb_score_block(const float *b, const void *const *models, int bf16, int n,
                                    int64_t block, int64_t size, const float *low,
                                    const float *high, const float *low2, const float *factor,
                                    float tau[][BLOCK], float *const *rows) {
     float total[BLOCK];
-    pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
+    pcb_clipped_block(b, models, bf16, n, block, size, low, high, tau, total);
     const float total_max = block_abs_max(total, size);
     for (int i = 0; i < n; ++i)
         pcb_score_row(tau[i], total, size, high[i] * total_max, low2[i], factor[i], rows[i]);
 }
 
-void pcb_scores(const float *base, const float *const *models, int n, int64_t numel,
+void pcb_scores(const void *base, const void *const *models, int bf16, int n, int64_t numel,
                 const float *low, const float *high, const float *low2, const float *factor,
                 float *const *scores, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
-        float tau[MAX_MODELS][BLOCK], *rows[MAX_MODELS];
+        float tau[MAX_MODELS][BLOCK], *rows[MAX_MODELS], base_buffer[BLOCK];
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+        const float *b = input_block(base, bf16, block, size, base_buffer);
         for (int i = 0; i < n; ++i) rows[i] = scores[i] + block;
-        pcb_score_block(base, models, n, block, size, low, high, low2, factor, tau, rows);
+        pcb_score_block(b, models, bf16, n, block, size, low, high, low2, factor, tau, rows);
     }
 }
 
@@ -542,19 +585,20 @@ struct scoring {
 };
 
 /* scores[i][0..size) of every model for the entries [block, block + size) */
-static inline void score_block(const struct scoring *sc, const float *base,
-                               const float *const *models, int64_t block, int64_t size,
+static inline void score_block(const struct scoring *sc, const void *base,
+                               const void *const *models, int bf16, int64_t block, int64_t size,
                                float scores[][BLOCK]) {
+    float base_buffer[BLOCK], model_buffer[BLOCK];
+    const float *b = input_block(base, bf16, block, size, base_buffer);
     if (sc->kind == SCORE_PCB) {
         float tau[MAX_MODELS][BLOCK], *rows[MAX_MODELS];
         for (int i = 0; i < sc->n; ++i) rows[i] = scores[i];
-        pcb_score_block(base, models, sc->n, block, size, sc->low, sc->high, sc->low2,
+        pcb_score_block(b, models, bf16, sc->n, block, size, sc->low, sc->high, sc->low2,
                         sc->factor, tau, rows);
         return;
     }
-    const float *b = base + block;
     for (int i = 0; i < sc->n; ++i) {
-        const float *m = models[i] + block;
+        const float *m = input_block(models[i], bf16, block, size, model_buffer);
         for (int64_t j = 0; j < size; ++j) scores[i][j] = fabsf(m[j] - b[j]);
     }
 }
@@ -565,8 +609,8 @@ static inline void score_block(const struct scoring *sc, const float *base,
  * bound, -inf and +inf). Returns the largest number of sample scores inside a bracket, or -1 for
  * bad arguments or no memory. */
 #define SAMPLE_RUN 16
-static int64_t sample_brackets(const struct scoring *sc, const float *base,
-                               const float *const *models, int64_t numel, int64_t m,
+static int64_t sample_brackets(const struct scoring *sc, const void *base,
+                               const void *const *models, int bf16, int64_t numel, int64_t m,
                                const int64_t *low_rank, const int64_t *high_rank, float *lo,
                                float *hi, int threads) {
     const int n = sc->n;
@@ -576,21 +620,21 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
     int64_t widest = -1;
     if (gathered && keys) {
         const int64_t runs = m / SAMPLE_RUN, spacing = numel / runs;
-        const float *sampled[MAX_MODELS];
+        const void *sampled[MAX_MODELS];
         for (int i = 0; i < n; ++i) sampled[i] = gathered + (i + 1) * m;
-        /* in parallel: the gather is a cache miss per run and input */
+        /* in parallel: the gather is a cache miss per run and input; gathered as float32 */
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < runs; ++r) {
-            memcpy(gathered + r * SAMPLE_RUN, base + r * spacing, sizeof(float) * SAMPLE_RUN);
+            load_block(base, bf16, r * spacing, SAMPLE_RUN, gathered + r * SAMPLE_RUN);
             for (int i = 0; i < n; ++i)
-                memcpy(gathered + (i + 1) * m + r * SAMPLE_RUN, models[i] + r * spacing,
-                       sizeof(float) * SAMPLE_RUN);
+                load_block(models[i], bf16, r * spacing, SAMPLE_RUN,
+                           gathered + (i + 1) * m + r * SAMPLE_RUN);
         }
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t block = 0; block < m; block += BLOCK) {
             float scores[MAX_MODELS][BLOCK];
             const int64_t size = m - block < BLOCK ? m - block : BLOCK;
-            score_block(sc, gathered, sampled, block, size, scores);
+            score_block(sc, gathered, sampled, 0, block, size, scores);
             for (int i = 0; i < n; ++i)
                 for (int64_t j = 0; j < size; ++j)
                     keys[i * m + block + j] = sortable_key(scores[i][j]);
@@ -623,8 +667,9 @@ static int64_t sample_brackets(const struct scoring *sc, const float *base,
  * the threads do the selection's bulk in parallel with nothing copied. Returns 1 if a bracket
  * missed its rank or a buffer filled: the caller then selects another way. */
 #define FINE_BUCKETS 2048
-static int bracket_select(const struct scoring *sc, const float *base, const float *const *models,
-                          int64_t numel, const int64_t *ranks, const float *lo, const float *hi,
+static int bracket_select(const struct scoring *sc, const void *base, const void *const *models,
+                          int bf16, int64_t numel, const int64_t *ranks, const float *lo,
+                          const float *hi,
                           int64_t capacity, float *thresholds, float *maxima, int threads) {
     const int n = sc->n;
     if (n > MAX_MODELS || numel <= 0 || capacity <= 0 || capacity > UINT32_MAX) return -1;
@@ -658,7 +703,7 @@ static int bracket_select(const struct scoring *sc, const float *base, const flo
                 if (full) continue;
                 float scores[MAX_MODELS][BLOCK];
                 const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-                score_block(sc, base, models, block, size, scores);
+                score_block(sc, base, models, bf16, block, size, scores);
                 for (int i = 0; i < n; ++i) {
                     /* the first loop vectorizes (max, count below, how many inside); the
                      * collection only runs when the block has entries inside the bracket */
@@ -737,22 +782,24 @@ static int bracket_select(const struct scoring *sc, const float *base, const flo
 
 /* The two passes for both kinds: `kind` is SCORE_MAGNITUDE or SCORE_PCB (then low, high, low2 and
  * factor are PCB's per-model clip bounds and score constants; NULL for magnitudes). */
-int64_t scores_sample_brackets(int kind, const float *base, const float *const *models, int n,
-                               int64_t numel, const float *low, const float *high,
+int64_t scores_sample_brackets(int kind, const void *base, const void *const *models, int bf16,
+                               int n, int64_t numel, const float *low, const float *high,
                                const float *low2, const float *factor, int64_t m,
                                const int64_t *low_rank, const int64_t *high_rank, float *lo,
                                float *hi, int threads) {
     const struct scoring sc = {kind, n, low, high, low2, factor};
-    return sample_brackets(&sc, base, models, numel, m, low_rank, high_rank, lo, hi, threads);
+    return sample_brackets(&sc, base, models, bf16, numel, m, low_rank, high_rank, lo, hi,
+                           threads);
 }
 
-int scores_select(int kind, const float *base, const float *const *models, int n, int64_t numel,
+int scores_select(int kind, const void *base, const void *const *models, int bf16, int n,
+                  int64_t numel,
                   const float *low, const float *high, const float *low2, const float *factor,
                   const int64_t *ranks, const float *lo, const float *hi, int64_t capacity,
                   float *thresholds, float *maxima, int threads) {
     const struct scoring sc = {kind, n, low, high, low2, factor};
-    return bracket_select(&sc, base, models, numel, ranks, lo, hi, capacity, thresholds, maxima,
-                          threads);
+    return bracket_select(&sc, base, models, bf16, numel, ranks, lo, hi, capacity, thresholds,
+                          maxima, threads);
 }
 
 /* The [count_low - 1]-th smallest and the [count_high]-th largest |model_i - base| of every
@@ -793,7 +840,7 @@ static void heap_offer(uint32_t *heap, int64_t *size, int64_t cap, uint32_t key,
     }
 }
 
-int magnitude_extremes(const float *base, const float *const *models, int n, int64_t numel,
+int magnitude_extremes(const void *base, const void *const *models, int bf16, int n, int64_t numel,
                        int64_t count_low, int64_t count_high, float *low, float *high,
                        int threads) {
     if (n > MAX_MODELS || numel <= 0 || count_low < 1 || count_high < 1 ||
@@ -813,14 +860,15 @@ int magnitude_extremes(const float *base, const float *const *models, int n, int
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < numel; block += BLOCK) {
                 const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-                const float *b = base + block;
+                float base_buffer[BLOCK], model_buffer[BLOCK];
+                const float *b = input_block(base, bf16, block, size, base_buffer);
                 uint32_t keys[BLOCK], candidates[BLOCK + COLLECT_SLACK];
                 for (int i = 0; i < n; ++i) {
                     const int64_t slot = (int64_t)t * n + i;
                     uint32_t *smalls = small_all + slot * count_low;
                     uint32_t *larges = large_all + slot * count_high;
                     int64_t *ns = small_n + slot, *nl = large_n + slot;
-                    const float *m = models[i] + block;
+                    const float *m = input_block(models[i], bf16, block, size, model_buffer);
                     uint32_t least = UINT32_MAX, most = 0;
                     for (int64_t j = 0; j < size; ++j) { /* integer min/max: vectorizes */
                         keys[j] = sortable_key(fabsf(m[j] - b[j]));
@@ -929,36 +977,39 @@ static inline void pcb_mix_block(const float *b, float tau[][BLOCK], int n, int6
 }
 
 /* Scores stored by the caller (the fallback path). */
-void pcb_mix(const float *base, const float *const *models, int n, int64_t numel,
+void pcb_mix(const void *base, const void *const *models, int bf16, int n, int64_t numel,
              const float *low, const float *high, const float *const *scores,
              const float *threshold, const float *inverse_span, const float *weight, float lambda,
              float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
-        float tau[MAX_MODELS][BLOCK], total[BLOCK];
+        float tau[MAX_MODELS][BLOCK], total[BLOCK], base_buffer[BLOCK];
         const float *rows[MAX_MODELS];
         for (int i = 0; i < n; ++i) rows[i] = scores[i] + block;
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
-        pcb_clipped_block(base, models, n, block, size, low, high, tau, total);
-        pcb_mix_block(base + block, tau, n, size, rows, threshold, inverse_span, weight, lambda,
+        const float *b = input_block(base, bf16, block, size, base_buffer);
+        pcb_clipped_block(b, models, bf16, n, block, size, low, high, tau, total);
+        pcb_mix_block(b, tau, n, size, rows, threshold, inverse_span, weight, lambda,
                       out + block);
     }
 }
 
 /* Scores recomputed block by block (the same function as `pcb_scores`, so the same bits):
  * nothing tensor-sized is stored between the passes. */
-void pcb_mix_recomputed(const float *base, const float *const *models, int n, int64_t numel,
+void pcb_mix_recomputed(const void *base, const void *const *models, int bf16, int n,
+                        int64_t numel,
                         const float *low, const float *high, const float *low2,
                         const float *factor, const float *threshold, const float *inverse_span,
                         const float *weight, float lambda, float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
         float tau[MAX_MODELS][BLOCK], score[MAX_MODELS][BLOCK], *rows[MAX_MODELS];
+        float base_buffer[BLOCK];
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+        const float *b = input_block(base, bf16, block, size, base_buffer);
         for (int i = 0; i < n; ++i) rows[i] = score[i];
-        pcb_score_block(base, models, n, block, size, low, high, low2, factor, tau, rows);
-        pcb_mix_block(base + block, tau, n, size, (const float *const *)rows, threshold,
-                      inverse_span,
+        pcb_score_block(b, models, bf16, n, block, size, low, high, low2, factor, tau, rows);
+        pcb_mix_block(b, tau, n, size, (const float *const *)rows, threshold, inverse_span,
                       weight, lambda, out + block);
     }
 }

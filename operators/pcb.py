@@ -114,7 +114,7 @@ def _tanh_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Worksp
     """scores_i = exp(N Norm(tau_i^2)) * tanh(tau_i * sum_k tau_k), chunk by chunk, with the
     device-independent exp and tanh of `operators.ieee_math`."""
     low2, factors = _score_constants(bounds, n_tasks)
-    if n_tasks <= native.MAX_MODELS and native.usable(base, *models):
+    if n_tasks <= native.MAX_MODELS and native.readable(base, *models):
         native.pcb_scores(base, models, bounds, low2, factors, scores)
         return
     width = min(base.numel(), CHUNK_ELEMENTS)
@@ -178,16 +178,17 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
 def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: Sequence[float],
               weights: Sequence[float], lam: float = 1.0, clip: float = 1e-4,
               inter: InterBalancing = InterBalancing.TANH,
-              ws: Workspace | None = None) -> torch.Tensor:
+              ws: Workspace | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Merge one tensor with PCB; see the module docstring for each step.
 
     PCB checks its own inputs (`Method.checks_inputs`): NaN/Inf raise `NonFiniteInput`, found by
-    the fused kernels' first pass, or else by a separate check before the stored path."""
+    the fused kernels' first pass, or else by a separate check before the stored path. The
+    result is in `out_dtype` (default: the base's)."""
     ws = ws or Workspace(base.device)
-    shape, dtype = base.shape, base.dtype
+    shape, dtype = base.shape, out_dtype or base.dtype
     base, models = flat(base), [flat(m) for m in models]
     n_tasks, numel = len(models), base.numel()
-    fused = len(models) <= native.MAX_MODELS and native.usable(base, *models)
+    fused = len(models) <= native.MAX_MODELS and native.readable(base, *models)
     if fused and inter is InterBalancing.TANH:
         merged = _fused_tanh_merge(base, models, densities, weights, lam, clip)
         if merged is not None:

@@ -115,7 +115,7 @@ def _magnitude_sample(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 def kth_magnitudes(model: torch.Tensor, base: torch.Tensor, ranks: list[int], ws: Workspace
                    ) -> list[float]:
     """Exact |model - base| of each ascending rank, in one streamed pass (sample-bracketed)."""
-    if len(ranks) <= native.MAX_RANKS and native.usable(model, base):
+    if len(ranks) <= native.MAX_RANKS and native.readable(model, base):
         return native.select_ranks(model, base, ranks)
     return kth_smallest_sampled(_magnitude_stream(model, base, ws), ranks, model.numel(),
                                 _magnitude_sample(model, base), nonnegative=True)
@@ -140,7 +140,7 @@ def magnitude_thresholds(models: Sequence[torch.Tensor], base: torch.Tensor,
     base = flat(base)
     trimmed = [i for i, density in enumerate(densities) if density < 1]
     models = [flat(models[i]) for i in trimmed]
-    if not trimmed or len(models) > native.MAX_MODELS or not native.usable(base, *models):
+    if not trimmed or len(models) > native.MAX_MODELS or not native.readable(base, *models):
         return None
     found = native.magnitude_thresholds(
         base, models, [trim_rank(base.numel(), densities[i]) for i in trimmed])
@@ -236,7 +236,7 @@ def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, den
     model, base = flat(model), flat(base)
     l1 = rescale and rescale_mode is RescaleMode.L1
     if method is Sparsifier.RANDOM:
-        if native.usable(model, base):  # the kernels draw the keeps where they apply them
+        if native.readable(model, base):  # the kernels draw the keeps where they apply them
             keep = Keep(draw=(key, density), scale=_l1_factor(
                 *native.dare_l1_sums(model, base, key, density)) if l1 else 1.0)
         else:

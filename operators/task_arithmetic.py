@@ -51,28 +51,32 @@ class Aggregation:
 
 def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[Keep],
                        weights: Sequence[float], how: Aggregation,
-                       ws: Workspace | None = None) -> torch.Tensor:
-    """Merge one tensor; `keeps` are the trims decided by `operators.sparsify` per model."""
+                       ws: Workspace | None = None, out_dtype: torch.dtype | None = None
+                       ) -> torch.Tensor:
+    """Merge one tensor; `keeps` are the trims decided by `operators.sparsify` per model. The
+    result is in `out_dtype` (default: the base's), rounded once from the work dtype."""
     dtype = work_dtype(base.dtype)
+    out_dtype = out_dtype or base.dtype
     device = base.device
     ws = ws or Workspace(device)
     n = len(models)
     if n == 0:
-        return base.clone()
+        return base.to(out_dtype, copy=True)
     base_flat, model_flats = flat(base), [flat(m) for m in models]
     weight_column = torch.tensor(list(weights), dtype=dtype, device=device).reshape(n, 1)
     weight_total = weight_column.sum(dim=0)
     if weight_total.abs() < 1e-8:
         weight_total.fill_(1)
     masks = [keep.mask for keep in keeps]
-    if n <= native.MAX_MODELS and native.usable(base_flat, *model_flats, *masks):
+    if n <= native.MAX_MODELS and native.readable(base_flat, *model_flats) \
+            and native.usable(*masks):
         merged = native.merge_task_vectors(
             base_flat, model_flats, [keep.band for keep in keeps], masks,
             [keep.draw for keep in keeps], [keep.scale for keep in keeps], weights,
             _CONSENSUS_CODES[how.consensus], how.weight_before_election, how.normalize, how.lam,
             weight_total.item())
-        return merged.reshape(base.shape)
-    out = torch.empty(base.numel(), dtype=base.dtype, device=device)
+        return merged.to(out_dtype).reshape(base.shape)
+    out = torch.empty(base.numel(), dtype=out_dtype, device=device)
     width = min(base.numel(), CHUNK_ELEMENTS)
     deltas_buffer = ws.get("ta-deltas", (n, width), dtype)
     agree_buffer = ws.get("ta-agree", (n, width), dtype)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from operators import merge, native
+from operators.engine import MergeSpec, iter_merge
+from operators.sources import StateDictSource
 from tests.conftest import make_family
 
 CASES = [
@@ -41,6 +43,57 @@ def test_fused_kernels_equal_the_eager_path(method, params, monkeypatch):
     eager = merge(method, base, models, seed=4, **params)
     for name in fused:
         assert torch.equal(fused[name], eager[name]), name
+
+
+def _merged_in_float32(method: str, base: dict, models: list[dict], **params) -> dict:
+    """A merge in float32 (mergekit's `dtype: float32`), as recipes run it."""
+    spec = MergeSpec.from_kwargs(method, len(models), seed=4, **params)
+    return dict(iter_merge(spec, StateDictSource(base, "base"),
+                           [StateDictSource(m, f"model #{i}") for i, m in enumerate(models)],
+                           dtype=torch.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize(("method", "params"), CASES, ids=[m for m, _ in CASES])
+def test_bf16_inputs_are_read_in_place_with_float32_copies_bits(method, params, monkeypatch):
+    """A float32 merge of bfloat16 checkpoints reads them as they are (the kernels widen them
+    block by block, and the eager path chunk by chunk) and gives the bits of the same merge over
+    float32 copies of the inputs, by the eager path."""
+    base, models = make_family(3, seed=8, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)  # and one tensor past FUSED_SELECT_MIN entries,
+    large = torch.randn(512, 512, generator=generator)  # with bf16 deltas of 1% (many ties)
+    base["model.layers.0.mlp.down_proj.weight"] = large.bfloat16()
+    for model in models:
+        model["model.layers.0.mlp.down_proj.weight"] = (
+            large + 0.01 * torch.randn(large.shape, generator=generator)).bfloat16()
+    read_in_place = _merged_in_float32(method, base, models, **params)
+    monkeypatch.setattr(native, "library", lambda: None)
+    eager_in_place = _merged_in_float32(method, base, models, **params)
+    widened = merge(method, {k: v.float() for k, v in base.items()},
+                    [{k: v.float() for k, v in m.items()} for m in models], seed=4, **params)
+    for name in widened:
+        assert read_in_place[name].dtype == torch.float32, name
+        assert torch.equal(read_in_place[name], widened[name]), name
+        assert torch.equal(eager_in_place[name], widened[name]), name
+
+
+@needs_kernels
+def test_the_kernels_read_bf16_and_return_float32():
+    base, models = _large_family("ties")
+    narrow_base, narrow = base.bfloat16(), [m.bfloat16() for m in models]
+    assert native.readable(narrow_base, *narrow)
+    assert not native.readable(narrow_base, models[0])  # one format per call
+    assert not native.readable(base.half())
+    ranks = [0, 150_000, 300_006]
+    wide_base, wide = narrow_base.float(), [m.float() for m in narrow]
+    assert native.magnitude_thresholds(narrow_base, narrow, ranks) == \
+        native.magnitude_thresholds(wide_base, wide, ranks)
+    assert native.select_ranks(narrow[0], narrow_base, ranks[:2]) == \
+        native.select_ranks(wide[0], wide_base, ranks[:2])
+    assert native.magnitude_extremes(narrow_base, narrow, 31, 7) == \
+        native.magnitude_extremes(wide_base, wide, 31, 7)
+    assert native.dare_l1_sums(narrow[1], narrow_base, 5, 0.3) == \
+        native.dare_l1_sums(wide[1], wide_base, 5, 0.3)
 
 
 @needs_kernels
