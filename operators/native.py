@@ -121,6 +121,9 @@ def library() -> ctypes.CDLL | None:
     lib.scores_select.argtypes = [i32, pointer, pointer, i32, i32, i64, floats, floats, floats,
                                   floats, pointer, floats, floats, i64, floats, floats, i32]
     lib.scores_select.restype = i32
+    lib.scores_radix_select.argtypes = [i32, pointer, pointer, i32, i32, i64, floats, floats,
+                                        floats, floats, pointer, floats, floats, i32]
+    lib.scores_radix_select.restype = i32
     lib.magnitude_extremes.argtypes = [pointer, pointer, i32, i32, i64, i64, i64, floats, floats,
                                        i32]
     lib.magnitude_extremes.restype = i32
@@ -261,8 +264,9 @@ def _select_scores(kind: int, base: torch.Tensor, models: Sequence[torch.Tensor]
                    ranks: Sequence[int], pcb: tuple[list, list, list, list] | None = None
                    ) -> tuple[list[float], list[float]] | None:
     """Each model's score at ascending rank `ranks[i]` and its largest score, scores computed on
-    the fly and never stored (`scores_select` in the kernels); None when a sample bracket misses
-    or the tensor is too small for sampling to pay."""
+    the fly and never stored: in one pass within sample brackets (`scores_select`), or, where a
+    bracket misses (ties: bf16 task vectors take few values), in two radix passes
+    (`scores_radix_select`). None when the tensor is too small for either to pay."""
     n, numel = len(models), base.numel()
     if numel < FUSED_SELECT_MIN:
         return None
@@ -280,13 +284,19 @@ def _select_scores(kind: int, base: torch.Tensor, models: Sequence[torch.Tensor]
         kind, base.data_ptr(), _pointers(models), _format(base), n, numel, *constants,
         (ctypes.c_int64 * n)(*ranks), low, high, 2 * inside * (numel // SAMPLE) + 4096,
         thresholds, maxima, torch.get_num_threads())
-    return (list(thresholds), list(maxima)) if status == 0 else None
+    if status != 0:
+        status = library().scores_radix_select(
+            kind, base.data_ptr(), _pointers(models), _format(base), n, numel, *constants,
+            (ctypes.c_int64 * n)(*ranks), thresholds, maxima, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"radix counters for {n} models: out of memory")
+    return list(thresholds), list(maxima)
 
 
 def magnitude_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
                          ranks: Sequence[int]) -> list[float] | None:
     """Each model's |model - base| at ascending rank `ranks[i]`, all models in one pass (TIES'
-    trim thresholds); None when a sample bracket misses (select model by model, then)."""
+    trim thresholds); None for tensors too small to sample (select model by model, then)."""
     found = _select_scores(_SCORE_MAGNITUDE, base, models, ranks)
     return None if found is None else found[0]
 
@@ -294,9 +304,9 @@ def magnitude_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
 def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
                    bounds: Sequence[tuple[float, float]], low2: Sequence[float],
                    factors: Sequence[float], ranks: Sequence[int]
-                   ) -> tuple[list[float], list[float]] | None:
+                   ) -> tuple[list[float], list[float]]:
     """Each model's PCB drop threshold (score at ascending rank `ranks[i]`) and largest score,
-    without storing the scores; None when the sample brackets miss (store them, then)."""
+    without storing the scores (tensors of at least FUSED_SELECT_MIN entries)."""
     pcb = ([b[0] for b in bounds], [b[1] for b in bounds], list(low2), list(factors))
     return _select_scores(_SCORE_PCB, base, models, ranks, pcb)
 

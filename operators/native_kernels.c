@@ -802,6 +802,73 @@ int scores_select(int kind, const void *base, const void *const *models, int bf1
                           maxima, threads);
 }
 
+/* Every model's score at ascending rank `ranks[i]`, and its largest score, exactly and with no
+ * sample: a radix select over the scores' keys in two passes (scores computed on the fly in
+ * both). Pass 1 counts the high 16 bits of every key, which names each rank's bucket; pass 2
+ * counts the low 16 bits of the keys in that bucket. Memory: 2 x 65536 counters per model and
+ * thread, whatever the tensor. One pass more than `scores_select`, but no bracket to miss: it is
+ * the fallback for scores whose ties defeat the sample (bf16 task vectors take few values). */
+int scores_radix_select(int kind, const void *base, const void *const *models, int bf16, int n,
+                        int64_t numel, const float *low, const float *high, const float *low2,
+                        const float *factor, const int64_t *ranks, float *thresholds,
+                        float *maxima, int threads) {
+    if (n > MAX_MODELS || numel <= 0) return -1;
+    const struct scoring sc = {kind, n, low, high, low2, factor};
+    uint64_t *counts = calloc((size_t)n * HALF, sizeof(uint64_t));
+    int bucket[MAX_MODELS];
+    int64_t below[MAX_MODELS];
+    uint32_t top[MAX_MODELS] = {0};
+    int failed = counts == NULL;
+    for (int pass = 0; pass < 2 && !failed; ++pass) {
+#pragma omp parallel num_threads(threads)
+        {
+            uint32_t *local = calloc((size_t)n * HALF, sizeof(uint32_t));
+            uint32_t best[MAX_MODELS] = {0};
+            if (local) {
+#pragma omp for schedule(static)
+                for (int64_t block = 0; block < numel; block += BLOCK) {
+                    float scores[MAX_MODELS][BLOCK];
+                    const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
+                    score_block(&sc, base, models, bf16, block, size, scores);
+                    for (int i = 0; i < n; ++i) {
+                        uint32_t *tally = local + (size_t)i * HALF;
+                        for (int64_t j = 0; j < size; ++j) {
+                            const uint32_t key = sortable_key(scores[i][j]);
+                            if (pass == 0) {
+                                ++tally[key >> 16];
+                                best[i] = key > best[i] ? key : best[i];
+                            } else if ((int)(key >> 16) == bucket[i]) {
+                                ++tally[key & 0xFFFFu];
+                            }
+                        }
+                    }
+                }
+            }
+#pragma omp critical
+            {
+                failed |= local == NULL;
+                for (size_t h = 0; local && h < (size_t)n * HALF; ++h) counts[h] += local[h];
+                for (int i = 0; i < n; ++i) top[i] = best[i] > top[i] ? best[i] : top[i];
+            }
+            free(local);
+        }
+        for (int i = 0; i < n && !failed; ++i) {
+            uint64_t *tally = counts + (size_t)i * HALF;
+            if (pass == 0) {
+                bucket[i] = find_bucket(tally, ranks[i], &below[i]);
+            } else {
+                int64_t unused;
+                const int low_bucket = find_bucket(tally, ranks[i] - below[i], &unused);
+                thresholds[i] = key_value(((uint32_t)bucket[i] << 16) | (uint32_t)low_bucket);
+                maxima[i] = key_value(top[i]);
+            }
+        }
+        memset(counts, 0, sizeof(uint64_t) * (size_t)n * HALF);
+    }
+    free(counts);
+    return failed ? -2 : 0;
+}
+
 /* The [count_low - 1]-th smallest and the [count_high]-th largest |model_i - base| of every
  * model, in one pass over all of them: bounded heaps per thread keep the count_low smallest
  * and count_high largest keys (PCB's clip quantiles are extreme: the heaps stay small).

@@ -154,10 +154,11 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
                       clip: float) -> torch.Tensor | None:
     """The C kernels' three passes, nothing tensor-sized stored between them: all models' clip
     quantiles (heaps), then every drop threshold and largest score (scores computed, counted
-    within sample brackets, dropped), then the mix (scores recomputed, same bits). The values
-    are the exact order statistics the stored path finds, so the result is the same; None when
-    a sample bracket misses, and the caller stores the scores. The first pass also rejects
-    NaN/Inf inputs (`NonFiniteInput`)."""
+    within sample brackets or, where ties defeat the sample, in two radix passes, dropped),
+    then the mix (scores recomputed, same bits). The values are the exact order statistics the
+    stored path finds, so the result is the same; None when the clip quantiles lie too far in
+    for heaps, and the caller stores the scores. The first pass also rejects NaN/Inf inputs
+    (`NonFiniteInput`)."""
     n = base.numel()
     if n < native.FUSED_SELECT_MIN:  # small tensors: the sample brackets would not pay
         return None
@@ -166,11 +167,8 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
     if bounds is None:
         return None
     low2, factors = _score_constants(bounds, len(models))
-    found = native.pcb_thresholds(base, models, bounds, low2, factors,
-                                  [trim_rank(n, d) for d in densities])
-    if found is None:
-        return None
-    thresholds, maxima = found
+    thresholds, maxima = native.pcb_thresholds(base, models, bounds, low2, factors,
+                                               [trim_rank(n, d) for d in densities])
     return native.pcb_mix_recomputed(base, models, bounds, low2, factors, thresholds,
                                      _inverse_spans(maxima, thresholds), weights, lam)
 

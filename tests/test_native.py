@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from operators import merge, native
+from operators import merge, native, pcb
+from operators.chunks import Workspace
 from operators.engine import MergeSpec, iter_merge
 from operators.sources import StateDictSource
 from tests.conftest import make_family
@@ -144,8 +145,6 @@ def _large_family(values: str = "normal") -> tuple[torch.Tensor, list[torch.Tens
     ("tiers", {"density": 0.3, "clip": 0.0}),
 ])
 def test_fused_pcb_passes_equal_the_eager_path_on_large_tensors(values, params, monkeypatch):
-    from operators import pcb
-
     base, models = _large_family(values)
     ran = []
     fused_merge = pcb._fused_tanh_merge
@@ -158,15 +157,36 @@ def test_fused_pcb_passes_equal_the_eager_path_on_large_tensors(values, params, 
     assert torch.equal(fused, eager)
 
 
+class _CountingLibrary:
+    """The kernels, counting calls of the radix fallback."""
+
+    def __init__(self, lib):
+        self.lib, self.radix_calls = lib, 0
+
+    def __getattr__(self, name):
+        self.radix_calls += name == "scores_radix_select"
+        return getattr(self.lib, name)
+
+
 @needs_kernels
-def test_a_missed_bracket_falls_back_to_stored_scores(monkeypatch):
-    base, models = _large_family()
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_a_missed_bracket_falls_back_to_radix_passes_storing_nothing(values, monkeypatch):
+    """Ties can put a run of equal scores across a sample bracket's end (a 0.5B bf16 embedding
+    did); the selection then takes two radix passes: the same exact values, no scores stored."""
+    base, models = _large_family(values)
     expected = merge("pcb", {"w": base}, [{"w": m} for m in models], density=0.3)["w"]
+    counting = _CountingLibrary(native.library())
+    monkeypatch.setattr(native, "library", lambda: counting)
     monkeypatch.setattr(native, "bracket_ranks", lambda *args: (0, 0))  # the sample's minimum
-    assert native.pcb_thresholds(base, models, [(0.0, 1.0)] * 3, [0.0] * 3, [1.0] * 3,
-                                 [200_000] * 3) is None
-    assert torch.equal(merge("pcb", {"w": base}, [{"w": m} for m in models],
-                             density=0.3)["w"], expected)
+    ranks = [200_000, 5, 300_006]
+    found = native.magnitude_thresholds(base, models, ranks)
+    assert counting.radix_calls == 1
+    assert found == [(m - base).abs().sort().values[r].item()
+                     for m, r in zip(models, ranks, strict=True)]
+    workspace = Workspace()
+    assert torch.equal(pcb.pcb_merge(base, models, densities=[0.3] * 3, weights=[1.0] * 3,
+                                     ws=workspace), expected)
+    assert counting.radix_calls == 2 and not workspace._buffers  # nothing tensor-sized
 
 
 @needs_kernels
@@ -193,12 +213,11 @@ def test_magnitude_thresholds_match_sort(values):
 @needs_kernels
 @pytest.mark.parametrize("miss", [False, True])
 def test_large_ties_merges_equal_the_eager_path(miss, monkeypatch):
-    """All models' trim thresholds in one pass (or, when a bracket misses, model by model)."""
+    """All models' trim thresholds in one pass (or, when a bracket misses, two radix passes)."""
     base, models = _large_family("ties")
     params = {"weight": [0.5, 0.3, 0.7], "density": [0.3, 1.0, 0.05]}
     if miss:
         monkeypatch.setattr(native, "bracket_ranks", lambda *args: (0, 0))
-        assert native.magnitude_thresholds(base, models, [200_000] * 3) is None
     fused = merge("ties", {"w": base}, [{"w": m} for m in models], **params)["w"]
     monkeypatch.setattr(native, "library", lambda: None)
     assert torch.equal(fused, merge("ties", {"w": base}, [{"w": m} for m in models],
