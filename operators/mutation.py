@@ -12,31 +12,52 @@ name), so a mutation is reproducible bit for bit on any worker and in any tensor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
 from operators import rng
+from operators.chunks import flat, spans
 from operators.errors import MergeParameterError
 
 
-def _rms(tensor: torch.Tensor) -> float:
-    return float(tensor.to(torch.float64).pow(2).mean().sqrt()) if tensor.numel() else 0.0
+def _rms(tensor: torch.Tensor, base: torch.Tensor | None = None) -> float:
+    """RMS of tensor - base (of tensor without a base), squares summed in float64 chunk by
+    chunk: no tensor-sized temporary (a float64 copy of a 128k-vocabulary embedding is 4 GiB)."""
+    n = tensor.numel()
+    if n == 0:
+        return 0.0
+    values, reference = flat(tensor), None if base is None else flat(base)
+    total = 0.0
+    for start, stop in spans(n):
+        chunk = values[start:stop].float()
+        if reference is not None:
+            chunk = chunk - reference[start:stop].float()
+        total += float(chunk.to(torch.float64).pow_(2).sum())
+    return math.sqrt(total / n)
 
 
 def mutate_tensor(tensor: torch.Tensor, name: str, *, seed: int, sigma: float, rate: float,
                   base: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor with masked Gaussian noise; non-floating tensors come back unchanged."""
+    """One tensor with masked Gaussian noise; non-floating tensors come back unchanged. Noise is
+    drawn chunk by chunk (the streams are counter-based, so chunks give the whole tensor's
+    draws): memory is the result plus a few chunks, whatever the tensor's size."""
     if not tensor.is_floating_point() or rate == 0 or sigma == 0:
         return tensor
-    scale = _rms(tensor.float() - base.float()) if base is not None else 0.0
+    scale = _rms(tensor, base) if base is not None else 0.0
     if scale == 0.0:
         scale = _rms(tensor)
-    n = tensor.numel()
-    genes = rng.uniform(rng.stream_key(seed, name, "mutate:gene"), 0, n, tensor.device) < rate
-    noise = rng.normal(rng.stream_key(seed, name, "mutate:noise"), 0, n, tensor.device)
-    noise = noise.mul_(genes).mul_(sigma * scale).reshape(tensor.shape)
-    return (tensor.float() + noise).to(tensor.dtype)
+    gene_key = rng.stream_key(seed, name, "mutate:gene")
+    noise_key = rng.stream_key(seed, name, "mutate:noise")
+    values = flat(tensor)
+    out = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    for start, stop in spans(tensor.numel()):
+        genes = rng.uniform(gene_key, start, stop - start, tensor.device) < rate
+        noise = rng.normal(noise_key, start, stop - start, tensor.device)
+        noise.mul_(genes).mul_(sigma * scale)
+        out[start:stop] = values[start:stop].float() + noise
+    return out.reshape(tensor.shape)
 
 
 def mutate(state: Mapping[str, torch.Tensor], *, seed: int, sigma: float, rate: float,

@@ -142,6 +142,23 @@ def test_mutation_is_reproducible_and_sparse():
                                                  base.values(), strict=True))
 
 
+def test_mutation_drawn_chunk_by_chunk_is_the_whole_tensor_formula():
+    """A tensor of several chunks is mutated as the module docstring's formula says, computed
+    here over the whole tensor at once: noise N(0, 1) * sigma * RMS(task vector) where the gene
+    draw is below the rate."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 233_337, generator=generator)
+    model = (base + 0.01 * torch.randn(base.shape, generator=generator)).bfloat16()
+    out = mutate({"w": model}, seed=3, sigma=0.1, rate=0.3, base={"w": base})["w"]
+    n = base.numel()
+    scale = float((model.float() - base).double().pow(2).mean().sqrt())
+    genes = rng.uniform(rng.stream_key(3, "w", "mutate:gene"), 0, n) < 0.3
+    noise = rng.normal(rng.stream_key(3, "w", "mutate:noise"), 0, n) * genes * (0.1 * scale)
+    expected = (model.float().reshape(-1) + noise).bfloat16().reshape(base.shape)
+    assert out.dtype == torch.bfloat16
+    assert (out != expected).float().mean() < 1e-6  # a float64 sum order may move one rounding
+
+
 def test_model_scope_trim_keeps_the_global_top_k():
     base, models = make_family(1, seed=6)
     density = 0.3
