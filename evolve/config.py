@@ -81,6 +81,17 @@ class LmEval(_Strict):
                                "multiple choice, exact_match for generation)")
 
 
+class Ray(_Strict):
+    address: str | None = Field(None, description="join this Ray cluster ('auto', or "
+                                "'ray://host:10001'); default: start a local Ray with this "
+                                "machine's CPUs and GPUs")
+    gpus_per_worker: float = Field(1, gt=0, description="GPUs each worker holds (2 for a model "
+                                   "that needs two; 0.5 to put two workers on one GPU); only "
+                                   "with device: cuda")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker holds (its torch "
+                                   "threads)")
+
+
 class RunConfig(_Strict):
     sources: Sources
     tasks: list[str] = Field(min_length=1)
@@ -102,6 +113,29 @@ class RunConfig(_Strict):
         None, gt=0, description="bytes a worker may hold besides the mapped sources (resident "
         "model + sub-recipe cache); '24GiB' or '500MB' work too; default: half the RAM on a "
         "CPU, 90 % of the GPU's memory (sources included) on a GPU")
+
+    workers: int = Field(1, ge=1, description="evaluation workers (one per GPU); more than one "
+                         "means the Ray backend")
+    backend: Literal["local", "ray"] | None = Field(
+        None, description="local (in this process) or ray (actors); default: ray for more than "
+        "one worker")
+    ray: Ray = Ray()
+    candidate_timeout: float | None = Field(
+        None, gt=0, description="seconds one candidate's job may take on a Ray worker before it "
+        "is cancelled (the worker restarted) and the candidate marked failed")
+    worker_retries: int = Field(2, ge=0, description="how many more times a job runs on a new "
+                                "worker after its Ray worker died under it")
+
+    @model_validator(mode="after")
+    def _one_local_worker(self) -> RunConfig:
+        if self.backend == "local" and self.workers > 1:
+            raise ValueError(f"workers: {self.workers} needs backend: ray (the local backend is "
+                             "one worker in this process)")
+        return self
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.backend == "ray" or (self.backend is None and self.workers > 1)
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -131,8 +165,10 @@ class RunConfig(_Strict):
         return value
 
 
-def load_config(path: Path, overrides: dict | None = None) -> RunConfig:
-    """A validated RunConfig from YAML; every error names its key."""
+def load_config(path: Path, overrides: dict | None = None,
+                ray_overrides: dict | None = None) -> RunConfig:
+    """A validated RunConfig from YAML, with the CLI's overrides (None: keep the file's); every
+    error names its key."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as error:
@@ -145,6 +181,9 @@ def load_config(path: Path, overrides: dict | None = None) -> RunConfig:
     if "generations" in overrides:  # a generations override replaces an evaluation budget
         data.pop("evaluations", None)
     data |= overrides
+    ray_overrides = {k: v for k, v in (ray_overrides or {}).items() if v is not None}
+    if ray_overrides:
+        data["ray"] = (data.get("ray") or {}) | ray_overrides
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:

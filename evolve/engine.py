@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from evolve.config import RunConfig
 from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
 from evolve.strategies import recipe_strategy
+from fitness.pool import Answers, Job, LocalPool, Pool
 from fitness.reduced_fitness import Budget, Candidate, FitnessResult, ReducedFitness
 from operators.recipes import Recipe
 from search_spaces.merge_space import MergeSpace
@@ -33,38 +35,55 @@ Progress = Callable[[str, int, int], None]
 SIZE_OBJECTIVES = ("params", "bytes", "nonzero")
 
 
-class RecordingScorer:
-    """The worker, with every batch of answers committed to the run store as it arrives."""
+class RecordingPool:
+    """The worker pool, with every batch of answers committed to the run store as it is
+    consumed (in the driver's thread: the driver is the store's only writer)."""
 
-    def __init__(self, scorer, store: RunStore):
-        self.scorer, self.store = scorer, store
-        self.seconds = 0.0
+    def __init__(self, pool: Pool, store: RunStore):
+        self.pool, self.store = pool, store
+        self.workers = pool.workers
+        self.seconds = 0.0  # waiting for the workers
 
-    def answers(self, candidate_id: str, recipe: dict, items: torch.Tensor) -> torch.Tensor:
-        started = time.perf_counter()
-        values = self.scorer.answers(candidate_id, recipe, items)
-        self.seconds += time.perf_counter() - started
-        self.store.add_answers(candidate_id, items.tolist(), values.tolist())
-        return values
+    def submit(self, job: Job) -> Future:
+        return self.pool.submit(job)
+
+    def completed(self, futures: Iterable[Future]) -> Iterator[Future]:
+        results = self.pool.completed(futures)
+        while True:
+            started = time.perf_counter()
+            try:
+                future = next(results)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - started
+            answers = future.result() if future.exception() is None else None
+            if isinstance(answers, Answers) and answers.items:
+                self.store.add_answers(answers.candidate_id, list(answers.items),
+                                       list(answers.values))
+            yield future
 
     def retain(self, recipes: list[dict]) -> None:
-        """Tell the worker which recipes the population holds (its sub-recipe cache keeps
+        """Tell the workers which recipes the population holds (their sub-recipe caches keep
         only those)."""
-        self.scorer.retain(recipes)
+        self.pool.retain(recipes)
 
-    def size(self, candidate_id: str, recipe: dict):
-        started = time.perf_counter()
-        try:
-            return self.scorer.size(candidate_id, recipe)
-        finally:
-            self.seconds += time.perf_counter() - started
+    def activity(self) -> list[str | None]:
+        return self.pool.activity()
+
+    def busy_seconds(self) -> list[float]:
+        return self.pool.busy_seconds()
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 @dataclass
 class Timings:
     wall: float = 0.0
     fitness: float = 0.0  # inside the fitness calls (merging + evaluating + IRT statistics)
-    worker: float = 0.0  # inside the worker (merging + evaluating)
+    worker: float = 0.0  # waiting for the workers (merging + evaluating)
+    busy: list[float] = field(default_factory=list)  # per worker: seconds spent on jobs
 
     @property
     def engine(self) -> float:
@@ -73,10 +92,13 @@ class Timings:
 
 @dataclass
 class Setup:
-    """Everything a run needs besides its config: sources, tasks, the worker."""
+    """Everything a run needs besides its config: sources, tasks, the workers. `worker` is the
+    driver's own (it maps the sources but materializes nothing during a run: export uses it);
+    `pool` evaluates, in this process or on Ray actors."""
 
     space: MergeSpace
-    scorer: object
+    worker: object
+    pool: Pool
     task_of: torch.Tensor
     task_names: tuple[str, ...]
     base_size: dict[str, float] = field(default_factory=dict)
@@ -91,7 +113,7 @@ class Evolution:
                  progress: Progress | None = None):
         self.config, self.setup, self.store = config, setup, store
         self.progress = progress or (lambda stage, done, total: None)
-        self.recorder = RecordingScorer(setup.scorer, store)
+        self.recorder = RecordingPool(setup.pool, store)
         self.fitness = ReducedFitness(self.recorder, setup.task_of, setup.task_names,
                                       config.fitness.dims, config.seed)
         self.fitness.preload(store.answers())  # resume: finished answers are not redone
@@ -125,6 +147,13 @@ class Evolution:
             objectives.append(values)
         return minimization_matrix(objectives, self.config.objectives, caution)
 
+    def _report(self, stage: str, done: int, total: int) -> None:
+        """A stage's progress and, with several workers, how many are busy right now."""
+        self.progress(stage, done, total)
+        if self.recorder.workers > 1:
+            activity = self.recorder.activity()
+            self.progress("workers busy", sum(a is not None for a in activity), len(activity))
+
     def _timed_fitness(self, work):
         started = time.perf_counter()
         try:
@@ -143,9 +172,9 @@ class Evolution:
         candidates += [Candidate(f"cal-{k}", recipe, tuple(space.experts))
                        for k, recipe in enumerate(space.random(rng) for _ in range(
                            self.config.fitness.calibration))]
-        for done, candidate in enumerate(candidates):
-            self.progress("calibration (full evaluations)", done, len(candidates))
-            self._timed_fitness(lambda c=candidate: self.fitness.add_full(c))
+        self.progress("calibration (full evaluations)", 0, len(candidates))
+        self._timed_fitness(lambda: self.fitness.add_full(candidates, lambda done, total: (
+            self._report("calibration (full evaluations)", done, total))))
         self.progress("calibration (full evaluations)", len(candidates), len(candidates))
         self._timed_fitness(self.fitness.refit)
         self.setup.base_size = {name: self.fitness.exact[candidates[0].id].objectives[name][0]
@@ -173,7 +202,7 @@ class Evolution:
             children = self.breed(generation, population, size)
             results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
                 [child for child, _ in c], self.budget, on_candidate=lambda done, total:
-                self.progress("candidates this generation", done, total)))
+                self._report("candidates this generation", done, total)))
             for (child, operator), result in zip(children, results, strict=True):
                 self._record(child, generation, operator, result)
             self.strategy.tell([self._matrix([c.id])[0] if r.ok else None
@@ -191,6 +220,7 @@ class Evolution:
         front = self.finish(population)
         self.timings.wall = time.perf_counter() - started
         self.timings.worker = self.recorder.seconds
+        self.timings.busy = self.recorder.busy_seconds()
         self.store.set_meta("timings", self.timings.__dict__ | {"engine": self.timings.engine})
         self.store.set_meta("status", "done")
         self.store.event("done")
@@ -222,53 +252,63 @@ class Evolution:
     def finish(self, population: list[str]) -> list[str]:
         """Evaluate the final front fully (search split), then report it on the test split."""
         front = self._front(population)
-        for done, identifier in enumerate(front):
+        self.progress("final front (full + test)", 0, len(front))
+        partial = [Candidate(i, self.recipes[i]) for i in front if self.results[i].stage != "full"]
+        for result in self._timed_fitness(lambda: self.fitness.add_full(partial)):
+            self.results[result.candidate_id] = result
+            self.store.add_evaluation(result.candidate_id, -1, "full", result.objectives,
+                                      len(self.setup.task_of), None)
+        jobs = {self.recorder.submit(Job(i, self.recipes[i], test=True)): i for i in front}
+        for done, future in enumerate(self._timed_fitness(
+                lambda: list(self.recorder.completed(list(jobs)))), start=1):
+            self.store.add_report(jobs[future], "test", _test_report(future.result()))
             self.progress("final front (full + test)", done, len(front))
-            candidate = Candidate(identifier, self.recipes[identifier])
-            if self.results[identifier].stage != "full":
-                self.results[identifier] = self._timed_fitness(
-                    lambda c=candidate: self.fitness.add_full(c))
-                self.store.add_evaluation(identifier, -1, "full",
-                                          self.results[identifier].objectives,
-                                          len(self.setup.task_of), None)
-            self.store.add_report(identifier, "test", self._test_report(candidate))
         front = self._front(self._distinct(front))  # full results may now coincide
         self._save_generation(len(self.sizes) + 1, front)
         return front
 
-    def _test_report(self, candidate: Candidate) -> dict:
-        results = self._timed_fitness(lambda: self.setup.scorer.test_results(candidate.id,
-                                                                             candidate.recipe))
-        report = {}
-        for result in results:
-            p, n = result.accuracy, len(result)
-            report[f"accuracy/{result.task}"] = (p, (p * (1 - p) / max(n, 1)) ** 0.5)
-        accuracies = [report[f"accuracy/{r.task}"][0] for r in results]
-        stderr = (sum(report[f"accuracy/{r.task}"][1] ** 2 for r in results) ** 0.5
-                  / len(results))
-        report["accuracy"] = (sum(accuracies) / len(accuracies), stderr)
-        return report
+
+def _test_report(results) -> dict:
+    """Accuracy ± binomial stderr per task on the test split, and their mean."""
+    report = {}
+    for result in results:
+        p, n = result.accuracy, len(result)
+        report[f"accuracy/{result.task}"] = (p, (p * (1 - p) / max(n, 1)) ** 0.5)
+    accuracies = [report[f"accuracy/{r.task}"][0] for r in results]
+    stderr = (sum(report[f"accuracy/{r.task}"][1] ** 2 for r in results) ** 0.5
+              / len(results))
+    report["accuracy"] = (sum(accuracies) / len(accuracies), stderr)
+    return report
 
 
-def prepare(config: RunConfig, base_dir: Path | None = None) -> Setup:
-    """Resolve sources and tasks, check they fit together, and build the local worker. Every
-    check happens here, before any candidate is merged or scored."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from fitness.tasks import load_task
-    from fitness.worker import LocalWorker
+def prepare(config: RunConfig, base_dir: Path | None = None, local: bool = False,
+            on_event: Callable[[str, str], None] | None = None) -> Setup:
+    """Resolve sources and tasks, check they fit together, and build the workers: the local one,
+    and (`backend: ray`, unless `local`) the Ray actors. Every check happens here, before any
+    candidate is merged or scored."""
+    from fitness.worker_spec import WorkerSpec
     from search_spaces.models import resolve_model
 
     names = (config.sources.base, *config.sources.experts)
-    folders = {name: resolve_model(name, base_dir) for name in names}
-    model_config = AutoConfig.from_pretrained(folders[config.sources.base], local_files_only=True)
-    tasks = [load_task(t, base_dir, config.lm_eval.include_path, config.lm_eval.metric)
-             for t in config.tasks]
-    tokenizer = AutoTokenizer.from_pretrained(folders[config.sources.base], local_files_only=True)
-    worker = LocalWorker(tasks, folders, config.sources.base, model_config, tokenizer,
-                         device=config.device, memory_budget=config.memory_budget,
-                         dtype=getattr(torch, config.dtype) if config.dtype else None)
+    spec = WorkerSpec(tuple((name, str(resolve_model(name, base_dir))) for name in names),
+                      config.sources.base, tuple(config.tasks),
+                      str(base_dir) if base_dir else None, tuple(config.lm_eval.include_path),
+                      config.lm_eval.metric, config.device, config.dtype, config.memory_budget)
+    tasks = spec.load_tasks()
+    ray = config.uses_ray and not local
+    # under Ray the driver's worker only maps the sources (checks, metadata, export): on the CPU
+    worker = spec.build("cpu" if ray else None, tasks)
+    if ray:
+        from fitness.ray_pool import RayPool
+
+        pool: Pool = RayPool(spec, config.workers, gpus_per_worker=config.ray.gpus_per_worker
+                             if config.device.startswith("cuda") else 0,
+                             cpus_per_worker=config.ray.cpus_per_worker,
+                             address=config.ray.address, timeout=config.candidate_timeout,
+                             retries=config.worker_retries, on_event=on_event)
+    else:
+        pool = LocalPool(worker)
     space = MergeSpace(config.sources.base, tuple(config.sources.experts),
                        worker.architecture.num_layers, tuple(config.operators.methods),
                        config.operators.crossover.compose)
-    return Setup(space, worker, worker.task_of, tuple(t.name for t in tasks))
+    return Setup(space, worker, pool, worker.task_of, tuple(t.name for t in tasks))

@@ -105,7 +105,7 @@ def export_individual(record: dict, setup, config, out: Path, test: dict | None,
     from search_spaces.models import resolve_model
 
     _ensure_writable(out)
-    worker = setup.scorer
+    worker = setup.worker
     recipe = record["recipe"]
     specs, source = worker.export_specs(recipe)
     write_checkpoint(out, specs, ((spec.name, source.get(spec.name)) for spec in specs))

@@ -35,28 +35,40 @@ def _execute(run_dir: Path) -> None:
     from fitness.errors import FitnessError
     from operators.errors import MergeError
 
-    store = None
+    store = setup = None
     try:
         config = load_config(run_dir / "config.yaml")
         _build_zoo_if_needed(config)
-        setup = prepare(config, run_dir)
         store = RunStore(run_dir)
+        setup = prepare(config, run_dir, on_event=store.event)
+        startup = getattr(setup.pool, "startup_seconds", None)
+        if startup is not None:
+            console.print(f"Ray: {setup.pool.workers} workers started in {startup:.1f} s (before "
+                          "the run's clock starts)")
         with _progress_bar() as progress:
             evolution = Evolution(config, setup, store, stage_reporter(progress))
             evolution.run()
     except KeyboardInterrupt:
         if store is not None:
             store.event("interrupted")
+        _close(setup)
         console.print(f"stopped; every finished evaluation is saved. Continue with "
                       f"`evoforge resume {run_dir}`")
         raise typer.Exit(code=130) from None
     except (ConfigError, StoreError, FitnessError, MergeError) as error:
+        _close(setup)
         _fail(error)
+    _close(setup)
     timings = evolution.timings
     console.print(f"run finished in {timings.wall:.0f}s: worker (merging + evaluating) "
                   f"{timings.worker:.0f}s, IRT statistics {timings.fitness - timings.worker:.0f}s,"
                   f" engine {timings.engine:.1f}s ({timings.engine / timings.wall:.1%} of the run)")
     _print_front(run_dir)
+
+
+def _close(setup) -> None:
+    if setup is not None:
+        setup.pool.close()
 
 
 def _build_zoo_if_needed(config) -> None:
@@ -76,6 +88,11 @@ def run(
                                         "runs/<config>-<time>)"),
     generations: int | None = typer.Option(None, help="override the config's generations"),
     seed: int | None = typer.Option(None, help="override the config's seed"),
+    workers: int | None = typer.Option(None, help="evaluation workers (more than one: Ray)"),
+    backend: str | None = typer.Option(None, help="local or ray (default: ray for more than "
+                                       "one worker)"),
+    ray_address: str | None = typer.Option(None, help="join this Ray cluster ('auto', "
+                                           "'ray://host:10001') instead of starting one"),
 ) -> None:
     """Start an evolution run and print its Pareto front."""
     import yaml
@@ -83,7 +100,9 @@ def run(
     from evolve.config import ConfigError, load_config
 
     try:
-        validated = load_config(config, {"generations": generations, "seed": seed})
+        validated = load_config(config, {"generations": generations, "seed": seed,
+                                         "workers": workers, "backend": backend},
+                                {"address": ray_address})
     except ConfigError as error:
         _fail(error)
     run_dir = run_dir or RUNS / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -203,7 +222,7 @@ def export(
         _fail(KeyError(f"no individual {individual!r} in {run_dir}; `evoforge front "
                        f"{run}` lists the front's ids"))
     config = load_config(run_dir / "config.yaml")
-    setup = prepare(config, run_dir)
+    setup = prepare(config, run_dir, local=True)
     if out.exists():
         shutil.rmtree(out)
     export_individual(record, setup, config, out, store.report(individual),

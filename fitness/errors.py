@@ -25,3 +25,11 @@ class CandidateOutOfMemory(FitnessError):
     """A model cannot score an item even one sequence at a time: the item's tokens, the model and
     whatever else its device holds exceed that device's memory. Smaller batches cannot help, so the
     evaluator stops and says what to shrink instead of halving forever."""
+
+
+class CandidateTimeout(FitnessError):
+    """A candidate's job ran past the run's `candidate_timeout`; its worker was restarted."""
+
+
+class WorkerDied(FitnessError):
+    """Every worker that ran a candidate's job died (killed, out of host memory, preempted)."""

@@ -12,7 +12,12 @@ differences between near-identical siblings are measured on identical questions)
    before the next call, so the model keeps learning the region the search explores.
 
 Answers are cached per candidate, so a later stage only asks the items it has not asked. Size
-objectives (parameters, bytes at the export dtype, non-zero parameters) come from the scorer.
+objectives (parameters, bytes at the export dtype, non-zero parameters) come back with the answers.
+
+Each stage goes to the worker pool at once (`fitness.pool`: every candidate's job is submitted,
+then results are consumed as they finish), so with several workers none waits for the stage's
+slowest candidate longer than it must. The estimates depend only on the answers, never on the
+order they arrived in: one worker or eight give the same results.
 """
 
 from __future__ import annotations
@@ -20,28 +25,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 import torch
 
-from fitness.errors import CandidateOutOfMemory, FitnessError
+from fitness.errors import CandidateOutOfMemory, CandidateTimeout, FitnessError, WorkerDied
 from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
 from fitness.irt import MODELS_PER_DIMENSION, IRTModel, fit_irt
+from fitness.pool import Job, Pool
 from fitness.reduced_sets import SELECTIONS, select_items
 from fitness.size import Size
 from operators.errors import MergeInputError, MergeParameterError
 from operators.recipes import RecipeError
 
-# errors that say something about one candidate, not about the run (see `_guarded`)
-CANDIDATE_ERRORS = (MergeInputError, MergeParameterError, RecipeError, CandidateOutOfMemory)
-
-
-class Scorer(Protocol):
-    """The worker side: answers of a candidate to pool items, and its size."""
-
-    def answers(self, candidate_id: str, recipe: dict, items: torch.Tensor) -> torch.Tensor: ...
-
-    def size(self, candidate_id: str, recipe: dict) -> Size: ...
+# errors that say something about one candidate, not about the run (see `_ask`)
+CANDIDATE_ERRORS = (MergeInputError, MergeParameterError, RecipeError, CandidateOutOfMemory,
+                    CandidateTimeout, WorkerDied)
+Progress = Callable[[int, int], None]  # (candidates done, of how many)
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class FitnessResult:
 class ReducedFitness:
     """Staged, paired, IRT-reduced fitness over a pool of items (see the module docstring)."""
 
-    scorer: Scorer
+    pool: Pool
     task_of: torch.Tensor
     task_names: tuple[str, ...]
     dims: int = 0  # 0: one per task
@@ -99,6 +98,7 @@ class ReducedFitness:
     exact: dict[str, FitnessResult] = field(default_factory=dict)
     _irt: IRTModel | None = None
     _cache: dict[str, dict[int, float]] = field(default_factory=dict)
+    _sizes: dict[str, Size] = field(default_factory=dict)
     _fitted_on: int = 0
     calls: int = 0
 
@@ -107,13 +107,43 @@ class ReducedFitness:
 
     # -- answers, cached -------------------------------------------------------------------
 
+    def _ask(self, requests: Sequence[tuple[Candidate, torch.Tensor]], guard: bool,
+             progress: Progress | None = None) -> dict[str, str]:
+        """Every candidate's answers to its items, all jobs in the pool at once; returns the
+        candidates that failed, with why. An error that belongs to the candidate (NaN weights, an
+        invalid recipe or merge parameter, out of memory even at batch 1, over its time budget,
+        a worker killed under it every time) marks it failed when `guard`, and the run goes on.
+        Anything else (a programming error, a missing file, an out-of-memory while merging, any
+        failure during calibration) stops the run with its traceback; the answers consumed so
+        far are in the store and `evoforge resume` continues."""
+        jobs = {}
+        for candidate, items in requests:
+            known = self._cache.setdefault(candidate.id, {})
+            missing = tuple(dict.fromkeys(i for i in items.tolist() if i not in known))
+            if missing or candidate.id not in self._sizes:
+                jobs[self.pool.submit(Job(candidate.id, candidate.recipe, missing))] = candidate
+        failed: dict[str, str] = {}
+        for done, future in enumerate(self.pool.completed(list(jobs)), start=1):
+            candidate = jobs[future]
+            try:
+                answers = future.result()
+            except CANDIDATE_ERRORS as error:
+                if not guard:
+                    raise
+                failed[candidate.id] = f"{type(error).__name__}: {error}"
+            else:
+                self._cache[candidate.id].update(zip(answers.items, answers.values, strict=True))
+                self._sizes[candidate.id] = answers.size
+            if progress is not None:
+                progress(done, len(jobs))
+        return failed
+
     def _answers(self, candidate: Candidate, items: torch.Tensor) -> torch.Tensor:
-        known = self._cache.setdefault(candidate.id, {})
-        missing = torch.tensor([i for i in items.tolist() if i not in known], dtype=torch.long)
-        if len(missing):
-            fresh = self.scorer.answers(candidate.id, candidate.recipe, missing)
-            known.update(zip(missing.tolist(), fresh.double().tolist(), strict=True))
+        known = self._cache[candidate.id]
         return torch.tensor([known[i] for i in items.tolist()], dtype=torch.float64)
+
+    def size(self, candidate_id: str) -> Size:
+        return self._sizes[candidate_id]
 
     def preload(self, answers: dict[str, dict[int, float]]) -> None:
         """Answers already known (a resumed run's store): they are never asked again."""
@@ -122,8 +152,15 @@ class ReducedFitness:
 
     # -- calibration -----------------------------------------------------------------------
 
-    def add_full(self, candidate: Candidate) -> FitnessResult:
-        """Evaluate `candidate` on every pool item; it joins the calibration matrix."""
+    def add_full(self, candidates: Sequence[Candidate], progress: Progress | None = None
+                 ) -> list[FitnessResult]:
+        """Evaluate the candidates on every pool item (all at once in the pool); they join the
+        calibration matrix. Any failure stops the run (nothing here is guarded)."""
+        every = torch.arange(len(self.task_of))
+        self._ask([(c, every) for c in candidates], guard=False, progress=progress)
+        return [self._add_full(c) for c in candidates]
+
+    def _add_full(self, candidate: Candidate) -> FitnessResult:
         every = torch.arange(len(self.task_of))
         row = self._answers(candidate, every)
         if candidate.id not in self.calibration_ids:
@@ -145,8 +182,7 @@ class ReducedFitness:
 
     def calibrate(self, candidates: Sequence[Candidate]) -> None:
         """Evaluate seeds and diverse random candidates fully, then fit the IRT model."""
-        for candidate in candidates:
-            self.add_full(candidate)
+        self.add_full(candidates)
         self.refit()
 
     def refit(self) -> None:
@@ -176,7 +212,7 @@ class ReducedFitness:
 
     def evaluate(self, candidates: Sequence[Candidate], budget: Budget,
                  front: Sequence[FitnessResult] | None = None,
-                 on_candidate: Callable[[int, int], None] | None = None) -> list[FitnessResult]:
+                 on_candidate: Progress | None = None) -> list[FitnessResult]:
         """Estimates (± stderr) of every candidate's objectives; see the module docstring.
 
         `front` is what promotion must beat; by default, the non-dominated members of everything
@@ -194,41 +230,29 @@ class ReducedFitness:
                                torch.stack(self.calibration_rows))
                   for size in (budget.items_per_task, budget.promote_items_per_task)]
         first, second = (self._estimators(reduced) for reduced in stages)
-        results = {}
-        for done, c in enumerate(candidates, start=1):
-            results[c.id] = self._guarded(c, lambda c=c: self._estimate(c, first, budget,
-                                                                        "reduced"))
-            if on_candidate is not None:
-                on_candidate(done, len(candidates))
+        results: dict[str, FitnessResult] = {}
+
+        def stage(chosen: Sequence[Candidate], items: torch.Tensor, estimate, progress=None):
+            failed = self._ask([(c, items) for c in chosen], guard=True, progress=progress)
+            for c in chosen:
+                results[c.id] = _failed(c, failed[c.id]) if c.id in failed else estimate(c)
+
+        stage(candidates, first.reduced.indices,
+              lambda c: self._estimate(c, first, budget, "reduced"), on_candidate)
         fronts = list(front) if front is not None else self.exact_front()
         promoted = [c for c in candidates if results[c.id].ok
                     and not _dominated(results[c.id], fronts, optimistic=True)]
-        for c in promoted:
-            results[c.id] = self._guarded(c, lambda c=c: self._estimate(c, second, budget,
-                                                                        "promoted"))
+        stage(promoted, second.reduced.indices,
+              lambda c: self._estimate(c, second, budget, "promoted"))
         finalists = sorted((c for c in promoted if results[c.id].ok
                             and not _dominated(results[c.id], fronts)),
                            key=lambda c: -results[c.id].objectives["accuracy"][0])
-        for c in finalists[:budget.max_full_per_call]:
-            results[c.id] = self._guarded(c, lambda c=c: self._full(c))
+        stage(finalists[:budget.max_full_per_call], torch.arange(len(self.task_of)), self._full)
         return [results[c.id] for c in candidates]
-
-    def _guarded(self, candidate: Candidate, work) -> FitnessResult:
-        """Run one candidate's evaluation; an error that belongs to the candidate (NaN weights,
-        an invalid recipe or merge parameter, out of memory even at batch 1) marks it failed
-        and the run goes on. Anything else (a programming error, a missing file, an
-        out-of-memory while merging) stops the run with its traceback; finished work is in the
-        store and `evoforge resume` continues."""
-        try:
-            return work()
-        except CANDIDATE_ERRORS as error:
-            empty = torch.zeros(0)
-            return FitnessResult(candidate.id, {}, "failed", empty, empty, empty,
-                                 f"{type(error).__name__}: {error}")
 
     def _objectives(self, candidate: Candidate, means: torch.Tensor, stderr: torch.Tensor
                     ) -> dict[str, tuple[float, float]]:
-        size = self.scorer.size(candidate.id, candidate.recipe)
+        size = self._sizes[candidate.id]
         objectives = {"accuracy": (float(means[-1]), float(stderr[-1]))}
         objectives |= {f"accuracy/{name}": (float(means[t]), float(stderr[t]))
                        for t, name in enumerate(self.task_names)}
@@ -259,9 +283,14 @@ class ReducedFitness:
                              stage, reduced.indices, answers, ability)
 
     def _full(self, candidate: Candidate) -> FitnessResult:
-        result = self.add_full(candidate)
+        result = self._add_full(candidate)
         self.abilities[candidate.id] = self.irt.fit_ability(result.answers, result.asked)[0]
         return result
+
+
+def _failed(candidate: Candidate, error: str) -> FitnessResult:
+    empty = torch.zeros(0)
+    return FitnessResult(candidate.id, {}, "failed", empty, empty, empty, error)
 
 
 def _dominated(result: FitnessResult, front: Sequence[FitnessResult],

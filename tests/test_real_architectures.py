@@ -167,7 +167,7 @@ def test_edits_keep_per_layer_config_lists_with_their_layers(family, tmp_path):
     scored = worker.test_results("x", recipe)[0]
     assert worker.resident.model.config.layer_types == [types[k] for k in plan]
 
-    setup = SimpleNamespace(scorer=worker)
+    setup = SimpleNamespace(worker=worker)
     run = SimpleNamespace(sources=SimpleNamespace(base=base, experts=[one, two]))
     record = {"id": "x", "recipe": recipe, "generation": 1, "operator": "edit", "parents": []}
     export_individual(record, setup, run, tmp_path / "out", None, {})

@@ -8,6 +8,7 @@ import torch
 from fitness.errors import FitnessError
 from fitness.estimators import task_accuracies
 from fitness.irt import simulate_responses
+from fitness.pool import LocalPool
 from fitness.reduced_fitness import Budget, Candidate, ReducedFitness
 from fitness.size import Size
 
@@ -33,7 +34,7 @@ def world():
     responses = simulate_responses(90, 400, dims=2, seed=21)[0]
     task_of = torch.arange(400) % 4
     scorer = TableScorer(responses)
-    fitness = ReducedFitness(scorer, task_of, ("a", "b", "c", "d"), dims=2, seed=3)
+    fitness = ReducedFitness(LocalPool(scorer), task_of, ("a", "b", "c", "d"), dims=2, seed=3)
     fitness.calibrate([Candidate(f"c{i}", {"row": i}) for i in range(60)])
     return responses, task_of, scorer, fitness
 
@@ -94,7 +95,7 @@ def test_the_default_front_is_everything_evaluated_exactly(world):
 
 
 def test_uncalibrated_or_bad_budgets_are_refused():
-    fitness = ReducedFitness(TableScorer(torch.zeros(3, 8)), torch.arange(8) % 2, ("a", "b"))
+    fitness = ReducedFitness(LocalPool(TableScorer(torch.zeros(3, 8))), torch.arange(8) % 2, ("a", "b"))
     with pytest.raises(FitnessError, match="not calibrated"):
         fitness.evaluate([Candidate("x", {"row": 0})], Budget())
     with pytest.raises(FitnessError, match="too few"):

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from evolve.cli import app
 from fitness.errors import CandidateOutOfMemory
+from fitness.pool import LocalPool
 from fitness.reduced_fitness import Budget, Candidate, ReducedFitness
 from fitness.size import Size
 from operators.errors import MergeInputError
@@ -89,7 +90,7 @@ class FlakyScorer:
 
 
 def _evaluate_with(error: Exception):
-    fitness = ReducedFitness(FlakyScorer(error), torch.arange(60) % 2, ("a", "b"), dims=1)
+    fitness = ReducedFitness(LocalPool(FlakyScorer(error)), torch.arange(60) % 2, ("a", "b"), dims=1)
     fitness.calibrate([Candidate(f"c{i}", {"row": i}) for i in range(20)])
     return fitness.evaluate([Candidate("fine", {"row": 30}), Candidate("broken", {"row": 31})],
                             Budget(items_per_task=5, promote_items_per_task=10))

@@ -1,0 +1,79 @@
+"""Candidates per hour and worker busy share: the local backend against Ray actors, on the zoo.
+
+Runs the same small evolution (the default zoo run, shortened) twice through `evoforge run`, each
+in a fresh process: once on the local backend (one worker, all cores), once on Ray with
+`--workers N` CPU actors (one core each). Prints, for each, candidates evaluated per hour of the
+run's clock, the workers' busy share (seconds on jobs / (workers x wall)), Ray's start-up time
+(outside the run's clock, so printed apart), and the ratios Ray / local.
+
+    python benchmarks/worker_throughput.py [--workers 2] [--generations 2] [--population 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(config: Path, run_dir: Path, extra: list[str], env: dict) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", "from evolve.cli import app; app()", "run",
+                           str(config), "--run-dir", str(run_dir), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"evoforge run {' '.join(extra)} failed:\n{done.stderr[-3000:]}")
+    db = sqlite3.connect(run_dir / "run.db")
+    timings = json.loads(db.execute("SELECT value FROM meta WHERE key = 'timings'").fetchone()[0])
+    candidates = db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+    startup = next((float(line.split(" started in ")[1].split(" s")[0])
+                    for line in done.stderr.splitlines() if " workers started in " in line), 0.0)
+    workers = max(1, len(timings["busy"]))
+    return {"candidates": candidates, "wall": timings["wall"], "startup": startup,
+            "per_hour": candidates / timings["wall"] * 3600,
+            "busy": sum(timings["busy"]) / (workers * timings["wall"]),
+            "process": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--population", type=int, default=8)
+    args = parser.parse_args()
+
+    config = yaml.safe_load((ROOT / "examples" / "zoo.yaml").read_text())
+    config |= {"generations": args.generations, "population": args.population}
+    config["fitness"] |= {"calibration": 12, "max_full_per_generation": 1}
+    work = Path(tempfile.mkdtemp(prefix="worker-throughput-"))
+    path = work / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cores = os.cpu_count() or 1
+    print(f"zoo run: population {args.population}, {args.generations} generations, "
+          f"calibration 12; {cores} cores", flush=True)
+    local = _run(path, work / "local", ["--backend", "local"],
+                 dict(os.environ, OMP_NUM_THREADS=str(cores)))
+    ray = _run(path, work / "ray", ["--workers", str(args.workers)],
+               dict(os.environ, OMP_NUM_THREADS="1"))
+    for label, result in (("local, 1 worker", local), (f"ray, {args.workers} CPU actors", ray)):
+        print(f"{label:22s} {result['candidates']} candidates in {result['wall']:.0f} s: "
+              f"{result['per_hour']:.0f} candidates/hour, workers busy {result['busy']:.0%}"
+              + (f" (Ray start-up {result['startup']:.1f} s, not in the run's clock)"
+                 if result["startup"] else ""))
+    print(f"ratio ray / local: {ray['per_hour'] / local['per_hour']:.2f}x candidates/hour, "
+          f"busy share {ray['busy'] / local['busy']:.2f}x")
+    print("(generational mode; steady-state mode is not built yet)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The Ray backend on CPU with Ray's logical GPUs: placement, the same answers and front as the
+local backend, and faults (a killed actor, a raising, a hanging and a worker-killing candidate,
+a killed driver)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from fitness.errors import CandidateTimeout, WorkerDied  # noqa: E402
+from fitness.pool import Job, LocalPool  # noqa: E402
+from fitness.ray_pool import RayPool  # noqa: E402
+from operators.recipes import RecipeError  # noqa: E402
+from tests.faulty_workers import FaultySpec  # noqa: E402
+
+TIES = {"op": "merge", "method": "ties", "seed": 0, "base": {"model": "base"},
+        "inputs": [{"model": "add"}, {"model": "sort"}],
+        "params": {"weight": 0.5, "density": 0.5}}
+ITEMS = tuple(range(20))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    rng = random.Random(0)
+    lines = [{"prompt": f"q{i}:{rng.randint(0, 999)}=", "choices": ["a", "b"],
+              "answer": rng.randint(0, 1), "split": "search" if i < 40 else "test"}
+             for i in range(60)]
+    path = tmp_path_factory.mktemp("ray") / "pick.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    return path
+
+
+def _spec(tiny_models, task, **faults) -> FaultySpec:
+    names = ("base", "add", "sort", "reverse")
+    return FaultySpec(tuple((n, str(tiny_models[n])) for n in names), "base", (str(task),),
+                      dtype="float32", **faults)
+
+
+def _local(spec, jobs):
+    pool = LocalPool(spec.build())
+    futures = [pool.submit(job) for job in jobs]
+    return [f.result() for f in pool.completed(futures)]
+
+
+def _consume(pool, jobs):
+    futures = [pool.submit(job) for job in jobs]
+    consumed = list(pool.completed(futures))
+    assert sorted(map(id, consumed)) == sorted(map(id, futures))  # each exactly once
+    return futures
+
+
+def test_actors_hold_distinct_gpus_and_answer_as_the_local_worker(cluster, tiny_models, task):
+    spec = _spec(tiny_models, task)
+    pool = RayPool(spec, 2, gpus_per_worker=1)
+    try:
+        assert sorted(pool.visible_devices()) == ["0", "1"]
+        jobs = [Job(f"c{i}", TIES if i % 2 else {"model": "add"}, ITEMS) for i in range(4)]
+        futures = _consume(pool, jobs)
+        assert [f.result() for f in futures] == _local(spec, jobs)
+    finally:
+        pool.close()
+
+
+def test_a_killed_actor_is_replaced_and_its_job_retried(cluster, tiny_models, task):
+    spec = _spec(tiny_models, task, slow=(("slow", 3.0),))
+    events = []
+    pool = RayPool(spec, 2, on_event=lambda kind, detail: events.append((kind, detail)))
+    try:
+        jobs = [Job("slow", TIES, ITEMS)] + [Job(f"c{i}", {"model": "sort"}, ITEMS)
+                                              for i in range(3)]
+        pids = pool.pids()  # (an actor answers calls in order: ask before it is busy)
+        futures = [pool.submit(job) for job in jobs]
+        pool._dispatch()
+        victim = pool.activity().index("slow")
+        ray.kill(pool._actors[victim])  # mid-evaluation: the job sleeps 3 s before answering
+        consumed = list(pool.completed(futures))
+        assert len(consumed) == 4
+        assert [f.result() for f in futures] == _local(_spec(tiny_models, task), jobs)
+        assert ("retry", "slow: attempt 2") in events
+        assert pool.pids()[victim] != pids[victim]  # a new process took its place
+    finally:
+        pool.close()
+
+
+def test_candidate_errors_timeouts_and_worker_killers_fail_only_their_candidate(
+        cluster, tiny_models, task):
+    spec = _spec(tiny_models, task, slow=(("hang", 120.0),), fatal=("killer",))
+    pool = RayPool(spec, 2, timeout=8.0, retries=1)
+    try:
+        bad_edit = {"op": "edit", "edits": [{"drop_layer": 9}], "input": {"model": "add"}}
+        jobs = [Job("invalid", bad_edit, ITEMS), Job("hang", TIES, ITEMS),
+                Job("killer", TIES, ITEMS), Job("fine", TIES, ITEMS)]
+        invalid, hang, killer, fine = _consume(pool, jobs)
+        assert isinstance(invalid.exception(), RecipeError)
+        assert isinstance(hang.exception(), CandidateTimeout)
+        assert isinstance(killer.exception(), WorkerDied)
+        assert "died 2 times" in str(killer.exception())
+        assert fine.result() == _local(_spec(tiny_models, task), jobs[3:])[0]
+    finally:
+        pool.close()
+
+
+def _run_config(tiny_models, task, folder: Path) -> Path:
+    config = {
+        "sources": {"base": str(tiny_models["base"]),
+                    "experts": [str(tiny_models[n]) for n in ("add", "sort", "reverse")]},
+        "tasks": [str(task)], "population": 4, "generations": 2, "seed": 5, "dtype": "float32",
+        "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
+                    "max_full_per_generation": 1, "dims": 1},
+    }
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _front(run_dir: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(run_dir / "run.db")
+    front = json.loads(db.execute("SELECT front FROM generations ORDER BY generation DESC "
+                                  "LIMIT 1").fetchone()[0])
+    return sorted((i, db.execute("SELECT objectives FROM evaluations WHERE id = ?",
+                                 (i,)).fetchone()[0]) for i in front)
+
+
+def test_the_ray_backend_gives_the_local_front(cluster, tiny_models, task, tmp_path):
+    from typer.testing import CliRunner
+
+    from evolve.cli import app
+
+    config = _run_config(tiny_models, task, tmp_path)
+    runner = CliRunner()
+    for name, extra in (("local", []), ("ray", ["--workers", "2"])):
+        result = runner.invoke(app, ["run", str(config), "--run-dir", str(tmp_path / name),
+                                     *extra])
+        assert result.exit_code == 0, result.output
+    assert "Ray: 2 workers started" in result.output
+    assert _front(tmp_path / "ray") == _front(tmp_path / "local")
+
+
+def _evoforge(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from evolve.cli import app; app()", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_with_every_answer_once(tiny_models, task, tmp_path):
+    config, run_dir = _run_config(tiny_models, task, tmp_path), tmp_path / "run"
+    driver = _evoforge("run", str(config), "--run-dir", str(run_dir), "--workers", "2")
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        db = run_dir / "run.db"
+        if db.exists() and sqlite3.connect(db).execute(
+                "SELECT COUNT(*) FROM answers").fetchone()[0] >= 12:
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+    driver.wait()
+    resumed = _evoforge("resume", str(run_dir))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    db = sqlite3.connect(run_dir / "run.db")
+    assert json.loads(db.execute("SELECT value FROM meta WHERE key = 'status'").fetchone()[0]) \
+        == "done"
+    seen = set()
+    for candidate, items in db.execute("SELECT candidate, items FROM answers"):
+        for item in json.loads(items):
+            assert (candidate, item) not in seen, (candidate, item)
+            seen.add((candidate, item))
+    for identifier, stage, error in db.execute("SELECT id, stage, error FROM evaluations"):
+        assert (stage == "failed") == (error is not None), identifier
