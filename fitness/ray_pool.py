@@ -14,13 +14,14 @@ Faults:
   on the dead actor was never received, so nothing is counted twice;
 - a job over `timeout` seconds has its actor killed and replaced, and the candidate fails with
   `CandidateTimeout`;
-- an exception inside a job reaches the caller as itself (`RayTaskError.as_instanceof_cause`):
+- an exception inside a job reaches the caller as itself, the worker's traceback in a note:
   candidate errors mark the candidate failed, anything else stops the run with the traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,6 +36,7 @@ from fitness.pool import Job, run_job
 from fitness.worker_spec import WorkerSpec
 
 _POLL_SECONDS = 1.0  # how often a wait wakes up to check the jobs' time budgets
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its remote tracebacks
 
 
 class _WorkerActor:
@@ -180,7 +182,11 @@ class RayPool:
                     f"({type(error).__name__}); it is likely too large for a worker's memory"))
             return
         except ray.exceptions.RayTaskError as error:
-            run.future.set_exception(error.as_instanceof_cause())
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, Exception):  # the worker's own exception, with its traceback
+                cause.add_note(f"raised in Ray worker {run.worker}: "
+                               + _ANSI.sub("", str(error)))
+            run.future.set_exception(cause if isinstance(cause, Exception) else error)
             return
         run.future.set_result(result)
 

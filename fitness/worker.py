@@ -13,7 +13,9 @@ What the worker holds, and how it grows (model = one model's bytes in the run's 
 - **sub-recipes**: materialized parents of composed recipes (children of children), kept only
   while a population member's recipe is one of them and only within the memory budget; a sub-
   recipe that does not fit is recomputed tensor by tensor instead (same bits, more time).
-- **merge scratch**: per tensor, the inputs of the tensor being merged in float32.
+- **merge scratch**: per tensor, the merged tensor in float32 and its rounding to the run's
+  dtype; inputs are read where they lie (bf16 and float32 sources memory-mapped, widened block by
+  block inside the merge kernels), and mutation noise is drawn chunk by chunk.
 
 So a worker needs the mapped sources + 1–2 models + the sub-recipe cache (bounded by
 `memory_budget`) + the evaluator's activations (bounded by its token budget), whatever the

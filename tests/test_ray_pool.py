@@ -103,18 +103,21 @@ def test_a_killed_actor_is_replaced_and_its_job_retried(cluster, tiny_models, ta
 
 def test_candidate_errors_timeouts_and_worker_killers_fail_only_their_candidate(
         cluster, tiny_models, task):
-    spec = _spec(tiny_models, task, slow=(("hang", 120.0),), fatal=("killer",))
+    spec = _spec(tiny_models, task, slow=(("hang", 120.0),), fatal=("killer",), buggy=("bug",))
     pool = RayPool(spec, 2, timeout=8.0, retries=1)
     try:
         bad_edit = {"op": "edit", "edits": [{"drop_layer": 9}], "input": {"model": "add"}}
         jobs = [Job("invalid", bad_edit, ITEMS), Job("hang", TIES, ITEMS),
-                Job("killer", TIES, ITEMS), Job("fine", TIES, ITEMS)]
-        invalid, hang, killer, fine = _consume(pool, jobs)
+                Job("killer", TIES, ITEMS), Job("bug", TIES, ITEMS), Job("fine", TIES, ITEMS)]
+        invalid, hang, killer, bug, fine = _consume(pool, jobs)
         assert isinstance(invalid.exception(), RecipeError)
         assert isinstance(hang.exception(), CandidateTimeout)
         assert isinstance(killer.exception(), WorkerDied)
         assert "died 2 times" in str(killer.exception())
-        assert fine.result() == _local(_spec(tiny_models, task), jobs[3:])[0]
+        assert isinstance(bug.exception(), KeyError)  # not a candidate error: the run stops
+        assert any("raised in Ray worker" in note and "faulty_workers.py" in note
+                   for note in bug.exception().__notes__)  # with the worker's traceback
+        assert fine.result() == _local(_spec(tiny_models, task), jobs[4:])[0]
     finally:
         pool.close()
 
@@ -155,13 +158,40 @@ def test_the_ray_backend_gives_the_local_front(cluster, tiny_models, task, tmp_p
     assert _front(tmp_path / "ray") == _front(tmp_path / "local")
 
 
+def test_a_run_with_hanging_raising_and_worker_killing_candidates_completes(
+        cluster, tiny_models, task, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fitness.worker_spec
+    from evolve.cli import app
+    from tests.faulty_workers import FaultyRunSpec
+
+    monkeypatch.setattr(fitness.worker_spec, "WorkerSpec", FaultyRunSpec)
+    config = _run_config(tiny_models, task, tmp_path)
+    data = yaml.safe_load(config.read_text()) | {"workers": 2, "candidate_timeout": 20,
+                                                 "worker_retries": 1}
+    config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", str(config), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    db = sqlite3.connect(tmp_path / "run" / "run.db")
+    errors = dict(db.execute("SELECT id, error FROM evaluations"))
+    assert errors.pop("g1-1").startswith("CandidateTimeout")
+    assert errors.pop("g1-2").startswith("WorkerDied")
+    assert errors.pop("g1-3").startswith("CandidateOutOfMemory")
+    assert not any(errors.values())  # every other candidate evaluated
+    answered = [(c, i) for c, items in db.execute("SELECT candidate, items FROM answers")
+                for i in json.loads(items)]
+    assert len(answered) == len(set(answered))
+    restarts = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'worker-restarted'")
+    assert restarts.fetchone()[0] == 3  # the hang once, the killer twice
+
+
 def _evoforge(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from evolve.cli import app; app()", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-@pytest.mark.slow
 def test_a_killed_driver_resumes_with_every_answer_once(tiny_models, task, tmp_path):
     config, run_dir = _run_config(tiny_models, task, tmp_path), tmp_path / "run"
     driver = _evoforge("run", str(config), "--run-dir", str(run_dir), "--workers", "2")
