@@ -5,8 +5,8 @@ method, checks that both give the same tensors, and prints the time ratio and th
 memory each merge added above the inputs. Run: ``python benchmarks/merge_speed.py [--layers N]``.
 
 ``--dtype bfloat16`` gives both sides bf16 inputs, as real checkpoints are: evoforge merges them
-the way a run materializes a recipe (each input tensor converted to float32, the float32 kernels,
-rounded once to bf16), mergekit in bf16 as its ``dtype: bfloat16`` does.
+the way a run materializes a recipe (the kernels read the bf16 inputs in place and compute in
+float32; the result is rounded once to bf16), mergekit in bf16 as its ``dtype: bfloat16`` does.
 """
 
 from __future__ import annotations

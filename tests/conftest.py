@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 16),
@@ -36,3 +41,27 @@ def tiny_models(tmp_path_factory):
     from search_spaces.tiny_llama import build_family
 
     return build_family(tmp_path_factory.mktemp("tiny"))
+
+
+def small_run_config(tiny_models, task: Path, folder: Path, generations: int) -> Path:
+    """A small evolution over the tiny models (population 4, a 10-recipe calibration), as YAML."""
+    config = {
+        "sources": {"base": str(tiny_models["base"]),
+                    "experts": [str(tiny_models[n]) for n in ("add", "sort", "reverse")]},
+        "tasks": [str(task)], "population": 4, "generations": generations, "seed": 5,
+        "dtype": "float32",
+        "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
+                    "max_full_per_generation": 1, "dims": 1},
+    }
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def last_front(run_dir: Path) -> list[tuple[str, str]]:
+    """The run's final front: (id, objectives JSON) pairs, sorted."""
+    db = sqlite3.connect(run_dir / "run.db")
+    front = json.loads(db.execute("SELECT front FROM generations ORDER BY generation DESC "
+                                  "LIMIT 1").fetchone()[0])
+    return sorted((i, db.execute("SELECT objectives FROM evaluations WHERE id = ?",
+                                 (i,)).fetchone()[0]) for i in front)

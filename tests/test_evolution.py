@@ -18,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evolve.cli import app
+from tests.conftest import last_front, small_run_config
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +29,8 @@ def config_path(tiny_models, tmp_path_factory):
               "answer": rng.randint(0, 1), "split": "search" if i < 40 else "test"}
              for i in range(60)]
     (folder / "pick.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    config = {
-        "sources": {"base": str(tiny_models["base"]),
-                    "experts": [str(tiny_models[n]) for n in ("add", "sort", "reverse")]},
-        "tasks": ["pick.jsonl"], "population": 4, "generations": 3, "seed": 5,
-        "dtype": "float32",
-        "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
-                    "max_full_per_generation": 1, "dims": 1},
-    }
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return small_run_config(tiny_models, folder / "pick.jsonl", folder, generations=3)
 
-
-def _front(run_dir: Path) -> list[tuple[str, str]]:
-    db = sqlite3.connect(run_dir / "run.db")
-    front = json.loads(db.execute("SELECT front FROM generations ORDER BY generation DESC "
-                                  "LIMIT 1").fetchone()[0])
-    return sorted((i, db.execute("SELECT objectives FROM evaluations WHERE id = ?",
-                                 (i,)).fetchone()[0]) for i in front)
 
 
 def test_run_front_status_export(config_path, tmp_path):
@@ -58,7 +42,7 @@ def test_run_front_status_export(config_path, tmp_path):
     for command in (["status", str(run_dir)], ["front", str(run_dir)]):
         assert runner.invoke(app, command).exit_code == 0
     # export a front member: transformers loads it and it scores as in the run
-    member = _front(run_dir)[0][0]
+    member = last_front(run_dir)[0][0]
     out = tmp_path / "export"
     result = runner.invoke(app, ["export", str(run_dir), member, "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -123,7 +107,7 @@ def test_kill_and_resume_gives_the_same_front(config_path, tmp_path, stop):
         assert sqlite3.connect(killed / "run.db").execute(
             "SELECT COUNT(*) FROM events WHERE kind = 'interrupted'").fetchone()[0] == 1
     assert _evoforge("resume", str(killed)).wait(300) == 0
-    assert _front(killed) == _front(straight)
+    assert last_front(killed) == last_front(straight)
     db = sqlite3.connect(killed / "run.db")
     asked = [(c, i) for c, items in db.execute("SELECT candidate, items FROM answers")
              for i in json.loads(items)]
@@ -142,7 +126,7 @@ def test_continuous_strategies_run_and_replay(config_path, tmp_path, strategy):
     for attempt in ("a", "b"):
         result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(tmp_path / attempt)])
         assert result.exit_code == 0, result.output
-        fronts.append(_front(tmp_path / attempt))
+        fronts.append(last_front(tmp_path / attempt))
         db = sqlite3.connect(tmp_path / attempt / "run.db")
         operators = [row[0] for row in db.execute(
             "SELECT operator FROM individuals WHERE generation > 0")]

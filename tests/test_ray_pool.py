@@ -23,6 +23,7 @@ from fitness.errors import CandidateTimeout, WorkerDied  # noqa: E402
 from fitness.pool import Job, LocalPool  # noqa: E402
 from fitness.ray_pool import RayPool  # noqa: E402
 from operators.recipes import RecipeError  # noqa: E402
+from tests.conftest import last_front, small_run_config  # noqa: E402
 from tests.faulty_workers import FaultySpec  # noqa: E402
 
 TIES = {"op": "merge", "method": "ties", "seed": 0, "base": {"model": "base"},
@@ -123,24 +124,7 @@ def test_candidate_errors_timeouts_and_worker_killers_fail_only_their_candidate(
 
 
 def _run_config(tiny_models, task, folder: Path) -> Path:
-    config = {
-        "sources": {"base": str(tiny_models["base"]),
-                    "experts": [str(tiny_models[n]) for n in ("add", "sort", "reverse")]},
-        "tasks": [str(task)], "population": 4, "generations": 2, "seed": 5, "dtype": "float32",
-        "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
-                    "max_full_per_generation": 1, "dims": 1},
-    }
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _front(run_dir: Path) -> list[tuple[str, str]]:
-    db = sqlite3.connect(run_dir / "run.db")
-    front = json.loads(db.execute("SELECT front FROM generations ORDER BY generation DESC "
-                                  "LIMIT 1").fetchone()[0])
-    return sorted((i, db.execute("SELECT objectives FROM evaluations WHERE id = ?",
-                                 (i,)).fetchone()[0]) for i in front)
+    return small_run_config(tiny_models, task, folder, generations=2)
 
 
 def test_the_ray_backend_gives_the_local_front(cluster, tiny_models, task, tmp_path):
@@ -155,7 +139,7 @@ def test_the_ray_backend_gives_the_local_front(cluster, tiny_models, task, tmp_p
                                      *extra])
         assert result.exit_code == 0, result.output
     assert "Ray: 2 workers started" in result.output
-    assert _front(tmp_path / "ray") == _front(tmp_path / "local")
+    assert last_front(tmp_path / "ray") == last_front(tmp_path / "local")
 
 
 def test_a_run_with_hanging_raising_and_worker_killing_candidates_completes(
