@@ -54,13 +54,13 @@ def main() -> None:
 
     config = yaml.safe_load((ROOT / "examples" / "zoo.yaml").read_text())
     config |= {"generations": args.generations, "population": args.population}
-    config["fitness"] |= {"calibration": 12, "max_full_per_generation": 1}
+    config["fitness"] |= {"calibration": 24, "max_full_per_generation": 1}  # 4 tasks: >= 32 in all
     work = Path(tempfile.mkdtemp(prefix="worker-throughput-"))
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     cores = os.cpu_count() or 1
     print(f"zoo run: population {args.population}, {args.generations} generations, "
-          f"calibration 12; {cores} cores", flush=True)
+          f"calibration 24; {cores} cores", flush=True)
     local = _run(path, work / "local", ["--backend", "local"],
                  dict(os.environ, OMP_NUM_THREADS=str(cores)))
     ray = _run(path, work / "ray", ["--workers", str(args.workers)],
