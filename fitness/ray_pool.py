@@ -60,6 +60,17 @@ class _WorkerActor:
         return run_job(self.worker, job)
 
 
+def _check_resources(workers: int, gpus: float, cpus: float) -> None:
+    """Refuse a pool the cluster cannot hold: its actors would wait for resources forever."""
+    have = ray.cluster_resources()
+    for kind, each in (("GPU", gpus), ("CPU", cpus)):
+        if workers * each > have.get(kind, 0):
+            raise FitnessError(
+                f"workers: {workers} x {each:g} {kind}s each needs {workers * each:g} {kind}s, "
+                f"but the Ray cluster has {have.get(kind, 0):g}; lower `workers`, "
+                f"`ray.{kind.lower()}s_per_worker`, or join a larger cluster (--ray-address)")
+
+
 @dataclass
 class _Running:
     future: Future
@@ -85,6 +96,7 @@ class RayPool:
         self._options = {"num_gpus": gpus_per_worker, "num_cpus": cpus_per_worker,
                          "max_restarts": 0, "max_task_retries": 0}
         self._threads = max(1, int(cpus_per_worker))
+        _check_resources(workers, gpus_per_worker, cpus_per_worker)
         self._actors = [self._start() for _ in range(workers)]
         ray.get([actor.pid.remote() for actor in self._actors])  # built (or the error, now)
         self.startup_seconds = time.perf_counter() - started

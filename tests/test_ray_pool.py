@@ -19,7 +19,7 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from fitness.errors import CandidateTimeout, WorkerDied  # noqa: E402
+from fitness.errors import CandidateTimeout, FitnessError, WorkerDied  # noqa: E402
 from fitness.pool import Job, LocalPool  # noqa: E402
 from fitness.ray_pool import RayPool  # noqa: E402
 from operators.recipes import RecipeError  # noqa: E402
@@ -79,6 +79,11 @@ def test_actors_hold_distinct_gpus_and_answer_as_the_local_worker(cluster, tiny_
         assert [f.result() for f in futures] == _local(spec, jobs)
     finally:
         pool.close()
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused(cluster, tiny_models, task):
+    with pytest.raises(FitnessError, match="needs 3 GPUs, but the Ray cluster has 2"):
+        RayPool(_spec(tiny_models, task), 3, gpus_per_worker=1)
 
 
 def test_a_killed_actor_is_replaced_and_its_job_retried(cluster, tiny_models, task):
