@@ -78,10 +78,17 @@ def test_exported_ties_merge_equals_mergekit(config_path, tmp_path):
     assert all(torch.equal(ours[name], reference[name]) for name in reference)
 
 
+def _default_sigint() -> None:
+    """A shell that starts the suite in the background ignores SIGINT, and children inherit that;
+    the run must see Ctrl-C as a user's terminal sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _evoforge(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return subprocess.Popen([sys.executable, "-m", "evolve.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_default_sigint)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
