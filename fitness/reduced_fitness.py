@@ -142,9 +142,6 @@ class ReducedFitness:
         known = self._cache[candidate.id]
         return torch.tensor([known[i] for i in items.tolist()], dtype=torch.float64)
 
-    def size(self, candidate_id: str) -> Size:
-        return self._sizes[candidate_id]
-
     def preload(self, answers: dict[str, dict[int, float]]) -> None:
         """Answers already known (a resumed run's store): they are never asked again."""
         for candidate_id, known in answers.items():
