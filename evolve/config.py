@@ -105,6 +105,11 @@ class RunConfig(_Strict):
                                     "generations: the last generation may be smaller")
     fitness: Fitness = Fitness()
     strategy: Literal["ga", "cmaes", "tpe", "nsga2"] = "ga"
+    mode: Literal["generational", "steady-state"] = Field(
+        "generational", description="generational: a generation's children are bred and scored "
+        "together; steady-state: one child per worker in flight, each joins the population as "
+        "soon as it is scored and frees its worker for the next (no worker waits for a "
+        "generation's straggler)")
     seed: int = 0
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(

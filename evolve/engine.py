@@ -1,18 +1,29 @@
 """The evolution loop: calibrate, then ask the strategy for children, score them, select
-survivors, generation by generation, persisting every finished step to the run store.
+survivors, persisting every finished step to the run store. Two schedules (`mode:`):
 
-The loop is deterministic given the config's seed: every strategy is seeded (the GA draws
-generation g from `random.Random(f"{seed}/gen/{g}")`), and the fitness is a pure function of the
-answers it has seen.
-Resuming therefore replays the loop from the start with the stored answers pre-loaded: finished
-evaluations are not recomputed, unfinished ones are, and the final front is the one an
-uninterrupted run gives.
+- **generational** (default): a generation's children are bred at once, each fitness stage goes to
+  the workers whole, and survivors are selected when the generation is scored;
+- **steady-state**: as many children are in flight as there are workers; a child goes through its
+  stages on its own, and as soon as it is scored it joins the population (NSGA-II survival of the
+  population plus it) and the next child is bred from the population as it is then. No worker
+  waits for a generation's straggler. Every `population` children scored count as a generation
+  (its survivors, front and hypervolume are saved), and each batch of `population` children bred
+  shares one set of items and one IRT fit, as a generation does.
+
+The loop is deterministic given the config's seed and the order in which results reach it: every
+strategy is seeded (the GA draws generation g from `random.Random(f"{seed}/gen/{g}")`, a
+steady-state child k from `.../child/{k}`), and the fitness is a pure function of the answers it
+has seen. The store journals every result in the order it was consumed; resuming replays the loop
+from the start with those results served again in that order (`fitness.journal`): finished
+evaluations are not recomputed, unfinished ones are, and the run retraces its own decisions, in
+either mode, before it goes on.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -24,28 +35,35 @@ import torch
 from evolve.config import RunConfig
 from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
-from evolve.strategies import recipe_strategy
-from fitness.pool import Answers, Job, LocalPool, Pool
-from fitness.reduced_fitness import Budget, Candidate, FitnessResult, ReducedFitness
+from evolve.strategies import Proposal, recipe_strategy
+from fitness.items import item_pool
+from fitness.journal import JournalPool
+from fitness.pool import Job, LocalPool, Pool, PoolWrapper
+from fitness.reduced_fitness import (
+    Budget,
+    Candidate,
+    FitnessResult,
+    ReducedFitness,
+    Stages,
+    failed_result,
+    finalist,
+    promotable,
+)
 from operators.recipes import Recipe
 from search_spaces.merge_space import MergeSpace
 from search_spaces.zoo_landscape import default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
+Activity = Callable[[list[str | None]], None]  # per worker: the candidate it runs, or None
 SIZE_OBJECTIVES = ("params", "bytes", "nonzero")
 
 
-class RecordingPool:
-    """The worker pool, with every batch of answers committed to the run store as it is
-    consumed (in the driver's thread: the driver is the store's only writer)."""
+class TimedPool(PoolWrapper):
+    """The worker pool, with the driver's time spent waiting for it counted."""
 
-    def __init__(self, pool: Pool, store: RunStore):
-        self.pool, self.store = pool, store
-        self.workers = pool.workers
+    def __init__(self, pool: Pool):
+        super().__init__(pool)
         self.seconds = 0.0  # waiting for the workers
-
-    def submit(self, job: Job) -> Future:
-        return self.pool.submit(job)
 
     def completed(self, futures: Iterable[Future]) -> Iterator[Future]:
         results = self.pool.completed(futures)
@@ -57,25 +75,7 @@ class RecordingPool:
                 return
             finally:
                 self.seconds += time.perf_counter() - started
-            answers = future.result() if future.exception() is None else None
-            if isinstance(answers, Answers) and answers.items:
-                self.store.add_answers(answers.candidate_id, list(answers.items),
-                                       list(answers.values))
             yield future
-
-    def retain(self, recipes: list[dict]) -> None:
-        """Tell the workers which recipes the population holds (their sub-recipe caches keep
-        only those)."""
-        self.pool.retain(recipes)
-
-    def activity(self) -> list[str | None]:
-        return self.pool.activity()
-
-    def busy_seconds(self) -> list[float]:
-        return self.pool.busy_seconds()
-
-    def close(self) -> None:
-        self.pool.close()
 
 
 @dataclass
@@ -92,16 +92,28 @@ class Timings:
 
 @dataclass
 class Setup:
-    """Everything a run needs besides its config: sources, tasks, the workers. `worker` is the
-    driver's own (it maps the sources but materializes nothing during a run: export uses it);
-    `pool` evaluates, in this process or on Ray actors."""
+    """Everything a run needs besides its config: the merge space, the sources (mapped by the
+    driver for checks, metadata and export: it scores nothing), the worker pool that evaluates (in
+    this process or on Ray actors) and the item pool's task of each item."""
 
     space: MergeSpace
-    worker: object
+    sources: object
     pool: Pool
     task_of: torch.Tensor
     task_names: tuple[str, ...]
     base_size: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Child:
+    """A steady-state child on its way through the fitness stages."""
+
+    candidate: Candidate
+    proposal: Proposal
+    generation: int  # the batch of `population` children it was bred in
+    stages: Stages  # that batch's items and estimators
+    stage: str = "reduced"  # the stage whose items it is answering
+    job: Job | None = None
 
 
 def short(name: str) -> str:
@@ -110,13 +122,14 @@ def short(name: str) -> str:
 
 class Evolution:
     def __init__(self, config: RunConfig, setup: Setup, store: RunStore,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, activity: Activity | None = None):
         self.config, self.setup, self.store = config, setup, store
         self.progress = progress or (lambda stage, done, total: None)
-        self.recorder = RecordingPool(setup.pool, store)
-        self.fitness = ReducedFitness(self.recorder, setup.task_of, setup.task_names,
-                                      config.fitness.dims, config.seed)
-        self.fitness.preload(store.answers())  # resume: finished answers are not redone
+        self.activity = activity
+        journal = JournalPool(setup.pool, store.results(), store.add_result)
+        self.pool = TimedPool(journal)
+        self.fitness = ReducedFitness(self.pool, setup.task_of, setup.task_names,
+                                      config.fitness.dims, config.seed, journal=journal.journal)
         self.budget = Budget(config.fitness.items_per_task, config.fitness.promote_items_per_task,
                              config.fitness.max_full_per_generation, config.fitness.selection,
                              config.fitness.estimator)
@@ -147,12 +160,15 @@ class Evolution:
             objectives.append(values)
         return minimization_matrix(objectives, self.config.objectives, caution)
 
+    def _row(self, result: FitnessResult) -> np.ndarray | None:
+        """A scored candidate's objective row for its strategy (None: it failed)."""
+        return self._matrix([result.candidate_id])[0] if result.ok else None
+
     def _report(self, stage: str, done: int, total: int) -> None:
-        """A stage's progress and, with several workers, how many are busy right now."""
+        """A stage's progress and, with several workers, what each is busy with."""
         self.progress(stage, done, total)
-        if self.recorder.workers > 1:
-            activity = self.recorder.activity()
-            self.progress("workers busy", sum(a is not None for a in activity), len(activity))
+        if self.activity is not None and self.pool.workers > 1:
+            self.activity(self.pool.activity())
 
     def _timed_fitness(self, work):
         started = time.perf_counter()
@@ -160,6 +176,15 @@ class Evolution:
             return work()
         finally:
             self.timings.fitness += time.perf_counter() - started
+
+    def _survive(self, population: list[str], newcomers: list[str]) -> list[str]:
+        """NSGA-II survival of the population and its scored newcomers; exact results found
+        since replace the members' estimates first."""
+        for identifier in population:
+            if identifier in self.fitness.exact:
+                self.results[identifier] = self.fitness.exact[identifier]
+        pool = self._distinct(population + newcomers)
+        return [pool[i] for i in survivors(self._matrix(pool), self.config.population)]
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -185,46 +210,113 @@ class Evolution:
         ids = [c.id for c in candidates]
         return [ids[i] for i in survivors(self._matrix(ids), self.config.population)]
 
-    def breed(self, generation: int, population: list[str],
-              size: int) -> list[tuple[Candidate, str]]:
-        proposals = self.strategy.ask(generation, size, population, self._matrix(population))
-        return [(Candidate(f"g{generation}-{k}", p.recipe, p.parents), p.operator)
-                for k, p in enumerate(proposals)]
-
     def run(self) -> list[str]:
         started = time.perf_counter()
         self.store.set_meta("status", "running")
         self.store.event("start")
         population = self.calibrate()
-        self.recorder.retain([self.recipes[p] for p in population])
-        for generation, size in enumerate(self.sizes, start=1):
-            self.progress("generations", generation - 1, len(self.sizes))
-            children = self.breed(generation, population, size)
-            results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
-                [child for child, _ in c], self.budget, on_candidate=lambda done, total:
-                self._report("candidates this generation", done, total)))
-            for (child, operator), result in zip(children, results, strict=True):
-                self._record(child, generation, operator, result)
-            self.strategy.tell([self._matrix([c.id])[0] if r.ok else None
-                                for (c, _), r in zip(children, results, strict=True)])
-            for identifier in population:  # exact results found since replace estimates
-                if identifier in self.fitness.exact:
-                    self.results[identifier] = self.fitness.exact[identifier]
-            pool = self._distinct(population + [c.id for (c, _), r in
-                                                zip(children, results, strict=True) if r.ok])
-            matrix = self._matrix(pool)
-            population = [pool[i] for i in survivors(matrix, self.config.population)]
-            self.recorder.retain([self.recipes[p] for p in population])
-            self._save_generation(generation, population)
-        self.progress("generations", len(self.sizes), len(self.sizes))
+        self.pool.retain([self.recipes[p] for p in population])
+        if self.config.mode == "steady-state":
+            population = self._steady(population)
+        else:
+            population = self._generational(population)
         front = self.finish(population)
         self.timings.wall = time.perf_counter() - started
-        self.timings.worker = self.recorder.seconds
-        self.timings.busy = self.recorder.busy_seconds()
+        self.timings.worker = self.pool.seconds
+        self.timings.busy = self.pool.busy_seconds()
         self.store.set_meta("timings", self.timings.__dict__ | {"engine": self.timings.engine})
         self.store.set_meta("status", "done")
         self.store.event("done")
         return front
+
+    def _generational(self, population: list[str]) -> list[str]:
+        for generation, size in enumerate(self.sizes, start=1):
+            self.progress("generations", generation - 1, len(self.sizes))
+            proposals = self.strategy.ask(f"gen/{generation}", size, population,
+                                          self._matrix(population))
+            children = [Candidate(f"g{generation}-{k}", p.recipe, p.parents)
+                        for k, p in enumerate(proposals)]
+            results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
+                c, self.budget, on_candidate=lambda done, total:
+                self._report("candidates this generation", done, total)))
+            for child, proposal, result in zip(children, proposals, results, strict=True):
+                self._record(child, generation, proposal.operator, result)
+            self.strategy.tell(proposals, [self._row(r) for r in results])
+            population = self._survive(population, [r.candidate_id for r in results if r.ok])
+            self.pool.retain([self.recipes[p] for p in population])
+            self._save_generation(generation, population)
+        self.progress("generations", len(self.sizes), len(self.sizes))
+        return population
+
+    def _steady(self, population: list[str]) -> list[str]:
+        """As many children in flight as workers; each scored child joins the population at once
+        and frees its worker for the next one (see the module docstring)."""
+        size, total = self.config.population, sum(self.sizes)
+        running: dict[Future, _Child] = {}
+        stages: dict[int, Stages] = {}
+        fulls: Counter[int] = Counter()  # full evaluations granted per batch
+        bred = scored = 0
+        self.progress("candidates", 0, total)
+        while scored < total:
+            while len(running) < self.pool.workers and bred < total:
+                generation, index = bred // size + 1, bred % size
+                if generation not in stages:
+                    stages[generation] = self._timed_fitness(
+                        lambda: self.fitness.stages(self.budget))
+                proposal = self.strategy.ask(f"child/{bred}", 1, population,
+                                             self._matrix(population))[0]
+                child = _Child(Candidate(f"g{generation}-{index}", proposal.recipe,
+                                         proposal.parents), proposal, generation,
+                               stages[generation])
+                child.job = self.fitness.job(child.candidate, stages[generation].reduced
+                                             .reduced.indices)
+                running[self.pool.submit(child.job)] = child
+                bred += 1
+                self._report("candidates", scored, total)
+            future = next(self.pool.completed(list(running)))
+            child = running.pop(future)
+            result = self._timed_fitness(lambda c=child, f=future: self._step(c, f, fulls))
+            if result is None:  # on to its next stage
+                running[self.pool.submit(child.job)] = child
+                continue
+            self._record(child.candidate, child.generation, child.proposal.operator, result)
+            self.strategy.tell([child.proposal], [self._row(result)])
+            if result.ok:
+                population = self._survive(population, [child.candidate.id])
+                self.pool.retain([self.recipes[p] for p in population])
+            scored += 1
+            self._report("candidates", scored, total)
+            if scored % size == 0 or scored == total:
+                self._save_generation(-(-scored // size), population)
+        return population
+
+    def _step(self, child: _Child, future: Future, fulls: Counter[int]) -> FitnessResult | None:
+        """Consume the child's finished job and take it as far as its answers allow: its result,
+        or None with `child.job` set to its next stage's job."""
+        fitness, candidate = self.fitness, child.candidate
+        reason = fitness.receive(child.job, future, guard=True)
+        if reason is not None:
+            return failed_result(candidate, reason)
+        while True:
+            if child.stage == "full":
+                return fitness.full(candidate)
+            estimators = child.stages.reduced if child.stage == "reduced" else \
+                child.stages.promoted
+            result = fitness.estimate(candidate, estimators, self.budget, child.stage)
+            front = fitness.exact_front()
+            if child.stage == "reduced":
+                if not promotable(result, front):
+                    return result
+                child.stage, items = "promoted", child.stages.promoted.reduced.indices
+            else:
+                if not finalist(result, front) or \
+                        fulls[child.generation] >= self.budget.max_full_per_call:
+                    return result
+                fulls[child.generation] += 1
+                child.stage, items = "full", torch.arange(len(self.setup.task_of))
+            child.job = fitness.job(candidate, items)
+            if child.job is not None:
+                return None
 
     def _distinct(self, pool: list[str]) -> list[str]:
         """Pool members with distinct values of the selection objectives (NSGA-II's duplicate
@@ -258,9 +350,9 @@ class Evolution:
             self.results[result.candidate_id] = result
             self.store.add_evaluation(result.candidate_id, -1, "full", result.objectives,
                                       len(self.setup.task_of), None)
-        jobs = {self.recorder.submit(Job(i, self.recipes[i], test=True)): i for i in front}
+        jobs = {self.pool.submit(Job(i, self.recipes[i], test=True)): i for i in front}
         for done, future in enumerate(self._timed_fitness(
-                lambda: list(self.recorder.completed(list(jobs)))), start=1):
+                lambda: list(self.pool.completed(list(jobs)))), start=1):
             self.store.add_report(jobs[future], "test", _test_report(future.result()))
             self.progress("final front (full + test)", done, len(front))
         front = self._front(self._distinct(front))  # full results may now coincide
@@ -281,34 +373,42 @@ def _test_report(results) -> dict:
     return report
 
 
-def prepare(config: RunConfig, base_dir: Path | None = None, local: bool = False,
-            on_event: Callable[[str, str], None] | None = None) -> Setup:
-    """Resolve sources and tasks, check they fit together, and build the workers: the local one,
-    and (`backend: ray`, unless `local`) the Ray actors. Every check happens here, before any
-    candidate is merged or scored."""
+def worker_spec(config: RunConfig, base_dir: Path | None = None):
+    """What every process that maps the run's sources builds from: checkpoint folders, tasks,
+    device, dtype, memory budget."""
     from fitness.worker_spec import WorkerSpec
     from search_spaces.models import resolve_model
 
     names = (config.sources.base, *config.sources.experts)
-    spec = WorkerSpec(tuple((name, str(resolve_model(name, base_dir))) for name in names),
+    return WorkerSpec(tuple((name, str(resolve_model(name, base_dir))) for name in names),
                       config.sources.base, tuple(config.tasks),
                       str(base_dir) if base_dir else None, tuple(config.lm_eval.include_path),
                       config.lm_eval.metric, config.device, config.dtype, config.memory_budget)
+
+
+def prepare(config: RunConfig, base_dir: Path | None = None,
+            on_event: Callable[[str, str], None] | None = None) -> Setup:
+    """Resolve sources and tasks, check they fit together, and build the workers: the local one,
+    or (`backend: ray`) the Ray actors, each of which builds its own. Every check happens here,
+    before any candidate is merged or scored."""
+    spec = worker_spec(config, base_dir)
     tasks = spec.load_tasks()
-    ray = config.uses_ray and not local
-    # under Ray the driver's worker only maps the sources (checks, metadata, export): on the CPU
-    worker = spec.build("cpu" if ray else None, tasks)
-    if ray:
+    if config.uses_ray:
         from fitness.ray_pool import RayPool
 
+        # the driver maps the sources for checks and metadata only: it scores nothing, so it
+        # holds no resident model and no memory budget of the workers' applies to it
+        sources = spec.sources("cpu")
         pool: Pool = RayPool(spec, config.workers, gpus_per_worker=config.ray.gpus_per_worker
                              if config.device.startswith("cuda") else 0,
                              cpus_per_worker=config.ray.cpus_per_worker,
                              address=config.ray.address, timeout=config.candidate_timeout,
                              retries=config.worker_retries, on_event=on_event)
     else:
-        pool = LocalPool(worker)
+        worker = spec.build(tasks=tasks)
+        sources, pool = worker.sources, LocalPool(worker)
     space = MergeSpace(config.sources.base, tuple(config.sources.experts),
-                       worker.architecture.num_layers, tuple(config.operators.methods),
+                       sources.architecture.num_layers, tuple(config.operators.methods),
                        config.operators.crossover.compose)
-    return Setup(space, worker, pool, worker.task_of, tuple(t.name for t in tasks))
+    task_of = torch.tensor([t for t, _ in item_pool(tasks)])
+    return Setup(space, sources, pool, task_of, tuple(t.name for t in tasks))

@@ -97,7 +97,7 @@ def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit
     return "\n".join(lines) + "\n"
 
 
-def export_individual(record: dict, setup, config, out: Path, test: dict | None,
+def export_individual(record: dict, sources, config, out: Path, test: dict | None,
                       search: dict) -> None:
     """Stream the individual's tensors, in the run's dtype, straight into safetensors shards
     (nothing model-sized is held): the exact bits the run scored. Tied weights stay tied (the
@@ -105,17 +105,16 @@ def export_individual(record: dict, setup, config, out: Path, test: dict | None,
     from search_spaces.models import resolve_model
 
     _ensure_writable(out)
-    worker = setup.worker
     recipe = record["recipe"]
-    specs, source = worker.export_specs(recipe)
+    specs, source = sources.export_specs(recipe)
     write_checkpoint(out, specs, ((spec.name, source.get(spec.name)) for spec in specs))
-    model_config = copy.deepcopy(worker.candidate_config(recipe))
-    model_config.dtype = str(worker.dtype).removeprefix("torch.")
+    model_config = copy.deepcopy(sources.candidate_config(recipe))
+    model_config.dtype = str(sources.dtype).removeprefix("torch.")
     model_config.save_pretrained(out)
-    worker.tokenizer.save_pretrained(out)
+    sources.tokenizer.save_pretrained(out)
     folders = {name: resolve_model(name) for name in (config.sources.base,
                                                       *config.sources.experts)}
-    mergekit = mergekit_config(recipe, folders, model_config.dtype, worker.architecture)
+    mergekit = mergekit_config(recipe, folders, model_config.dtype, sources.architecture)
     if mergekit is not None:
         (out / "mergekit_config.yml").write_text(yaml.safe_dump(mergekit, sort_keys=False))
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))

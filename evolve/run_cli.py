@@ -46,7 +46,8 @@ def _execute(run_dir: Path) -> None:
             console.print(f"Ray: {setup.pool.workers} workers started in {startup:.1f} s (before "
                           "the run's clock starts)")
         with _progress_bar() as progress:
-            evolution = Evolution(config, setup, store, stage_reporter(progress))
+            evolution = Evolution(config, setup, store, stage_reporter(progress),
+                                  _worker_reporter(progress))
             evolution.run()
     except KeyboardInterrupt:
         if store is not None:
@@ -64,6 +65,20 @@ def _execute(run_dir: Path) -> None:
                   f"{timings.worker:.0f}s, IRT statistics {timings.fitness - timings.worker:.0f}s,"
                   f" engine {timings.engine:.1f}s ({timings.engine / timings.wall:.1%} of the run)")
     _print_front(run_dir)
+
+
+def _worker_reporter(progress):
+    """A line that shows how many workers are busy and with which candidates."""
+    bar = None
+
+    def report(activity: list[str | None]) -> None:
+        nonlocal bar
+        busy = [f"{w}:{c}" for w, c in enumerate(activity) if c is not None]
+        text = "workers  " + (" ".join(busy) if busy else "idle")
+        if bar is None:
+            bar = progress.add_task(text, total=len(activity))
+        progress.update(bar, description=text, completed=len(busy), total=len(activity))
+    return report
 
 
 def _close(setup) -> None:
@@ -93,6 +108,8 @@ def run(
                                        "one worker)"),
     ray_address: str | None = typer.Option(None, help="join this Ray cluster ('auto', "
                                            "'ray://host:10001') instead of starting one"),
+    mode: str | None = typer.Option(None, help="generational or steady-state (a child bred as "
+                                    "soon as a worker frees up)"),
 ) -> None:
     """Start an evolution run and print its Pareto front."""
     import yaml
@@ -101,7 +118,7 @@ def run(
 
     try:
         validated = load_config(config, {"generations": generations, "seed": seed,
-                                         "workers": workers, "backend": backend},
+                                         "workers": workers, "backend": backend, "mode": mode},
                                 {"address": ray_address})
     except ConfigError as error:
         _fail(error)
@@ -211,7 +228,7 @@ def export(
 ) -> None:
     """Write an individual as a Hugging Face checkpoint with its recipe and model card."""
     from evolve.config import load_config
-    from evolve.engine import prepare
+    from evolve.engine import worker_spec
     from evolve.recipe_export import export_individual
     from evolve.store import RunStore
 
@@ -222,9 +239,9 @@ def export(
         _fail(KeyError(f"no individual {individual!r} in {run_dir}; `evoforge front "
                        f"{run}` lists the front's ids"))
     config = load_config(run_dir / "config.yaml")
-    setup = prepare(config, run_dir, local=True)
+    sources = worker_spec(config, run_dir).sources()
     if out.exists():
         shutil.rmtree(out)
-    export_individual(record, setup, config, out, store.report(individual),
+    export_individual(record, sources, config, out, store.report(individual),
                       (store.evaluation(individual) or {}).get("objectives", {}))
     console.print(f"exported {individual} -> {out}")

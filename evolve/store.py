@@ -1,9 +1,12 @@
 """The run store: `runs/<run-id>/run.db`, SQLite in WAL mode, written only by the run's driver.
 
-Every finished piece of work is committed when it finishes: each batch of a candidate's answers,
-each individual, each estimate, each generation's survivors and front. A run killed at any instant
-(even SIGKILL) loses at most the batch in flight. Resuming replays the (deterministic) loop with the
-stored answers pre-loaded, so nothing finished is evaluated again and nothing is counted twice.
+Every finished piece of work is committed when it finishes: each consumed job result, each
+individual, each estimate, each generation's survivors and front. A run killed at any instant
+(even SIGKILL) loses at most the jobs in flight. The `answers` table is the run's journal: one row
+per consumed job result (a candidate's answers to the items it was asked, with its size, or the
+reason it failed), in the order the driver consumed them. Resuming replays the deterministic loop
+with those results served again in that order (`fitness.journal`), so nothing finished is evaluated
+again, nothing is counted twice, and an asynchronous run retraces its own decisions.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import astuple
 from pathlib import Path
+
+from fitness.journal import Recorded
+from fitness.size import Size
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (candidate TEXT NOT NULL, items TEXT NOT NULL,
-                                    answers TEXT NOT NULL, at REAL NOT NULL);
+                                    answers TEXT NOT NULL, at REAL NOT NULL,
+                                    recipe TEXT NOT NULL, size TEXT, error TEXT);
 CREATE TABLE IF NOT EXISTS individuals (id TEXT PRIMARY KEY, generation INTEGER NOT NULL,
                                         recipe TEXT NOT NULL, parents TEXT NOT NULL,
                                         operator TEXT NOT NULL);
@@ -65,9 +73,12 @@ class RunStore:
     def set_meta(self, key: str, value) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
-    def add_answers(self, candidate: str, items: list[int], answers: list[float]) -> None:
-        self._write("INSERT INTO answers VALUES (?, ?, ?, ?)",
-                    (candidate, json.dumps(items), json.dumps(answers), time.time()))
+    def add_result(self, result: Recorded) -> None:
+        """Journal one consumed job result (see the module docstring)."""
+        size = None if result.size is None else json.dumps(astuple(result.size))
+        self._write("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (result.candidate, json.dumps(result.items), json.dumps(result.values),
+                     time.time(), result.recipe, size, result.error))
 
     def add_individual(self, identifier: str, generation: int, recipe: dict, parents: list[str],
                        operator: str) -> None:
@@ -99,13 +110,13 @@ class RunStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
-    def answers(self) -> dict[str, dict[int, float]]:
-        known: dict[str, dict[int, float]] = {}
-        for candidate, items, values in self.db.execute(
-                "SELECT candidate, items, answers FROM answers ORDER BY rowid"):
-            known.setdefault(candidate, {}).update(zip(json.loads(items), json.loads(values),
-                                                       strict=True))
-        return known
+    def results(self) -> list[Recorded]:
+        """The journal: every consumed job result, in the order the driver consumed it."""
+        return [Recorded(candidate, recipe, tuple(json.loads(items)), tuple(json.loads(values)),
+                         None if size is None else Size(*json.loads(size)), error)
+                for candidate, items, values, recipe, size, error in self.db.execute(
+                    "SELECT candidate, items, answers, recipe, size, error FROM answers "
+                    "ORDER BY rowid")]
 
     def individual(self, identifier: str) -> dict | None:
         row = self.db.execute("SELECT generation, recipe, parents, operator FROM individuals "

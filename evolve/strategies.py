@@ -3,8 +3,10 @@
 Strategies never evaluate anything themselves. Two drivers use them:
 
 **Runs** (`evolve.engine.Evolution`, `evoforge run`) drive a `RecipeStrategy` over the merge
-space: `ask(generation, size, population, matrix)` gives proposals (recipe, parents, operator),
-`tell(rows)` their objective rows. `strategy:` in the run config picks one:
+space: `ask(stream, size, population, matrix)` gives proposals (recipe, parents, operator),
+`tell(proposals, rows)` their objective rows, in any order and any number at a time (a
+generation's batch, or in steady-state mode one child as it finishes). `strategy:` in the run
+config picks one:
 - `RecipeGeneticStrategy` (`ga`, default): tournaments on rank and crowding, then crossover, an
   architecture edit, weight noise or gene mutation; survival is the engine's NSGA-II selection;
 - `MergeGeneStrategy` (`cmaes`, `tpe`, `nsga2`): nevergrad's CMA-ES or optuna's samplers over a
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -147,33 +149,37 @@ class OptunaStrategy:
 
 @dataclass(frozen=True)
 class Proposal:
-    """A child a merge strategy asks to evaluate: its recipe, parents and the operator."""
+    """A child a merge strategy asks to evaluate: its recipe, parents and the operator, and the
+    strategy's own handle on it (an optuna trial, a nevergrad candidate) for `tell`."""
 
     recipe: Recipe
     parents: tuple[str, ...]
     operator: str
+    handle: object = field(default=None, compare=False, repr=False)
 
 
 class RecipeStrategy(Protocol):
     """What `evolve.engine.Evolution` drives, whatever the strategy.
 
     `ask` gets the current population (ids, with their objective rows to minimize) and returns
-    `size` proposals; `tell` gets one objective row per proposal, None for a failed candidate.
-    Survival (non-dominated sorting and crowding on stderr-aware rows) is the engine's, the same
-    for every strategy, so the front is comparable across them.
+    `size` proposals, drawn from the random stream named `stream` (`gen/3` for a generation,
+    `child/41` for one steady-state child: the same stream gives the same proposals on resume);
+    `tell` gets proposals with one objective row each, None for a failed candidate. Survival
+    (non-dominated sorting and crowding on stderr-aware rows) is the engine's, the same for every
+    strategy, so the front is comparable across them.
     """
 
-    def ask(self, generation: int, size: int, population: list[str],
+    def ask(self, stream: str, size: int, population: list[str],
             matrix: np.ndarray) -> list[Proposal]: ...
 
-    def tell(self, rows: list[np.ndarray | None]) -> None: ...
+    def tell(self, proposals: list[Proposal], rows: list[np.ndarray | None]) -> None: ...
 
 
 class RecipeGeneticStrategy:
     """The default: the GA over recipes. Binary tournaments on non-domination rank and crowding
     pick parents; each child comes from one operator drawn by its rate: crossover (of two
     parents), an architecture edit, weight noise, or else mutation of the merge genes.
-    Generation g draws from `random.Random(f"{seed}/gen/{g}")`, so a resumed run replays it.
+    A stream draws from `random.Random(f"{seed}/{stream}")`, so a resumed run replays it.
     """
 
     def __init__(self, space: MergeSpace, recipes: Mapping[str, Recipe], crossover: float,
@@ -199,14 +205,14 @@ class RecipeGeneticStrategy:
             return Proposal(self.space.mutate_weights(rng, recipe), (first,), "weight-noise")
         return Proposal(self.space.mutate_genes(rng, recipe), (first,), "mutation")
 
-    def ask(self, generation: int, size: int, population: list[str],
+    def ask(self, stream: str, size: int, population: list[str],
             matrix: np.ndarray) -> list[Proposal]:
-        rng = random.Random(f"{self.seed}/gen/{generation}")
+        rng = random.Random(f"{self.seed}/{stream}")
         rank, crowding = rank_and_crowding(matrix)
         return [self._child(rng, lambda: population[tournament(rng, rank, crowding)])
                 for _ in range(size)]
 
-    def tell(self, rows: list[np.ndarray | None]) -> None:
+    def tell(self, proposals: list[Proposal], rows: list[np.ndarray | None]) -> None:
         """Nothing to learn: the GA's memory is the population the engine keeps."""
 
 
@@ -217,7 +223,8 @@ class MergeGeneStrategy:
     weight in [0, 1.5] and a density in [0.05, 1], and λ in [0.2, 1.5]. They propose flat merges
     from their own model of the search, not from the population. optuna's samplers are
     multi-objective and see the whole row; CMA-ES minimizes one number, the row's `primary`
-    column (the accuracy). All are seeded, so a run replays exactly on resume.
+    column (the accuracy). All are seeded, so a run replays exactly on resume. Both libraries
+    take results in any order, so several proposals may be out at once (steady-state mode).
     """
 
     KINDS = ("cmaes", "tpe", "nsga2")
@@ -248,7 +255,6 @@ class MergeGeneStrategy:
                        else optuna.samplers.NSGAIISampler(population_size=population, seed=seed))
             self.study = optuna.create_study(directions=["minimize"] * objectives,
                                              sampler=sampler)
-        self._pending: list = []
 
     def _genes(self, method: str, values: dict[str, float]) -> dict:
         def anchors(prefix: str, expert: int) -> list[float]:
@@ -259,36 +265,40 @@ class MergeGeneStrategy:
                 "densities": {e: anchors("d", i) for i, e in enumerate(experts)},
                 "lambda": values["lambda"]}
 
-    def _ask_genes(self, size: int) -> list[dict]:
+    def _ask_genes(self) -> tuple[object, dict]:
+        """One proposal's handle and genes."""
         if self.kind == "cmaes":
-            self._pending = [self.optimizer.ask() for _ in range(size)]
-            return [self._genes(c.value["method"], {
+            candidate = self.optimizer.ask()
+            return candidate, self._genes(candidate.value["method"], {
                 name: low + float(u) * (high - low)
-                for (name, (low, high)), u in zip(self.bounds.items(), c.value["unit"],
-                                                  strict=True)}) for c in self._pending]
-        self._pending = [self.study.ask() for _ in range(size)]
-        return [self._genes(t.suggest_categorical("method", list(self.space.methods)),
-                            {name: t.suggest_float(name, low, high)
-                             for name, (low, high) in self.bounds.items()})
-                for t in self._pending]
+                for (name, (low, high)), u in zip(self.bounds.items(), candidate.value["unit"],
+                                                  strict=True)})
+        trial = self.study.ask()
+        return trial, self._genes(trial.suggest_categorical("method", list(self.space.methods)),
+                                  {name: trial.suggest_float(name, low, high)
+                                   for name, (low, high) in self.bounds.items()})
 
-    def ask(self, generation: int, size: int, population: list[str],
+    def ask(self, stream: str, size: int, population: list[str],
             matrix: np.ndarray) -> list[Proposal]:
-        rng = random.Random(f"{self.seed}/gen/{generation}")  # the merges' own seeds
-        return [Proposal(self.space.from_genes(genes, rng.randrange(2**31)),
-                         tuple(self.space.experts), self.kind)
-                for genes in self._ask_genes(size)]
+        rng = random.Random(f"{self.seed}/{stream}")  # the merges' own seeds
+        proposals = []
+        for _ in range(size):
+            handle, genes = self._ask_genes()
+            proposals.append(Proposal(self.space.from_genes(genes, rng.randrange(2**31)),
+                                      tuple(self.space.experts), self.kind, handle))
+        return proposals
 
-    def tell(self, rows: list[np.ndarray | None]) -> None:
-        for pending, row in zip(self._pending, rows, strict=True):
+    def tell(self, proposals: list[Proposal], rows: list[np.ndarray | None]) -> None:
+        for proposal, row in zip(proposals, rows, strict=True):
             if self.kind == "cmaes":  # a failed candidate: worse than any accuracy
-                self.optimizer.tell(pending, 1.0 if row is None else float(row[self.primary]))
+                self.optimizer.tell(proposal.handle,
+                                    1.0 if row is None else float(row[self.primary]))
             elif row is None:
                 import optuna
 
-                self.study.tell(pending, state=optuna.trial.TrialState.FAIL)
+                self.study.tell(proposal.handle, state=optuna.trial.TrialState.FAIL)
             else:
-                self.study.tell(pending, [float(v) for v in row])
+                self.study.tell(proposal.handle, [float(v) for v in row])
 
 
 def recipe_strategy(config: RunConfig, space: MergeSpace,

@@ -33,3 +33,8 @@ class CandidateTimeout(FitnessError):
 
 class WorkerDied(FitnessError):
     """Every worker that ran a candidate's job died (killed, out of host memory, preempted)."""
+
+
+class RecordedFailure(FitnessError):
+    """A candidate failure an earlier session of this run recorded (its text is the original
+    reason), served again when the run is resumed instead of evaluating the candidate anew."""

@@ -76,3 +76,9 @@ class Task:
         if which not in ("search", "test"):
             raise ValueError(f"task {self.name!r}: unknown split {which!r}; use 'search' or 'test'")
         return self.search if which == "search" else self.test
+
+
+def item_pool(tasks: list[Task]) -> list[tuple[int, int]]:
+    """The run's pool of search items, (task index, item index) task after task: a position in
+    it is the item id that jobs carry and answers are stored under."""
+    return [(t, i) for t, task in enumerate(tasks) for i in range(len(task.search))]

@@ -110,3 +110,29 @@ class LocalPool:
 
     def close(self) -> None:
         self._pending.clear()
+
+
+class PoolWrapper:
+    """A pool in front of another (journal, timing): what a subclass does not override goes
+    straight to `pool`."""
+
+    def __init__(self, pool: Pool):
+        self.pool, self.workers = pool, pool.workers
+
+    def submit(self, job: Job) -> Future:
+        return self.pool.submit(job)
+
+    def completed(self, futures: Iterable[Future]) -> Iterator[Future]:
+        return self.pool.completed(futures)
+
+    def retain(self, recipes: Sequence[dict]) -> None:
+        self.pool.retain(recipes)
+
+    def activity(self) -> list[str | None]:
+        return self.pool.activity()
+
+    def busy_seconds(self) -> list[float]:
+        return self.pool.busy_seconds()
+
+    def close(self) -> None:
+        self.pool.close()

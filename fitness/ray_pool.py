@@ -60,6 +60,13 @@ class _WorkerActor:
         return run_job(self.worker, job)
 
 
+def _cause(error: Exception) -> str:
+    """The worker's own error line out of Ray's report of an actor that died starting (its last
+    line, 'fitness.worker.MemoryBudgetError: ...')."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _check_resources(workers: int, gpus: float, cpus: float) -> None:
     """Refuse a pool the cluster cannot hold: its actors would wait for resources forever."""
     have = ray.cluster_resources()
@@ -98,7 +105,11 @@ class RayPool:
         self._threads = max(1, int(cpus_per_worker))
         _check_resources(workers, gpus_per_worker, cpus_per_worker)
         self._actors = [self._start() for _ in range(workers)]
-        ray.get([actor.pid.remote() for actor in self._actors])  # built (or the error, now)
+        try:
+            ray.get([actor.pid.remote() for actor in self._actors])  # built (or the error, now)
+        except ray.exceptions.RayActorError as error:
+            self.close()
+            raise FitnessError(f"a Ray worker could not start: {_cause(error)}") from None
         self.startup_seconds = time.perf_counter() - started
         self._queue: deque[tuple[Future, Job, int]] = deque()
         self._running: dict[ray.ObjectRef, _Running] = {}
@@ -140,8 +151,12 @@ class RayPool:
             self._expire()
 
     def retain(self, recipes: Sequence[dict]) -> None:
+        """Sent without waiting: an actor runs its calls in the order they were sent, so its next
+        job sees the new population, and a busy actor does not hold the driver up (steady-state
+        mode retains after every child). An actor that died meanwhile fails its next job."""
         self._retained = list(recipes)
-        ray.get([actor.retain.remote(self._retained) for actor in self._actors])
+        for actor in self._actors:
+            actor.retain.remote(self._retained)
 
     def activity(self) -> list[str | None]:
         """The candidate each actor is busy with (None: idle)."""
@@ -235,5 +250,5 @@ class RayPool:
             ray.get(ref)
         except ray.exceptions.RayError as error:
             raise FitnessError(f"a replacement for Ray worker {index} failed to start: "
-                               f"{error}") from error
+                               f"{_cause(error)}") from None
         self._busy[index] = None

@@ -18,17 +18,30 @@ Each stage goes to the worker pool at once (`fitness.pool`: every candidate's jo
 then results are consumed as they finish), so with several workers none waits for the stage's
 slowest candidate longer than it must. The estimates depend only on the answers, never on the
 order they arrived in: one worker or eight give the same results.
+
+The same stages serve the engine's asynchronous steady-state mode one candidate at a time:
+`stages()` fixes a batch's item sets and estimators, `job`/`receive` ask and consume one job, and
+`estimate`, `promotable`, `finalist` and `full` take one candidate through its stages. A `journal`
+hears every answer batch and every accepted failure at the moment it is consumed, in order, so a
+resumed run can be served the same results in the same order (`fitness.journal`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from fitness.errors import CandidateOutOfMemory, CandidateTimeout, FitnessError, WorkerDied
+from fitness.errors import (
+    CandidateOutOfMemory,
+    CandidateTimeout,
+    FitnessError,
+    RecordedFailure,
+    WorkerDied,
+)
 from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
 from fitness.irt import MODELS_PER_DIMENSION, IRTModel, fit_irt
 from fitness.pool import Job, Pool
@@ -39,8 +52,16 @@ from operators.recipes import RecipeError
 
 # errors that say something about one candidate, not about the run (see `_ask`)
 CANDIDATE_ERRORS = (MergeInputError, MergeParameterError, RecipeError, CandidateOutOfMemory,
-                    CandidateTimeout, WorkerDied)
+                    CandidateTimeout, WorkerDied, RecordedFailure)
 Progress = Callable[[int, int], None]  # (candidates done, of how many)
+# hears each consumed job: its finished future, and the reason its candidate failed or None
+Journal = Callable[[Job, Future, str | None], None]
+
+
+def failure_reason(error: Exception) -> str:
+    """How a failed candidate's error is stored: 'CandidateTimeout: …' (a replayed failure is
+    already in that form)."""
+    return str(error) if isinstance(error, RecordedFailure) else f"{type(error).__name__}: {error}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,15 @@ class FitnessResult:
         return self.error is None
 
 
+@dataclass(frozen=True)
+class Stages:
+    """What one batch of candidates is asked: the reduced set and the promotion set, each with its
+    estimators (a generation's, or in steady-state mode a batch of `population` children's)."""
+
+    reduced: ReducedEstimators
+    promoted: ReducedEstimators
+
+
 @dataclass
 class ReducedFitness:
     """Staged, paired, IRT-reduced fitness over a pool of items (see the module docstring)."""
@@ -91,6 +121,7 @@ class ReducedFitness:
     task_names: tuple[str, ...]
     dims: int = 0  # 0: one per task
     seed: int = 0
+    journal: Journal | None = None
     calibration_ids: list[str] = field(default_factory=list)
     calibration_rows: list[torch.Tensor] = field(default_factory=list)
     calibration_parents: list[tuple[str, ...]] = field(default_factory=list)
@@ -107,33 +138,53 @@ class ReducedFitness:
 
     # -- answers, cached -------------------------------------------------------------------
 
-    def _ask(self, requests: Sequence[tuple[Candidate, torch.Tensor]], guard: bool,
-             progress: Progress | None = None) -> dict[str, str]:
-        """Every candidate's answers to its items, all jobs in the pool at once; returns the
-        candidates that failed, with why. An error that belongs to the candidate (NaN weights, an
+    def job(self, candidate: Candidate, items: torch.Tensor) -> Job | None:
+        """The job that asks `candidate` the items it has not answered yet (and its size, the
+        first time); None when nothing is missing."""
+        known = self._cache.setdefault(candidate.id, {})
+        missing = tuple(dict.fromkeys(i for i in items.tolist() if i not in known))
+        if missing or candidate.id not in self._sizes:
+            return Job(candidate.id, candidate.recipe, missing)
+        return None
+
+    def receive(self, job: Job, future: Future, guard: bool) -> str | None:
+        """Consume a finished job: its answers are cached and journaled; returns why the
+        candidate failed, or None. An error that belongs to the candidate (NaN weights, an
         invalid recipe or merge parameter, out of memory even at batch 1, over its time budget,
         a worker killed under it every time) marks it failed when `guard`, and the run goes on.
         Anything else (a programming error, a missing file, an out-of-memory while merging, any
-        failure during calibration) stops the run with its traceback; the answers consumed so
-        far are in the store and `evoforge resume` continues."""
+        failure while calibrating) is raised: the run stops with its traceback, the answers
+        consumed so far are in the store, and `evoforge resume` continues."""
+        try:
+            answers = future.result()
+        except CANDIDATE_ERRORS as error:
+            if not guard:
+                raise
+            reason = failure_reason(error)
+            if self.journal is not None:
+                self.journal(job, future, reason)
+            return reason
+        self._cache.setdefault(job.candidate_id, {}).update(
+            zip(answers.items, answers.values, strict=True))
+        self._sizes[job.candidate_id] = answers.size
+        if self.journal is not None:
+            self.journal(job, future, None)
+        return None
+
+    def _ask(self, requests: Sequence[tuple[Candidate, torch.Tensor]], guard: bool,
+             progress: Progress | None = None) -> dict[str, str]:
+        """Every candidate's answers to its items, all jobs in the pool at once; returns the
+        candidates that failed, with why (see `receive`)."""
         jobs = {}
         for candidate, items in requests:
-            known = self._cache.setdefault(candidate.id, {})
-            missing = tuple(dict.fromkeys(i for i in items.tolist() if i not in known))
-            if missing or candidate.id not in self._sizes:
-                jobs[self.pool.submit(Job(candidate.id, candidate.recipe, missing))] = candidate
+            job = self.job(candidate, items)
+            if job is not None:
+                jobs[self.pool.submit(job)] = job
         failed: dict[str, str] = {}
         for done, future in enumerate(self.pool.completed(list(jobs)), start=1):
-            candidate = jobs[future]
-            try:
-                answers = future.result()
-            except CANDIDATE_ERRORS as error:
-                if not guard:
-                    raise
-                failed[candidate.id] = f"{type(error).__name__}: {error}"
-            else:
-                self._cache[candidate.id].update(zip(answers.items, answers.values, strict=True))
-                self._sizes[candidate.id] = answers.size
+            reason = self.receive(jobs[future], future, guard)
+            if reason is not None:
+                failed[jobs[future].candidate_id] = reason
             if progress is not None:
                 progress(done, len(jobs))
         return failed
@@ -141,11 +192,6 @@ class ReducedFitness:
     def _answers(self, candidate: Candidate, items: torch.Tensor) -> torch.Tensor:
         known = self._cache[candidate.id]
         return torch.tensor([known[i] for i in items.tolist()], dtype=torch.float64)
-
-    def preload(self, answers: dict[str, dict[int, float]]) -> None:
-        """Answers already known (a resumed run's store): they are never asked again."""
-        for candidate_id, known in answers.items():
-            self._cache.setdefault(candidate_id, {}).update(known)
 
     # -- calibration -----------------------------------------------------------------------
 
@@ -177,13 +223,8 @@ class ReducedFitness:
         known = list(self.exact.values())
         return [r for r in known if not _dominated(r, known)]
 
-    def calibrate(self, candidates: Sequence[Candidate]) -> None:
-        """Evaluate seeds and diverse random candidates fully, then fit the IRT model."""
-        self.add_full(candidates)
-        self.refit()
-
     def refit(self) -> None:
-        needed = math.ceil(MODELS_PER_DIMENSION * (self.dims + 1) * 5 / 4)  # 5-fold cross-fits
+        needed = minimum_calibration(self.dims)
         if len(self.calibration_rows) < needed:
             raise FitnessError(
                 f"{len(self.calibration_rows)} fully evaluated calibration candidates are too few"
@@ -201,11 +242,27 @@ class ReducedFitness:
     @property
     def irt(self) -> IRTModel:
         if self._irt is None:
-            raise FitnessError("the fitness is not calibrated; call calibrate() with the seeds "
-                               "and a batch of random candidates first")
+            raise FitnessError("the fitness is not calibrated; call add_full() with the seeds "
+                               "and a batch of random candidates, then refit(), first")
         return self._irt
 
-    # -- one generation ----------------------------------------------------------------------
+    # -- one batch, stage by stage -----------------------------------------------------------
+
+    def stages(self, budget: Budget) -> Stages:
+        """The item sets and estimators of the next batch of candidates (refitting the IRT model
+        first if full evaluations joined the calibration since the last fit)."""
+        if not self.calibration_rows:
+            raise FitnessError("the fitness is not calibrated; call add_full() with the seeds "
+                               "and a batch of random candidates, then refit(), first")
+        if self._irt is None or len(self.calibration_rows) > self._fitted_on:
+            self.refit()
+        generation_seed = self.seed * 100_003 + self.calls
+        self.calls += 1
+        sets = [select_items(budget.selection, self.irt, self.task_of, size, generation_seed,
+                             torch.stack(list(self.abilities.values())),
+                             torch.stack(self.calibration_rows))
+                for size in (budget.items_per_task, budget.promote_items_per_task)]
+        return Stages(*(self._estimators(reduced) for reduced in sets))
 
     def evaluate(self, candidates: Sequence[Candidate], budget: Budget,
                  front: Sequence[FitnessResult] | None = None,
@@ -215,36 +272,23 @@ class ReducedFitness:
         `front` is what promotion must beat; by default, the non-dominated members of everything
         evaluated fully so far (calibration candidates included).
         """
-        if not self.calibration_rows:
-            raise FitnessError("the fitness is not calibrated; call calibrate() with the seeds "
-                               "and a batch of random candidates first")
-        if self._irt is None or len(self.calibration_rows) > self._fitted_on:
-            self.refit()
-        generation_seed = self.seed * 100_003 + self.calls
-        self.calls += 1
-        stages = [select_items(budget.selection, self.irt, self.task_of, size, generation_seed,
-                               torch.stack(list(self.abilities.values())),
-                               torch.stack(self.calibration_rows))
-                  for size in (budget.items_per_task, budget.promote_items_per_task)]
-        first, second = (self._estimators(reduced) for reduced in stages)
+        stages = self.stages(budget)
         results: dict[str, FitnessResult] = {}
 
         def stage(chosen: Sequence[Candidate], items: torch.Tensor, estimate, progress=None):
             failed = self._ask([(c, items) for c in chosen], guard=True, progress=progress)
             for c in chosen:
-                results[c.id] = _failed(c, failed[c.id]) if c.id in failed else estimate(c)
+                results[c.id] = failed_result(c, failed[c.id]) if c.id in failed else estimate(c)
 
-        stage(candidates, first.reduced.indices,
-              lambda c: self._estimate(c, first, budget, "reduced"), on_candidate)
+        stage(candidates, stages.reduced.reduced.indices,
+              lambda c: self.estimate(c, stages.reduced, budget, "reduced"), on_candidate)
         fronts = list(front) if front is not None else self.exact_front()
-        promoted = [c for c in candidates if results[c.id].ok
-                    and not _dominated(results[c.id], fronts, optimistic=True)]
-        stage(promoted, second.reduced.indices,
-              lambda c: self._estimate(c, second, budget, "promoted"))
-        finalists = sorted((c for c in promoted if results[c.id].ok
-                            and not _dominated(results[c.id], fronts)),
+        promoted = [c for c in candidates if promotable(results[c.id], fronts)]
+        stage(promoted, stages.promoted.reduced.indices,
+              lambda c: self.estimate(c, stages.promoted, budget, "promoted"))
+        finalists = sorted((c for c in promoted if finalist(results[c.id], fronts)),
                            key=lambda c: -results[c.id].objectives["accuracy"][0])
-        stage(finalists[:budget.max_full_per_call], torch.arange(len(self.task_of)), self._full)
+        stage(finalists[:budget.max_full_per_call], torch.arange(len(self.task_of)), self.full)
         return [results[c.id] for c in candidates]
 
     def _objectives(self, candidate: Candidate, means: torch.Tensor, stderr: torch.Tensor
@@ -266,8 +310,9 @@ class ReducedFitness:
                            self.dims, seed=self.seed)
         return ReducedEstimators(self.irt, self.task_of, reduced, excess)
 
-    def _estimate(self, candidate: Candidate, estimators: ReducedEstimators, budget: Budget,
-                  stage: str) -> FitnessResult:
+    def estimate(self, candidate: Candidate, estimators: ReducedEstimators, budget: Budget,
+                 stage: str) -> FitnessResult:
+        """The candidate's estimate from its answers to the stage's items."""
         reduced = estimators.reduced
         answers = self._answers(candidate, reduced.indices)
         parents = [self.abilities[p] for p in candidate.parents if p in self.abilities]
@@ -279,13 +324,31 @@ class ReducedFitness:
                                                             estimate.stderr),
                              stage, reduced.indices, answers, ability)
 
-    def _full(self, candidate: Candidate) -> FitnessResult:
+    def full(self, candidate: Candidate) -> FitnessResult:
+        """The exact result of a candidate that has answered every pool item; it joins the
+        calibration matrix (the next `stages()` refits on it)."""
         result = self._add_full(candidate)
         self.abilities[candidate.id] = self.irt.fit_ability(result.answers, result.asked)[0]
         return result
 
 
-def _failed(candidate: Candidate, error: str) -> FitnessResult:
+def minimum_calibration(dims: int) -> int:
+    """Fully evaluated candidates a `dims`-dimensional IRT fit needs (5-fold cross-fits)."""
+    return math.ceil(MODELS_PER_DIMENSION * (dims + 1) * 5 / 4)
+
+
+def promotable(result: FitnessResult, front: Sequence[FitnessResult]) -> bool:
+    """Does the reduced estimate earn the promotion set? Its optimistic accuracy (+2 stderr) must
+    not be dominated by the front."""
+    return result.ok and not _dominated(result, front, optimistic=True)
+
+
+def finalist(result: FitnessResult, front: Sequence[FitnessResult]) -> bool:
+    """Does the promoted estimate earn a full evaluation? It must not be dominated as it is."""
+    return result.ok and not _dominated(result, front)
+
+
+def failed_result(candidate: Candidate, error: str) -> FitnessResult:
     empty = torch.zeros(0)
     return FitnessResult(candidate.id, {}, "failed", empty, empty, empty, error)
 

@@ -33,7 +33,7 @@ import torch
 
 from fitness.causal_lm import CausalLMEvaluator
 from fitness.errors import FitnessError
-from fitness.items import Task
+from fitness.items import Task, item_pool
 from fitness.results import ItemResults
 from fitness.size import Size
 from operators.architecture import Architecture, check_compatible, edited_config
@@ -222,6 +222,62 @@ class ResidentModel:
             module._buffers[leaf] = tensor
 
 
+class RunSources:
+    """The run's source checkpoints and what every process needs to know of them: the
+    architecture, the run's dtype, the tokenizer, and how a recipe streams and is configured.
+
+    The driver of a Ray run and `evoforge export` hold only this (no resident model, no memory
+    budget: they never score a candidate); each worker builds its own on its device. Opening it
+    checks that the experts fit the base (architecture, tensors, shapes, tying, vocabulary)."""
+
+    def __init__(self, folders: Mapping[str, Path], base: str, config, tokenizer,
+                 device: str = "cpu", dtype: torch.dtype | None = None):
+        self.config, self.tokenizer = config, tokenizer
+        self.device = torch.device(device)
+        self.architecture = Architecture.of(config)
+        self.bank = SourceBank(folders, self.device)
+        self.names = tuple(folders)
+        self.reference = self.bank.source(base)
+        try:
+            check_compatible(self.reference, [self.bank.source(n) for n in folders if n != base],
+                             self.architecture)
+        except CheckpointError:
+            self.bank.close()
+            raise
+        self.dtype = dtype or next(self.reference.dtype(n) for n in self.reference.names()
+                                   if self.reference.dtype(n).is_floating_point)
+
+    def model_bytes(self, dtype: torch.dtype) -> int:
+        """One model of the sources' shapes with its floating tensors in `dtype`."""
+        return sum(tensor_bytes(self.reference.shape(n), dtype
+                                if self.reference.dtype(n).is_floating_point
+                                else self.reference.dtype(n))
+                   for n in self.reference.names())
+
+    def source(self, recipe: Recipe, cached=None) -> TensorSource:
+        """`recipe` as a stream of tensors in the run's dtype (`cached`: materialized sub-recipes
+        by key, reused)."""
+        return recipe_source(recipe, self.bank.source, dtype=self.dtype,
+                             naming=self.architecture, cached=cached, device=self.device)
+
+    def candidate_config(self, recipe: Recipe):
+        """The transformers config of the recipe's model: edits applied to per-layer lists."""
+        plan = layer_plan(recipe, self.architecture.num_layers)
+        if plan == list(range(self.architecture.num_layers)):
+            return self.config
+        return edited_config(self.config, plan, self.architecture)
+
+    def export_specs(self, recipe: Recipe) -> tuple[list[TensorSpec], TensorSource]:
+        """The recipe's tensor specs in the run's dtype, and the source that streams exactly the
+        bits a worker scores (one tensor at a time)."""
+        source = self.source(recipe)
+        return [TensorSpec(n, tuple(source.shape(n)), source.dtype(n)) for n in source.names()], \
+            source
+
+    def close(self) -> None:
+        self.bank.close()
+
+
 class LocalWorker:
     """Materializes recipes into its resident model and answers pool items with it.
 
@@ -229,31 +285,17 @@ class LocalWorker:
     answers, its size and its test results all come from the same resident weights.
     """
 
-    def __init__(self, tasks: Sequence[Task], folders: Mapping[str, Path], base: str, config,
-                 tokenizer, device: str = "cpu", dtype: torch.dtype | None = None,
+    def __init__(self, tasks: Sequence[Task], sources: RunSources,
                  memory_budget: int | None = None, batch_size: int = 256):
-        self.tasks = list(tasks)
-        self.pool = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task.search))]
-        self.device = torch.device(device)
-        self.config, self.tokenizer, self.batch_size = config, tokenizer, batch_size
-        self.architecture = Architecture.of(config)
-        self.bank = SourceBank(folders, self.device)
-        reference = self.bank.source(base)
-        try:
-            check_compatible(reference, [self.bank.source(n) for n in folders if n != base],
-                             self.architecture)
-        except CheckpointError:
-            self.bank.close()
-            raise
-        self.dtype = dtype or next(reference.dtype(n) for n in reference.names()
-                                   if reference.dtype(n).is_floating_point)
-        self.resident = ResidentModel(self.architecture, self.device,
-                                      compute_dtype(self.dtype, self.device))
-        resident_bytes = sum(tensor_bytes(reference.shape(n), self.resident.dtype)
-                             for n in reference.names())
+        self.tasks, self.sources, self.batch_size = list(tasks), sources, batch_size
+        self.pool = item_pool(self.tasks)
+        self.device = sources.device
+        self.resident = ResidentModel(sources.architecture, self.device,
+                                      compute_dtype(sources.dtype, self.device))
+        resident_bytes = sources.model_bytes(self.resident.dtype)
         budget = memory_budget if memory_budget is not None else default_budget(self.device)
         if self.device.type == "cuda":
-            budget -= sum(self.bank.model_bytes(name) for name in folders)
+            budget -= sum(sources.bank.model_bytes(name) for name in sources.names)
         if budget < resident_bytes:
             raise MemoryBudgetError(
                 f"memory_budget {budget / GiB:.2f} GiB (after the sources) is smaller than one "
@@ -264,23 +306,11 @@ class LocalWorker:
         self._current: tuple[str, Size] | None = None
         self._evaluators: dict[str, object] = {}
 
-    @property
-    def task_of(self) -> torch.Tensor:
-        return torch.tensor([t for t, _ in self.pool])
-
     # -- materialization ---------------------------------------------------------------------
 
     def source(self, recipe: Recipe) -> TensorSource:
         """`recipe` as a stream of tensors in the run's dtype (cached sub-recipes reused)."""
-        return recipe_source(recipe, self.bank.source, dtype=self.dtype,
-                             naming=self.architecture, cached=self.cache.get, device=self.device)
-
-    def candidate_config(self, recipe: Recipe):
-        """The transformers config of the recipe's model: edits applied to per-layer lists."""
-        plan = layer_plan(recipe, self.architecture.num_layers)
-        if plan == list(range(self.architecture.num_layers)):
-            return self.config
-        return edited_config(self.config, plan, self.architecture)
+        return self.sources.source(recipe, cached=self.cache.get)
 
     def _cache_parents(self, recipe: Recipe) -> None:
         for inner in inner_recipes(recipe):
@@ -296,21 +326,14 @@ class LocalWorker:
         if self._current is None or self._current[0] != candidate_id:
             self._current = None
             self._cache_parents(recipe)
-            size = self.resident.load(self.source(recipe), self.candidate_config(recipe),
-                                      self.dtype)
+            size = self.resident.load(self.source(recipe),
+                                      self.sources.candidate_config(recipe), self.sources.dtype)
             self._current = (candidate_id, size)
         return self._current[1]
 
     def retain(self, recipes: Sequence[Recipe]) -> None:
         """The population's recipes: the only sub-recipes worth keeping materialized."""
         self.cache.retain({recipe_key(r) for r in recipes})
-
-    def export_specs(self, recipe: Recipe) -> tuple[list[TensorSpec], TensorSource]:
-        """The recipe's tensor specs in the run's dtype, and the source that streams exactly the
-        bits the resident model scored (one tensor at a time)."""
-        source = self.source(recipe)
-        return [TensorSpec(n, tuple(source.shape(n)), source.dtype(n)) for n in source.names()], \
-            source
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -321,9 +344,9 @@ class LocalWorker:
             if task.format == "lm-eval":
                 from fitness.lm_eval_tasks import LmEvalEvaluator  # optional dependency
 
-                evaluator = LmEvalEvaluator(model, self.tokenizer, self.batch_size)
+                evaluator = LmEvalEvaluator(model, self.sources.tokenizer, self.batch_size)
             else:
-                evaluator = CausalLMEvaluator(model, self.tokenizer, self.batch_size)
+                evaluator = CausalLMEvaluator(model, self.sources.tokenizer, self.batch_size)
             self._evaluators[task.format] = evaluator
         return evaluator.evaluate(task.name, items)
 

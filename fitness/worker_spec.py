@@ -14,7 +14,7 @@ import torch
 
 from fitness.items import Task
 from fitness.tasks import load_task
-from fitness.worker import LocalWorker
+from fitness.worker import LocalWorker, RunSources
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,17 @@ class WorkerSpec:
         root = Path(self.task_root) if self.task_root else None
         return [load_task(t, root, self.lm_eval_paths, self.lm_eval_metric) for t in self.tasks]
 
-    def build(self, device: str | None = None, tasks: list[Task] | None = None) -> LocalWorker:
-        """The worker, on `device` (default: the spec's); `tasks` if already loaded."""
+    def sources(self, device: str | None = None) -> RunSources:
+        """The run's sources on `device` (default: the spec's): what the driver and export need."""
         from transformers import AutoConfig, AutoTokenizer
 
         folders = {name: Path(folder) for name, folder in self.folders}
         model_config = AutoConfig.from_pretrained(folders[self.base], local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folders[self.base], local_files_only=True)
-        return LocalWorker(tasks if tasks is not None else self.load_tasks(), folders, self.base,
-                           model_config, tokenizer, device=device or self.device,
-                           memory_budget=self.memory_budget,
-                           dtype=getattr(torch, self.dtype) if self.dtype else None)
+        return RunSources(folders, self.base, model_config, tokenizer, device or self.device,
+                          getattr(torch, self.dtype) if self.dtype else None)
+
+    def build(self, device: str | None = None, tasks: list[Task] | None = None) -> LocalWorker:
+        """A worker on `device` (default: the spec's); `tasks` if already loaded."""
+        return LocalWorker(tasks if tasks is not None else self.load_tasks(),
+                           self.sources(device), memory_budget=self.memory_budget)

@@ -43,6 +43,19 @@ def tiny_models(tmp_path_factory):
     return build_family(tmp_path_factory.mktemp("tiny"))
 
 
+def pick_task(folder: Path, seed: int = 0) -> Path:
+    """A two-choice JSONL task of 60 random items (40 search, 20 test) at `folder`/pick.jsonl."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [{"prompt": f"q{i}:{rng.randint(0, 999)}=", "choices": ["a", "b"],
+              "answer": rng.randint(0, 1), "split": "search" if i < 40 else "test"}
+             for i in range(60)]
+    path = folder / "pick.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    return path
+
+
 def small_run_config(tiny_models, task: Path, folder: Path, generations: int) -> Path:
     """A small evolution over the tiny models (population 4, a 10-recipe calibration), as YAML."""
     config = {
@@ -65,3 +78,30 @@ def last_front(run_dir: Path) -> list[tuple[str, str]]:
                                   "LIMIT 1").fetchone()[0])
     return sorted((i, db.execute("SELECT objectives FROM evaluations WHERE id = ?",
                                  (i,)).fetchone()[0]) for i in front)
+
+
+DERIVED = ("individuals", "evaluations", "generations", "reports")  # rebuilt by a resume
+
+
+def run_tables(run_dir: Path) -> dict[str, list]:
+    """What a run decided: its individuals, their evaluations, and each generation's population,
+    front and hypervolume."""
+    db = sqlite3.connect(run_dir / "run.db")
+    return {table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for table in ("individuals", "evaluations")} | {
+        "generations": db.execute("SELECT generation, population, front, hypervolume FROM "
+                                  "generations ORDER BY 1").fetchall()}
+
+
+def journal_only(run_dir: Path, copy: Path) -> Path:
+    """A copy of the run with its journal and nothing it decided (as if the driver had died
+    before writing anything but results)."""
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    db = sqlite3.connect(copy / "run.db")
+    with db:
+        for table in DERIVED:
+            db.execute(f"DELETE FROM {table}")
+    db.close()
+    return copy

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -18,18 +17,13 @@ import yaml
 from typer.testing import CliRunner
 
 from evolve.cli import app
-from tests.conftest import last_front, small_run_config
+from tests.conftest import last_front, pick_task, small_run_config
 
 
 @pytest.fixture(scope="module")
 def config_path(tiny_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("evo")
-    rng = random.Random(0)
-    lines = [{"prompt": f"q{i}:{rng.randint(0, 999)}=", "choices": ["a", "b"],
-              "answer": rng.randint(0, 1), "split": "search" if i < 40 else "test"}
-             for i in range(60)]
-    (folder / "pick.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    return small_run_config(tiny_models, folder / "pick.jsonl", folder, generations=3)
+    return small_run_config(tiny_models, pick_task(folder), folder, generations=3)
 
 
 

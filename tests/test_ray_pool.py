@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +22,13 @@ from fitness.errors import CandidateTimeout, FitnessError, WorkerDied  # noqa: E
 from fitness.pool import Job, LocalPool  # noqa: E402
 from fitness.ray_pool import RayPool  # noqa: E402
 from operators.recipes import RecipeError  # noqa: E402
-from tests.conftest import last_front, small_run_config  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    journal_only,
+    last_front,
+    pick_task,
+    run_tables,
+    small_run_config,
+)
 from tests.faulty_workers import FaultySpec  # noqa: E402
 
 TIES = {"op": "merge", "method": "ties", "seed": 0, "base": {"model": "base"},
@@ -41,13 +46,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    rng = random.Random(0)
-    lines = [{"prompt": f"q{i}:{rng.randint(0, 999)}=", "choices": ["a", "b"],
-              "answer": rng.randint(0, 1), "split": "search" if i < 40 else "test"}
-             for i in range(60)]
-    path = tmp_path_factory.mktemp("ray") / "pick.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in lines))
-    return path
+    return pick_task(tmp_path_factory.mktemp("ray"))
 
 
 def _spec(tiny_models, task, **faults) -> FaultySpec:
@@ -147,8 +146,9 @@ def test_the_ray_backend_gives_the_local_front(cluster, tiny_models, task, tmp_p
     assert last_front(tmp_path / "ray") == last_front(tmp_path / "local")
 
 
+@pytest.mark.parametrize("mode", ["generational", "steady-state"])
 def test_a_run_with_hanging_raising_and_worker_killing_candidates_completes(
-        cluster, tiny_models, task, tmp_path, monkeypatch):
+        cluster, tiny_models, task, tmp_path, monkeypatch, mode):
     from typer.testing import CliRunner
 
     import fitness.worker_spec
@@ -158,7 +158,7 @@ def test_a_run_with_hanging_raising_and_worker_killing_candidates_completes(
     monkeypatch.setattr(fitness.worker_spec, "WorkerSpec", FaultyRunSpec)
     config = _run_config(tiny_models, task, tmp_path)
     data = yaml.safe_load(config.read_text()) | {"workers": 2, "candidate_timeout": 20,
-                                                 "worker_retries": 1}
+                                                 "worker_retries": 1, "mode": mode}
     config.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["run", str(config), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -168,7 +168,8 @@ def test_a_run_with_hanging_raising_and_worker_killing_candidates_completes(
     assert errors.pop("g1-2").startswith("WorkerDied")
     assert errors.pop("g1-3").startswith("CandidateOutOfMemory")
     assert not any(errors.values())  # every other candidate evaluated
-    answered = [(c, i) for c, items in db.execute("SELECT candidate, items FROM answers")
+    answered = [(c, i) for c, items in db.execute("SELECT candidate, items FROM answers "
+                                                  "WHERE error IS NULL")
                 for i in json.loads(items)]
     assert len(answered) == len(set(answered))
     restarts = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'worker-restarted'")
@@ -181,28 +182,69 @@ def _evoforge(*args: str) -> subprocess.Popen:
                             start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def test_a_killed_driver_resumes_with_every_answer_once(tiny_models, task, tmp_path):
-    config, run_dir = _run_config(tiny_models, task, tmp_path), tmp_path / "run"
-    driver = _evoforge("run", str(config), "--run-dir", str(run_dir), "--workers", "2")
+@pytest.mark.parametrize("mode", ["generational", "steady-state"])
+def test_a_killed_driver_resumes_with_every_answer_once(tiny_models, task, tmp_path, mode):
+    config = small_run_config(tiny_models, task, tmp_path, generations=6)
+    run_dir = tmp_path / "run"
+    driver = _evoforge("run", str(config), "--run-dir", str(run_dir), "--workers", "2",
+                       "--mode", mode)
     deadline = time.time() + 300
-    while time.time() < deadline and driver.poll() is None:
+    while time.time() < deadline and driver.poll() is None:  # kill among the children
         db = run_dir / "run.db"
         if db.exists() and sqlite3.connect(db).execute(
-                "SELECT COUNT(*) FROM answers").fetchone()[0] >= 12:
+                "SELECT COUNT(*) FROM answers WHERE candidate LIKE 'g%'").fetchone()[0] >= 3:
             break
-        time.sleep(0.5)
+        time.sleep(0.02)
     assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
     driver.wait()
+    db = sqlite3.connect(run_dir / "run.db")
+    assert db.execute("SELECT COUNT(*) FROM evaluations WHERE generation > 0").fetchone()[0] < 24
     resumed = _evoforge("resume", str(run_dir))
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
     db = sqlite3.connect(run_dir / "run.db")
     assert json.loads(db.execute("SELECT value FROM meta WHERE key = 'status'").fetchone()[0]) \
         == "done"
     seen = set()
-    for candidate, items in db.execute("SELECT candidate, items FROM answers"):
+    for candidate, items in db.execute("SELECT candidate, items FROM answers WHERE error IS NULL"):
         for item in json.loads(items):
             assert (candidate, item) not in seen, (candidate, item)
             seen.add((candidate, item))
     for identifier, stage, error in db.execute("SELECT id, stage, error FROM evaluations"):
         assert (stage == "failed") == (error is not None), identifier
+    if mode == "steady-state":  # its journal (Ray's order, the kill and all) replays exactly
+        from typer.testing import CliRunner
+
+        from evolve.cli import app
+
+        replayed = journal_only(run_dir, tmp_path / "replayed")
+        result = CliRunner().invoke(app, ["resume", str(replayed)])
+        assert result.exit_code == 0, result.output
+        assert run_tables(replayed) == run_tables(run_dir)
+
+
+def test_the_driver_of_a_ray_run_builds_no_worker_and_applies_no_budget(
+        cluster, tiny_models, task, tmp_path, monkeypatch):
+    """The workers' memory budget is for the workers' devices (a bf16 model on a GPU): the driver
+    maps the sources for checks and metadata only, so it never builds a worker (which would
+    check that budget against a float32 CPU copy), and a worker that cannot hold a model says so
+    through the driver."""
+    import fitness.worker
+    from evolve.config import load_config
+    from evolve.engine import prepare
+
+    def no_worker_here(*args, **kwargs):
+        raise AssertionError("the driver built a worker")
+
+    monkeypatch.setattr(fitness.worker.LocalWorker, "__init__", no_worker_here)
+    path = _run_config(tiny_models, task, tmp_path)
+    setup = prepare(load_config(path, {"workers": 2}), tmp_path)  # actors build theirs
+    try:
+        assert isinstance(setup.sources, fitness.worker.RunSources)
+        assert len(setup.pool.pids()) == 2
+    finally:
+        setup.pool.close()
+    monkeypatch.undo()
+    with pytest.raises(FitnessError, match=r"a Ray worker could not start: .*MemoryBudgetError: "
+                                           r"memory_budget"):
+        prepare(load_config(path, {"workers": 2, "memory_budget": 1000}), tmp_path)

@@ -150,7 +150,7 @@ def test_edits_keep_per_layer_config_lists_with_their_layers(family, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from evolve.recipe_export import export_individual
-    from fitness.worker import LocalWorker
+    from fitness.worker import LocalWorker, RunSources
 
     built = build_family(family, tmp_path / "family", experts=2)
     folders = {str(path): path for path in built.values()}  # named as a run config names them
@@ -163,14 +163,14 @@ def test_edits_keep_per_layer_config_lists_with_their_layers(family, tmp_path):
               "inputs": [{"model": one}, {"model": two}], "params": {"weight": 1.0, "density": 0.5}}
     recipe = {"op": "edit", "layers": plan, "input": merged}
     task = load_jsonl_task(_task(tmp_path))
-    worker = LocalWorker([task], folders, base, config, AutoTokenizer.from_pretrained(base))
+    sources = RunSources(folders, base, config, AutoTokenizer.from_pretrained(base))
+    worker = LocalWorker([task], sources)
     scored = worker.test_results("x", recipe)[0]
     assert worker.resident.model.config.layer_types == [types[k] for k in plan]
 
-    setup = SimpleNamespace(worker=worker)
     run = SimpleNamespace(sources=SimpleNamespace(base=base, experts=[one, two]))
     record = {"id": "x", "recipe": recipe, "generation": 1, "operator": "edit", "parents": []}
-    export_individual(record, setup, run, tmp_path / "out", None, {})
+    export_individual(record, sources, run, tmp_path / "out", None, {})
     exported = AutoConfig.from_pretrained(tmp_path / "out")
     assert exported.num_hidden_layers == 4 and exported.layer_types == [types[k] for k in plan]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)

@@ -35,7 +35,8 @@ def world():
     task_of = torch.arange(400) % 4
     scorer = TableScorer(responses)
     fitness = ReducedFitness(LocalPool(scorer), task_of, ("a", "b", "c", "d"), dims=2, seed=3)
-    fitness.calibrate([Candidate(f"c{i}", {"row": i}) for i in range(60)])
+    fitness.add_full([Candidate(f"c{i}", {"row": i}) for i in range(60)])
+    fitness.refit()
     return responses, task_of, scorer, fitness
 
 
@@ -99,7 +100,8 @@ def test_uncalibrated_or_bad_budgets_are_refused():
     with pytest.raises(FitnessError, match="not calibrated"):
         fitness.evaluate([Candidate("x", {"row": 0})], Budget())
     with pytest.raises(FitnessError, match="too few"):
-        fitness.calibrate([Candidate("x", {"row": 0})])
+        fitness.add_full([Candidate("x", {"row": 0})])
+        fitness.refit()
     with pytest.raises(FitnessError, match="unknown estimator"):
         Budget(estimator="oracle")
     with pytest.raises(FitnessError, match="items_per_task"):
@@ -114,7 +116,7 @@ def test_local_worker_answers_sizes_and_reports(tiny_models):
 
     from fitness.causal_lm import CausalLMEvaluator, load_causal_lm
     from fitness.items import GenerationItem, Task
-    from fitness.worker import LocalWorker
+    from fitness.worker import LocalWorker, RunSources
     from operators.recipes import materialize
 
     model, tokenizer = load_causal_lm(tiny_models["base"])
@@ -122,7 +124,7 @@ def test_local_worker_answers_sizes_and_reports(tiny_models):
                                            for i in range(6)),
                   (GenerationItem("9+1=", "10", 3),))]
     config = AutoConfig.from_pretrained(tiny_models["base"])
-    worker = LocalWorker(tasks, tiny_models, "base", config, tokenizer)
+    worker = LocalWorker(tasks, RunSources(tiny_models, "base", config, tokenizer))
     recipe = {"op": "merge", "method": "ties", "base": {"model": "base"},
               "inputs": [{"model": "add"}, {"model": "sort"}],
               "params": {"weight": 1.0, "density": 0.5}}

@@ -91,7 +91,8 @@ class FlakyScorer:
 
 def _evaluate_with(error: Exception):
     fitness = ReducedFitness(LocalPool(FlakyScorer(error)), torch.arange(60) % 2, ("a", "b"), dims=1)
-    fitness.calibrate([Candidate(f"c{i}", {"row": i}) for i in range(20)])
+    fitness.add_full([Candidate(f"c{i}", {"row": i}) for i in range(20)])
+    fitness.refit()
     return fitness.evaluate([Candidate("fine", {"row": 30}), Candidate("broken", {"row": 31})],
                             Budget(items_per_task=5, promote_items_per_task=10))
 

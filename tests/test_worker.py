@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from fitness.items import ChoiceItem, Task
-from fitness.worker import LocalWorker, MemoryBudgetError
+from fitness.worker import LocalWorker, MemoryBudgetError, RunSources
 from operators.recipes import materialize
 from search_spaces.families import build_family
 
@@ -23,8 +23,8 @@ def family(tmp_path_factory):
 
 def _worker(family, budget=None) -> LocalWorker:
     config = AutoConfig.from_pretrained(family["base"])
-    return LocalWorker([TASK], family, "base", config,
-                       AutoTokenizer.from_pretrained(family["base"]), memory_budget=budget)
+    sources = RunSources(family, "base", config, AutoTokenizer.from_pretrained(family["base"]))
+    return LocalWorker([TASK], sources, memory_budget=budget)
 
 
 def _merge(method: str, inputs: list[dict]) -> dict:
@@ -38,7 +38,7 @@ CHILD = _merge("task_arithmetic", [PARENT, {"model": "expert1"}])
 
 def test_a_tied_bf16_model_is_resident_in_float32_with_its_head_tied(family):
     worker = _worker(family)
-    assert worker.dtype == torch.bfloat16 and worker.resident.dtype == torch.float32
+    assert worker.sources.dtype == torch.bfloat16 and worker.resident.dtype == torch.float32
     worker.answers("p", PARENT, torch.tensor([0, 1]))
     model = worker.resident.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -48,7 +48,7 @@ def test_a_tied_bf16_model_is_resident_in_float32_with_its_head_tied(family):
 
 
 def _exported(worker, recipe) -> dict[str, torch.Tensor]:
-    specs, source = worker.export_specs(recipe)
+    specs, source = worker.sources.export_specs(recipe)
     return {spec.name: source.get(spec.name) for spec in specs}
 
 
