@@ -17,8 +17,10 @@ from pydantic import (
 )
 
 from fitness.estimators import ESTIMATORS
+from fitness.reduced_fitness import minimum_calibration
 from fitness.reduced_sets import SELECTIONS
 from search_spaces.merge_space import METHODS
+from search_spaces.zoo_landscape import DEFAULT_MERGES
 
 
 class ConfigError(ValueError):
@@ -66,7 +68,9 @@ class Operators(_Strict):
 
 
 class Fitness(_Strict):
-    calibration: int = Field(40, ge=10, description="random recipes evaluated fully at start")
+    calibration: int = Field(40, ge=0, description="random recipes evaluated fully at start "
+                             "(besides the seeds and default merges); the run config checks "
+                             "that the IRT model gets enough")
     items_per_task: int = Field(20, ge=1)
     promote_items_per_task: int = Field(100, ge=1)
     max_full_per_generation: int = Field(3, ge=0)
@@ -136,6 +140,22 @@ class RunConfig(_Strict):
         if self.backend == "local" and self.workers > 1:
             raise ValueError(f"workers: {self.workers} needs backend: ray (the local backend is "
                              "one worker in this process)")
+        return self
+
+    @model_validator(mode="after")
+    def _enough_calibration(self) -> RunConfig:
+        """The IRT fit needs a number of fully evaluated candidates: known now, before any work,
+        and said in the key's own units."""
+        dims = self.fitness.dims or len(self.tasks)
+        needed = minimum_calibration(dims)
+        given = 1 + len(self.sources.experts) + len(DEFAULT_MERGES)  # seeds and default merges
+        if given + self.fitness.calibration < needed:
+            raise ValueError(
+                f"fitness.calibration: {self.fitness.calibration} is too few. A {dims}-dimensional "
+                f"IRT model ({'fitness.dims' if self.fitness.dims else 'one per task'}) needs "
+                f"{needed} fully evaluated candidates; the base, the experts and the default "
+                f"merges give {given}, so set fitness.calibration to at least {needed - given} "
+                f"(or lower fitness.dims)")
         return self
 
     @property

@@ -12,7 +12,7 @@ import yaml
 from evolve.export import _ensure_writable
 from operators.architecture import Architecture
 from operators.recipes import Recipe
-from operators.safetensors_io import write_checkpoint
+from operators.safetensors_io import DEFAULT_SHARD_BYTES, write_checkpoint
 from operators.settings import depth, resolve
 
 # methods whose result mergekit reproduces tensor for tensor (DARE/DELLA draw their own masks)
@@ -98,7 +98,7 @@ def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit
 
 
 def export_individual(record: dict, sources, config, out: Path, test: dict | None,
-                      search: dict) -> None:
+                      search: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Stream the individual's tensors, in the run's dtype, straight into safetensors shards
     (nothing model-sized is held): the exact bits the run scored. Tied weights stay tied (the
     architecture's tied tensors are not written, as transformers saves them)."""
@@ -107,7 +107,8 @@ def export_individual(record: dict, sources, config, out: Path, test: dict | Non
     _ensure_writable(out)
     recipe = record["recipe"]
     specs, source = sources.export_specs(recipe)
-    write_checkpoint(out, specs, ((spec.name, source.get(spec.name)) for spec in specs))
+    write_checkpoint(out, specs, ((spec.name, source.get(spec.name)) for spec in specs),
+                     max_shard_bytes)
     model_config = copy.deepcopy(sources.candidate_config(recipe))
     model_config.dtype = str(sources.dtype).removeprefix("torch.")
     model_config.save_pretrained(out)

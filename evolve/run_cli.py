@@ -1,8 +1,16 @@
-"""`evoforge run | resume | status | front | runs | export`: the evolution on the command line."""
+"""`evoforge run | resume | status | front | runs | export`: the evolution on the command line.
+
+Exit codes: 0 done; 1 an unexpected error (a bug: its traceback is printed, the run is marked
+failed and `evoforge resume` continues it); 2 an error in the input (config, sources, tasks, run
+directory), said in one message; 130 interrupted (Ctrl-C). `front` exits 1 when the run has no
+finished generation yet.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -40,6 +48,7 @@ def _execute(run_dir: Path) -> None:
         config = load_config(run_dir / "config.yaml")
         _build_zoo_if_needed(config)
         store = RunStore(run_dir)
+        store.set_meta("driver", {"pid": os.getpid(), "host": socket.gethostname()})
         setup = prepare(config, run_dir, on_event=store.event)
         startup = getattr(setup.pool, "startup_seconds", None)
         if startup is not None:
@@ -50,15 +59,21 @@ def _execute(run_dir: Path) -> None:
                                   _worker_reporter(progress))
             evolution.run()
     except KeyboardInterrupt:
-        if store is not None:
-            store.event("interrupted")
+        _stopped(store, "interrupted", "stopped by Ctrl-C")
         _close(setup)
         console.print(f"stopped; every finished evaluation is saved. Continue with "
                       f"`evoforge resume {run_dir}`")
         raise typer.Exit(code=130) from None
     except (ConfigError, StoreError, FitnessError, MergeError) as error:
+        _stopped(store, "failed", f"{type(error).__name__}: {error}")
         _close(setup)
         _fail(error)
+    except Exception as error:  # a bug: marked, then its traceback
+        _stopped(store, "failed", f"{type(error).__name__}: {error}")
+        _close(setup)
+        console.print(f"the run stopped on an unexpected error (below); every finished "
+                      f"evaluation is saved, and `evoforge resume {run_dir}` continues it")
+        raise
     _close(setup)
     timings = evolution.timings
     console.print(f"run finished in {timings.wall:.0f}s: worker (merging + evaluating) "
@@ -79,6 +94,41 @@ def _worker_reporter(progress):
             bar = progress.add_task(text, total=len(activity))
         progress.update(bar, description=text, completed=len(busy), total=len(activity))
     return report
+
+
+def _stopped(store, status: str, reason: str) -> None:
+    """Mark the run as stopped with its reason (best effort: the store may be what failed)."""
+    if store is None:
+        return
+    from evolve.store import StoreError
+
+    try:
+        store.set_meta("status", status)
+        store.set_meta("error", reason)
+        store.event(status, reason)
+    except StoreError:
+        pass
+
+
+def run_state(store) -> str:
+    """What the run is doing, truthfully: 'done', 'failed: <reason>', 'interrupted', 'running'
+    (its driver is alive), or 'stopped' when the driver that marked it running is gone (killed)."""
+    status = store.meta("status", "not started")
+    if status in ("failed", "interrupted"):
+        return f"{status}: {store.meta('error', '?')}"
+    if status != "running":
+        return status
+    driver = store.meta("driver") or {}
+    if driver.get("host") != socket.gethostname():
+        return f"running (driver pid {driver.get('pid')} on {driver.get('host')})"
+    try:
+        os.kill(driver["pid"], 0)
+    except ProcessLookupError:
+        return (f"stopped: its driver (pid {driver['pid']}) ended without finishing (killed?); "
+                "`evoforge resume` continues it")
+    except (KeyError, TypeError, PermissionError):
+        pass
+    return "running"
 
 
 def _close(setup) -> None:
@@ -163,12 +213,14 @@ def status(run: str = typer.Argument(..., help="run directory or run id")) -> No
     store = RunStore(run_dir)
     config = load_config(run_dir / "config.yaml")
     generations, planned = store.generations(), len(config.generation_sizes())
+    searched = [g for g in generations if g["generation"] <= planned]
     out = Console()
-    out.print(f"{run_dir}: {store.meta('status', 'unknown')}, generation "
-              f"{min(len(generations), planned)}/{planned}, "
-              f"{store.count('individuals')} individuals, {store.count('answers')} answer batches")
+    out.print(f"{run_dir}: {run_state(store)}, generation {len(searched)}/{planned}, "
+              f"{store.count('individuals')} individuals, {store.count('answers')} results")
     for entry in generations:
-        out.print(f"  generation {entry['generation']:3d}: front of {len(entry['front'])}, "
+        label = (f"generation {entry['generation']:3d}" if entry["generation"] <= planned
+                 else "final (fully evaluated)")
+        out.print(f"  {label}: front of {len(entry['front'])}, "
                   f"hypervolume {entry['hypervolume']:.4f}")
 
 
@@ -178,15 +230,19 @@ def front(run: str = typer.Argument(..., help="run directory or run id")) -> Non
 
 
 def _print_front(run_dir: Path) -> None:
+    from evolve.config import load_config
     from evolve.store import RunStore
 
     store = RunStore(run_dir)
     generations = store.generations()
     if not generations:
-        console.print("no generation finished yet")
-        return
+        console.print(f"no generation of {run_dir.name} has finished yet ({run_state(store)})")
+        raise typer.Exit(code=1)
     last = generations[-1]
-    table = Table(title=f"Pareto front of {run_dir.name} (generation {last['generation']})")
+    planned = len(load_config(run_dir / "config.yaml").generation_sizes())
+    title = ("final front, fully evaluated" if last["generation"] > planned
+             else f"front after generation {last['generation']} of {planned}, {run_state(store)}")
+    table = Table(title=f"Pareto front of {run_dir.name} ({title})")
     for column in ("individual", "search acc. (%)", "test acc. (%)", "params", "operator",
                    "lineage"):
         table.add_column(column)
@@ -209,6 +265,7 @@ def _print_front(run_dir: Path) -> None:
 
 def runs() -> None:
     """List the runs under runs/."""
+    from evolve.config import load_config
     from evolve.store import RunStore
 
     table = Table(title="runs")
@@ -216,8 +273,10 @@ def runs() -> None:
         table.add_column(column)
     for folder in sorted(RUNS.glob("*/run.db")):
         store = RunStore(folder.parent)
-        table.add_row(folder.parent.name, str(store.meta("status", "?")),
-                      str(len(store.generations())), str(store.count("individuals")))
+        planned = len(load_config(folder.parent / "config.yaml").generation_sizes())
+        searched = sum(g["generation"] <= planned for g in store.generations())
+        table.add_row(folder.parent.name, run_state(store), f"{searched}/{planned}",
+                      str(store.count("individuals")))
     Console().print(table)
 
 
@@ -225,6 +284,8 @@ def export(
     run: str = typer.Argument(..., help="run directory or run id"),
     individual: str = typer.Argument(..., help="individual id (see `evoforge front`)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    max_shard_gb: float = typer.Option(5.0, help="largest safetensors shard, in GiB (a larger "
+                                       "model is split, with model.safetensors.index.json)"),
 ) -> None:
     """Write an individual as a Hugging Face checkpoint with its recipe and model card."""
     from evolve.config import load_config
@@ -243,5 +304,6 @@ def export(
     if out.exists():
         shutil.rmtree(out)
     export_individual(record, sources, config, out, store.report(individual),
-                      (store.evaluation(individual) or {}).get("objectives", {}))
+                      (store.evaluation(individual) or {}).get("objectives", {}),
+                      max_shard_bytes=int(max_shard_gb * 2**30))
     console.print(f"exported {individual} -> {out}")

@@ -38,8 +38,11 @@ def test_run_front_status_export(config_path, tmp_path):
     # export a front member: transformers loads it and it scores as in the run
     member = last_front(run_dir)[0][0]
     out = tmp_path / "export"
-    result = runner.invoke(app, ["export", str(run_dir), member, "--out", str(out)])
+    result = runner.invoke(app, ["export", str(run_dir), member, "--out", str(out),
+                                 "--max-shard-gb", "0.0001"])  # 107 kB shards of a 0.5 MB model
     assert result.exit_code == 0, result.output
+    assert len(list(out.glob("model-*-of-*.safetensors"))) >= 2
+    assert (out / "model.safetensors.index.json").is_file()
     from fitness.causal_lm import CausalLMEvaluator
     from fitness.jsonl_tasks import load_jsonl_task
 
@@ -103,7 +106,10 @@ def test_kill_and_resume_gives_the_same_front(config_path, tmp_path, stop):
     assert process.wait(60) == (130 if stop == signal.SIGINT else -signal.SIGKILL)
     status = sqlite3.connect(killed / "run.db").execute(
         "SELECT value FROM meta WHERE key = 'status'").fetchone()[0]
-    assert json.loads(status) == "running"  # killed mid-run, not after it finished
+    assert json.loads(status) == ("interrupted" if stop == signal.SIGINT else "running")
+    said = CliRunner().invoke(app, ["status", str(killed)]).output
+    assert ("interrupted: stopped by Ctrl-C" if stop == signal.SIGINT else
+            "ended without finishing (killed?)") in " ".join(said.split())
     if stop == signal.SIGINT:  # Ctrl-C: a clean stop, recorded as such
         assert sqlite3.connect(killed / "run.db").execute(
             "SELECT COUNT(*) FROM events WHERE kind = 'interrupted'").fetchone()[0] == 1
@@ -133,3 +139,45 @@ def test_continuous_strategies_run_and_replay(config_path, tmp_path, strategy):
             "SELECT operator FROM individuals WHERE generation > 0")]
         assert operators == [strategy] * 6
     assert fronts[0] == fronts[1]  # seeded: the same run twice gives the same front
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_crashed_run_says_so_and_resumes(config_path, tmp_path, monkeypatch, crash_at):
+    """A bug mid-run: the run is marked failed with the reason, `front` says there is none yet
+    (exit 1) or shows the last finished generation, and `resume` finishes the run."""
+    from evolve.engine import Evolution
+
+    save = Evolution._save_generation
+
+    def crash(self, generation, population):
+        if generation == crash_at:
+            raise RuntimeError("an injected bug")
+        save(self, generation, population)
+
+    monkeypatch.setattr(Evolution, "_save_generation", crash)
+    run_dir, runner = tmp_path / "run", CliRunner()
+    result = runner.invoke(app, ["run", str(config_path), "--run-dir", str(run_dir)])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+    said = " ".join(runner.invoke(app, ["status", str(run_dir)]).output.split())
+    assert "failed: RuntimeError: an injected bug" in said
+    assert f"generation {crash_at - 1}/3" in said
+    front = runner.invoke(app, ["front", str(run_dir)])
+    if crash_at == 1:
+        assert front.exit_code == 1 and "has finished yet" in " ".join(front.output.split())
+    else:
+        assert front.exit_code == 0 and "front after generation 1 of 3" in front.output
+    monkeypatch.undo()
+    assert runner.invoke(app, ["resume", str(run_dir)]).exit_code == 0
+    said = " ".join(runner.invoke(app, ["status", str(run_dir)]).output.split())
+    assert ": done, generation 3/3" in said and "final (fully evaluated)" in said
+    assert "final front, fully evaluated" in runner.invoke(app, ["front", str(run_dir)]).output
+
+
+def test_too_small_a_calibration_is_refused_before_any_work(config_path, tmp_path):
+    config = yaml.safe_load(config_path.read_text())
+    config["fitness"] |= {"calibration": 2, "dims": 2}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
+    assert "set fitness.calibration to at least 11" in " ".join(result.output.split())

@@ -31,6 +31,10 @@ def test_the_default_run_config_is_valid():
     ("sources: {base: a, experts: [b, c]}\ntasks: [t]\ngenerations: 3\nevaluations: 40",
      "give generations or evaluations, not both"),
     ("sources: {base: a, experts: [b, c]}\ntasks: [t]\nstrategy: hillclimb", "strategy"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t, u]\nfitness: {calibration: 10}",
+     "fitness.calibration: 10 is too few. A 2-dimensional IRT model (one per task) needs 19 "
+     "fully evaluated candidates; the base, the experts and the default merges give 7, so set "
+     "fitness.calibration to at least 12"),
     ("tasks: [t]", "sources: Field required"),
     ("- a\n- b", "must be a mapping"),
     ("sources: {base: [", "not valid YAML"),
