@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evolve.breeder import Breeder
 from evolve.config import RunConfig
 from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
@@ -137,6 +138,8 @@ class Evolution:
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
         self.strategy = recipe_strategy(config, setup.space, self.recipes)
+        self.breeder = Breeder(self.strategy, setup.space.base, self.recipes,
+                               lambda child, reason: store.event("redrawn", f"{child}: {reason}"))
         self.timings = Timings()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -144,6 +147,7 @@ class Evolution:
     def _record(self, candidate: Candidate, generation: int, operator: str,
                 result: FitnessResult) -> None:
         self.recipes[candidate.id] = candidate.recipe
+        self.breeder.known(candidate.id, candidate.recipe)
         self.results[candidate.id] = result
         self.store.add_individual(candidate.id, generation, candidate.recipe,
                                   list(candidate.parents), operator)
@@ -163,6 +167,11 @@ class Evolution:
     def _row(self, result: FitnessResult) -> np.ndarray | None:
         """A scored candidate's objective row for its strategy (None: it failed)."""
         return self._matrix([result.candidate_id])[0] if result.ok else None
+
+    def _known_row(self, identifier: str) -> np.ndarray | None:
+        """The objective row of a candidate scored already (None: failed or not yet scored)."""
+        result = self.results.get(identifier)
+        return None if result is None else self._row(result)
 
     def _report(self, stage: str, done: int, total: int) -> None:
         """A stage's progress and, with several workers, what each is busy with."""
@@ -232,10 +241,11 @@ class Evolution:
     def _generational(self, population: list[str]) -> list[str]:
         for generation, size in enumerate(self.sizes, start=1):
             self.progress("generations", generation - 1, len(self.sizes))
-            proposals = self.strategy.ask(f"gen/{generation}", size, population,
-                                          self._matrix(population))
-            children = [Candidate(f"g{generation}-{k}", p.recipe, p.parents)
-                        for k, p in enumerate(proposals)]
+            ids = [f"g{generation}-{k}" for k in range(size)]
+            proposals = self.breeder.propose(f"gen/{generation}", ids, population,
+                                             self._matrix(population), self._known_row)
+            children = [Candidate(i, p.recipe, p.parents)
+                        for i, p in zip(ids, proposals, strict=True)]
             results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
                 c, self.budget, on_candidate=lambda done, total:
                 self._report("candidates this generation", done, total)))
@@ -263,11 +273,11 @@ class Evolution:
                 if generation not in stages:
                     stages[generation] = self._timed_fitness(
                         lambda: self.fitness.stages(self.budget))
-                proposal = self.strategy.ask(f"child/{bred}", 1, population,
-                                             self._matrix(population))[0]
-                child = _Child(Candidate(f"g{generation}-{index}", proposal.recipe,
-                                         proposal.parents), proposal, generation,
-                               stages[generation])
+                identifier = f"g{generation}-{index}"
+                proposal = self.breeder.propose(f"child/{bred}", [identifier], population,
+                                                self._matrix(population), self._known_row)[0]
+                child = _Child(Candidate(identifier, proposal.recipe, proposal.parents),
+                               proposal, generation, stages[generation])
                 child.job = self.fitness.job(child.candidate, stages[generation].reduced
                                              .reduced.indices)
                 running[self.pool.submit(child.job)] = child

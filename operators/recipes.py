@@ -34,9 +34,11 @@ import torch
 
 from operators.engine import MergeSpec, MergeStream
 from operators.errors import MergeParameterError
+from operators.methods import get_method
 from operators.mutation import mutate_tensor
 from operators.settings import split_layer_name
 from operators.sources import StateDictSource, TensorSource
+from operators.sparsify import Sparsifier
 
 Recipe = dict[str, Any]
 StateDict = dict[str, torch.Tensor]
@@ -70,6 +72,30 @@ class NamePattern:
 def recipe_key(recipe: Recipe) -> str:
     """The canonical text of a recipe: equal recipes, equal keys (cache and dedup key)."""
     return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+
+
+def canonical_key(recipe: Recipe) -> str:
+    """A key that two recipes share when they make the same model for the same reason: the
+    recipe's key with the seed of every merge that draws nothing random left out (TIES, task
+    arithmetic, PCB… give the same tensors whatever their seed; DARE, DELLA and weight noise
+    do not)."""
+    return recipe_key(_without_idle_seeds(recipe))
+
+
+def _without_idle_seeds(recipe: Recipe) -> Recipe:
+    if "model" in recipe:
+        return recipe
+    out = {key: value for key, value in recipe.items()
+           if key not in ("input", "base", "inputs")}
+    if recipe.get("op") == "merge" and get_method(recipe["method"]).sparsifier not in (
+            Sparsifier.RANDOM, Sparsifier.DELLA):
+        out.pop("seed", None)
+    for key in ("input", "base"):
+        if key in recipe:
+            out[key] = _without_idle_seeds(recipe[key])
+    if "inputs" in recipe:
+        out["inputs"] = [_without_idle_seeds(child) for child in recipe["inputs"]]
+    return out
 
 
 def sources_of(recipe: Recipe) -> list[str]:

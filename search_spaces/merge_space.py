@@ -8,9 +8,11 @@ mergekit-evolve and of Sakana's parameter-space merging, plus PCB and the method
 Around the core, a recipe may carry weight noise (`mutate`) and a layer plan (`edit`: mergekit
 passthrough slices, layers left out or stacked twice), which is how the size objective varies.
 
-Operators, all seeded by the `random.Random` they are given:
+Operators, all seeded by the `random.Random` they are given, never invent an expert: a child
+merges only experts its parents merge (a merge left with no expert is the base itself):
 - `crossover(a, b)`: with probability `compose` a merge of the two parents' recipes (a child of
-  children: the recipe tree is the lineage); otherwise uniform crossover of their genes;
+  children: the recipe tree is the lineage); otherwise uniform crossover of their genes (each
+  expert's weight and density from one parent; at least one expert of theirs is kept);
 - `mutate_genes(a)`: Gaussian noise on weights, density and λ, sometimes a new method;
 - `mutate_weights(a)`: seeded weight noise on the materialized model (σ relative to the task
   vector, a gene rate);
@@ -57,12 +59,12 @@ class MergeSpace:
     def merge_recipe(self, method: str, weights: dict[str, Any],
                      densities: dict[str, Any] | float, lam: float, seed: int) -> Recipe:
         """A flat merge; `weights` and `densities` map experts to a number or group anchors
-        (a single number for `densities` is every expert's)."""
+        (a single number for `densities` is every expert's). Experts of weight 0 are left out;
+        with none left the merge is the base itself, which is what it returns then."""
         anchors = {e: self.anchors(w) for e, w in weights.items()}
         chosen = [e for e in self.experts if max(anchors.get(e, (0.0,))) > 0]
         if not chosen:
-            chosen = [max(self.experts, key=lambda e: max(anchors.get(e, (0.0,))))]
-            anchors = {chosen[0]: (0.5,) * self.groups}
+            return {"model": self.base}
         if not isinstance(densities, dict):
             densities = dict.fromkeys(chosen, densities)
 
@@ -159,6 +161,10 @@ class MergeSpace:
             return self.mutate_genes(rng, a)
         pick = [genes_a, genes_b]
         donors = {e: rng.choice(pick) for e in self.experts}  # per expert: weight and density
+        theirs = [e for e in self.experts if e in genes_a["weights"] or e in genes_b["weights"]]
+        if not any(e in donors[e]["weights"] for e in theirs):  # neither donor brought one
+            kept = rng.choice(theirs)
+            donors[kept] = genes_a if kept in genes_a["weights"] else genes_b
         weights = {e: donor["weights"].get(e, 0.0) for e, donor in donors.items()}
         densities = {e: donor["densities"].get(e, 0.5) for e, donor in donors.items()}
         child = self.merge_recipe(rng.choice(pick)["method"], weights, densities,
@@ -170,15 +176,10 @@ class MergeSpace:
         if genes is None:
             return self.mutate_weights(rng, recipe)
         weights, densities = {}, {}
-        for expert in self.experts:
-            if expert in genes["weights"]:  # perturb each anchor; may drop out at 0
-                weights[expert] = [max(0.0, w + rng.gauss(0, scale))
-                                   for w in genes["weights"][expert]]
-                densities[expert] = [d + rng.gauss(0, scale)
-                                     for d in genes["densities"][expert]]
-            elif rng.random() < 0.2:  # bring an absent expert in
-                weights[expert] = rng.uniform(0.2, 1.0)
-                densities[expert] = rng.uniform(0.2, 0.9)
+        for expert in genes["weights"]:  # perturb each anchor; an expert may drop out at 0
+            weights[expert] = [max(0.0, w + rng.gauss(0, scale))
+                               for w in genes["weights"][expert]]
+            densities[expert] = [d + rng.gauss(0, scale) for d in genes["densities"][expert]]
         method = rng.choice(self.methods) if rng.random() < 0.1 else genes["method"]
         child = self.merge_recipe(method, weights, densities,
                                   max(0.05, genes["lambda"] + rng.gauss(0, scale)),

@@ -33,6 +33,11 @@ def test_run_front_status_export(config_path, tmp_path):
     result = runner.invoke(app, ["run", str(config_path), "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output and "engine" in result.output
+    from operators.recipes import canonical_key
+
+    db = sqlite3.connect(run_dir / "run.db")
+    keys = [canonical_key(json.loads(r)) for (r,) in db.execute("SELECT recipe FROM individuals")]
+    assert len(keys) == len(set(keys))  # no recipe scored twice
     for command in (["status", str(run_dir)], ["front", str(run_dir)]):
         assert runner.invoke(app, command).exit_code == 0
     # export a front member: transformers loads it and it scores as in the run
