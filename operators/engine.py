@@ -7,6 +7,7 @@ each merged tensor out before the next one is loaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from operators import rng
-from operators.chunks import Workspace
+from operators.chunks import Workspace, flat
 from operators.errors import MergeInputError, MergeParameterError, NonFiniteInput
 from operators.finite import nonfinite_count
 from operators.interpolation import linear, slerp
@@ -23,8 +24,17 @@ from operators.pcb import pcb_merge
 from operators.quantiles import kth_smallest_streaming
 from operators.settings import Setting, TensorSite, check_setting, count_layers, resolve_first
 from operators.sources import StateDictSource, TensorSource
-from operators.sparsify import Keep, Sparsifier, magnitude_thresholds, sparsify
+from operators.sparsify import (
+    Keep,
+    Sparsifier,
+    TieBreak,
+    count_magnitudes,
+    kept_count,
+    sparsify,
+    top_keeps,
+)
 from operators.task_arithmetic import Aggregation, merge_task_vectors
+from operators.ties import TieWindow
 
 
 @dataclass
@@ -151,14 +161,72 @@ class _Resolver:
         return param.check(name, value, where)
 
 
+@dataclass(frozen=True)
+class _ModelTies:
+    """The tie window of a whole-model trim's edge: positions [skip, skip + take) among the
+    model's entries equal to the edge, tensor after tensor; per tensor, how many it holds and how
+    many come before it."""
+
+    skip: int
+    take: int
+    equal: dict[str, int]
+    before: dict[str, int]
+
+    def local(self, name: str) -> tuple[int, int] | None:
+        """This tensor's part of the window, or None when it keeps all its ties."""
+        equal, before = self.equal[name], self.before[name]
+        skip = min(max(self.skip - before, 0), equal)
+        end = min(max(self.skip + self.take - before, 0), equal)
+        return None if (skip, end) == (0, equal) else (skip, end - skip)
+
+
+@dataclass(frozen=True)
+class _ModelTrim:
+    """A whole-model trim of one model: its magnitude band and the windows of its edges."""
+
+    band: tuple[float, float]
+    low: _ModelTies | None
+    high: _ModelTies | None
+
+    def keep(self, name: str, model: torch.Tensor, base: torch.Tensor, ws: Workspace) -> Keep:
+        windows = []
+        for edge, value in ((self.low, self.band[0]), (self.high, self.band[1])):
+            local = edge.local(name) if edge is not None else None
+            if local is None:
+                windows.append(None)
+                continue
+            count = count_magnitudes([flat(model)], flat(base), [value], ws)[0]
+            windows.append(TieWindow(local[0], local[1], count.prefix))
+        return Keep(band=self.band, windows=(windows[0], windows[1]))
+
+
+def _model_ties(first: int, count: int, descending: bool, value: float, floating: list[str],
+                model: TensorSource, base: TensorSource, total: int, ws: Workspace
+                ) -> _ModelTies | None:
+    """The whole model's window over the entries equal to `value`, which a trim keeping ranks
+    [first, first + count) cuts (None: it keeps them all)."""
+    equal, before, below, seen = {}, {}, 0, 0
+    for name in floating:
+        counted = count_magnitudes([flat(model.get(name))], flat(base.get(name)), [value], ws)[0]
+        equal[name], before[name] = counted.equal, seen
+        seen += counted.equal
+        below += counted.below
+    start = total - below - seen if descending else below
+    skip = min(max(first - start, 0), seen)
+    end = min(max(first + count - start, 0), seen)
+    return None if (skip, end) == (0, seen) else _ModelTies(skip, end - skip, equal, before)
+
+
 def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
-                        models: Sequence[TensorSource], names: list[str], num_layers: int
-                        ) -> list[tuple[float, float] | None]:
-    """Per-model magnitude band (low, high) for the TIES paper's whole-model trim (None: keep all)."""
+                        models: Sequence[TensorSource], names: list[str], num_layers: int,
+                        ws: Workspace) -> list[_ModelTrim | None]:
+    """Per-model trims for the TIES paper's whole-model trim (None: keep all): one band over the
+    flattened model, ties at its edges taken in the model's order (tensor after tensor, then
+    flat index), so exactly the requested count survives."""
     floating = [n for n in names if base.dtype(n).is_floating_point]
     total = sum(int(torch.Size(base.shape(n)).numel()) for n in floating)
     per_tensor = [resolver.per_model(TensorSite.of(n, num_layers)) for n in floating]
-    bounds: list[tuple[float, float] | None] = []
+    bounds: list[_ModelTrim | None] = []
     for index, model in enumerate(models):
         settings = {params[index]["density"] for params in per_tensor}
         if len(settings) != 1:
@@ -174,20 +242,26 @@ def _model_scope_bounds(method: Method, resolver: _Resolver, base: TensorSource,
             return ((model.get(n).float() - base.get(n).float()).abs() for n in floating)
 
         if method.sparsifier is Sparsifier.MAGNITUDE:
-            k = max(1, int(density * total))
-            bounds.append((kth_smallest_streaming(magnitudes, total - k, True), float("inf")))
-        else:
-            keep = int(density * total)
-            bottom = max(0, total - keep - int(per_tensor[0][index]["gamma"] * total))
-            bounds.append((kth_smallest_streaming(magnitudes, bottom, True),
-                           kth_smallest_streaming(magnitudes, bottom + keep - 1, True)))
+            k = kept_count(total, density)
+            low = kth_smallest_streaming(magnitudes, total - k, True)
+            bounds.append(_ModelTrim((low, math.inf), _model_ties(
+                0, k, True, low, floating, model, base, total, ws), None))
+            continue
+        keep = int(density * total)
+        bottom = max(0, total - keep - int(per_tensor[0][index]["gamma"] * total))
+        low = kth_smallest_streaming(magnitudes, bottom, True)
+        high = kth_smallest_streaming(magnitudes, bottom + keep - 1, True)
+        bounds.append(_ModelTrim(
+            (low, high), _model_ties(bottom, keep, False, low, floating, model, base, total, ws),
+            None if high == low else _model_ties(bottom, keep, False, high, floating, model,
+                                                 base, total, ws)))
     return bounds
 
 
 def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                   models: list[torch.Tensor], shared: dict[str, Any],
                   per_model: list[dict[str, Any]], seed: int,
-                  bounds: list[tuple[float, float] | None] | None, ws: Workspace,
+                  bounds: list[_ModelTrim | None] | None, ws: Workspace,
                   out_dtype: torch.dtype | None) -> torch.Tensor:
     if method.engine is Engine.LINEAR:
         return linear(models, [p["weight"] for p in per_model], shared["normalize"], out_dtype)
@@ -197,14 +271,14 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
         return pcb_merge(base, models, densities=[p["density"] for p in per_model],
                          weights=[p["weight"] for p in per_model], lam=shared["lambda"],
                          clip=shared["clip"], inter=shared["inter"], ws=ws, out_dtype=out_dtype)
-    thresholds = None
+    known = None
     if bounds is None and method.sparsifier is Sparsifier.MAGNITUDE:
-        thresholds = magnitude_thresholds(models, base, [p["density"] for p in per_model])
+        known = top_keeps(models, base, [p["density"] for p in per_model], ws)
     keeps = []
     for index, (model, params) in enumerate(zip(models, per_model, strict=True)):
         if bounds is not None:
-            band = bounds[index]
-            keeps.append(Keep() if band is None else Keep(band=band))
+            trim = bounds[index]
+            keeps.append(Keep() if trim is None else trim.keep(site.name, model, base, ws))
             continue
         if method.sparsifier is None:
             keeps.append(Keep())
@@ -216,7 +290,8 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
             gamma=params.get("gamma", 0.0), epsilon=params.get("epsilon", 0.0),
             rescale=shared["rescale"], rescale_mode=shared.get("rescale_mode", "l1"),
             key=rng.stream_key(seed, site.name, f"trim:{index}"), ws=ws, slot=f"keep{index}",
-            threshold=None if thresholds is None else thresholds[index]))
+            known=None if known is None else known[index],
+            tie_break=shared.get("tie_break", TieBreak.INDEX)))
     how = Aggregation(method.consensus, shared["normalize"], shared["lambda"],
                       shared["weight_before_election"])
     return merge_task_vectors(base, models, keeps, [p["weight"] for p in per_model], how, ws,
@@ -266,12 +341,17 @@ class MergeStream:
         self.num_layers = count_layers(self.names)
         self.resolver = _Resolver(spec, self.method, len(models))
         self.bounds = None
+        self.workspace = Workspace(device)
         if self.method.shared.get("trim_scope") is not None:
             first = TensorSite(self.names[0] if self.names else "", 0.0)
-            if self.resolver.shared(first)["trim_scope"] is TrimScope.MODEL:
+            shared = self.resolver.shared(first)
+            if shared["trim_scope"] is TrimScope.MODEL:
+                if shared["tie_break"] is TieBreak.MERGEKIT:
+                    raise MergeParameterError(
+                        "tie_break: mergekit reproduces mergekit's per-tensor trim; mergekit has "
+                        "no trim_scope: model. Use tie_break: index with trim_scope: model")
                 self.bounds = _model_scope_bounds(self.method, self.resolver, base, models,
-                                                  self.names, self.num_layers)
-        self.workspace = Workspace(device)
+                                                  self.names, self.num_layers, self.workspace)
 
     def tensor(self, name: str) -> torch.Tensor:
         tensors = [_load(source, name, self.device, self.dtype) for source in self.sources]

@@ -13,7 +13,7 @@ from typing import Any
 
 from operators.errors import MergeParameterError
 from operators.pcb import InterBalancing
-from operators.sparsify import RescaleMode, Sparsifier
+from operators.sparsify import RescaleMode, Sparsifier, TieBreak
 from operators.task_arithmetic import Consensus
 
 
@@ -108,6 +108,7 @@ def _task_vector_method(name: str, sparsifier: Sparsifier | None, consensus: Con
         shared["rescale_mode"] = Param(RescaleMode, RescaleMode.L1.value)
     if sparsifier in (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS):
         shared["trim_scope"] = Param(TrimScope, TrimScope.TENSOR.value)
+        shared["tie_break"] = Param(TieBreak, TieBreak.INDEX.value)
     return Method(name, Engine.TASK_VECTORS, sparsifier, consensus, normalize, rescale, per_model,
                   shared, summary=summary)
 

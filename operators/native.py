@@ -37,6 +37,7 @@ from operators import rng
 from operators.cache import cache_dir
 from operators.errors import NonFiniteInput
 from operators.quantiles import bracket_ranks
+from operators.ties import TieCount, TieWindow, blocks
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
 # -fno-trapping-math changes no value (it drops only FP-exception bookkeeping); without it GCC
@@ -102,7 +103,7 @@ def library() -> ctypes.CDLL | None:
     lib.select_ranks.argtypes = [pointer, pointer, i32, i64, pointer, i32, pointer, i32]
     lib.select_ranks.restype = i32
     lib.merge_task_vectors.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer,
-                                       pointer, pointer, pointer,
+                                       pointer, pointer, pointer, pointer, pointer, pointer,
                                        ctypes.POINTER(_MergeOptions), i64, pointer, i32]
     lib.dare_l1_sums.argtypes = [pointer, pointer, i32, i64, ctypes.c_int32, ctypes.c_int32,
                                  pointer, i32]
@@ -110,10 +111,14 @@ def library() -> ctypes.CDLL | None:
     lib.pcb_scores.argtypes = [pointer, pointer, i32, i32, i64, floats, floats, floats, floats,
                                pointer, i32]
     lib.pcb_mix.argtypes = [pointer, pointer, i32, i32, i64, floats, floats, pointer, floats,
-                            floats, floats, ctypes.c_float, pointer, i32]
+                            floats, floats, ctypes.c_float, pointer, pointer, pointer, pointer,
+                            i32]
     lib.pcb_mix_recomputed.argtypes = [pointer, pointer, i32, i32, i64, floats, floats, floats,
                                        floats, floats, floats, floats, ctypes.c_float, pointer,
-                                       i32]
+                                       pointer, pointer, pointer, i32]
+    lib.count_ties.argtypes = [i32, pointer, pointer, i32, i32, i64, floats, floats, floats,
+                               floats, floats, pointer, pointer, pointer, i32]
+    lib.count_ties.restype = i32
     lib.scores_sample_brackets.argtypes = [i32, pointer, pointer, i32, i32, i64, floats, floats,
                                            floats, floats, i64, pointer, pointer, floats, floats,
                                            i32]
@@ -181,14 +186,27 @@ def select_ranks(values: torch.Tensor, minus: torch.Tensor | None, ranks: Sequen
     return list(out)
 
 
+def _windows(windows: Sequence[TieWindow | None]) -> tuple[ctypes.Array, ctypes.Array,
+                                                             ctypes.Array | None]:
+    """The kernels' tie-window arrays (skip, take, prefix pointers; None when no window)."""
+    n = len(windows)
+    skips = (ctypes.c_int64 * n)(*(w.skip if w else 0 for w in windows))
+    takes = (ctypes.c_int64 * n)(*(w.take if w else 0 for w in windows))
+    if not any(windows):
+        return skips, takes, None
+    return skips, takes, _pointers([w.prefix if w else None for w in windows])
+
+
 def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor],
                        bands: Sequence[tuple[float, float] | None],
+                       windows: Sequence[tuple[TieWindow | None, TieWindow | None]],
                        masks: Sequence[torch.Tensor | None],
                        draws: Sequence[tuple[int, float] | None], scales: Sequence[float],
                        weights: Sequence[float], consensus: int, weight_before_election: bool,
                        normalize: bool, lam: float, weight_total: float) -> torch.Tensor:
     """The fused form of `operators.task_arithmetic.merge_task_vectors` (float32 result; masks
-    float32); `draws[i]` = (stream key, keep probability) of model i's DARE draw, made on the fly."""
+    float32); `draws[i]` = (stream key, keep probability) of model i's DARE draw, made on the fly;
+    `windows[i]`: the tie windows of model i's band edges (low, high)."""
     n = len(models)
     floats, ints = ctypes.c_float * n, ctypes.c_int32 * n
     options = _MergeOptions(n, consensus, int(weight_before_election), int(normalize), lam,
@@ -198,6 +216,7 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor],
         base.data_ptr(), _pointers(models), _format(base),
         floats(*(band[0] if band else 0.0 for band in bands)),
         floats(*(band[1] if band else -1.0 for band in bands)),
+        *_windows([edge for pair in windows for edge in pair]),
         _pointers(masks), ints(*(draw[0] if draw else 0 for draw in draws)),
         ints(*(rng.keep_threshold(draw[1]) if draw else -1 for draw in draws)),
         floats(*scales), floats(*weights), ctypes.byref(options), base.numel(), out.data_ptr(),
@@ -231,15 +250,18 @@ def pcb_scores(base: torch.Tensor, models: Sequence[torch.Tensor],
 
 def pcb_mix(base: torch.Tensor, models: Sequence[torch.Tensor],
             bounds: Sequence[tuple[float, float]], scores: torch.Tensor,
-            thresholds: Sequence[float], inverse_spans: Sequence[float], weights: Sequence[float],
-            lam: float) -> torch.Tensor:
-    """PCB's balanced mean and base + lambda * merged (see `operators.pcb`)."""
+            thresholds: Sequence[float], windows: Sequence[TieWindow | None],
+            inverse_spans: Sequence[float], weights: Sequence[float], lam: float
+            ) -> torch.Tensor:
+    """PCB's balanced mean and base + lambda * merged (see `operators.pcb`); `windows[i]`: which
+    of model i's entries scored exactly at its threshold are kept (None: all)."""
     n = len(models)
     out = _result(base)
     library().pcb_mix(base.data_ptr(), _pointers(models), _format(base), n, base.numel(),
                       _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]),
                       _pointers(list(scores)), _floats(thresholds), _floats(inverse_spans),
-                      _floats(weights), lam, out.data_ptr(), torch.get_num_threads())
+                      _floats(weights), lam, *_windows(windows), out.data_ptr(),
+                      torch.get_num_threads())
     return out
 
 
@@ -314,13 +336,30 @@ def pcb_thresholds(base: torch.Tensor, models: Sequence[torch.Tensor],
 def pcb_mix_recomputed(base: torch.Tensor, models: Sequence[torch.Tensor],
                        bounds: Sequence[tuple[float, float]], low2: Sequence[float],
                        factors: Sequence[float], thresholds: Sequence[float],
-                       inverse_spans: Sequence[float], weights: Sequence[float], lam: float
-                       ) -> torch.Tensor:
+                       windows: Sequence[TieWindow | None], inverse_spans: Sequence[float],
+                       weights: Sequence[float], lam: float) -> torch.Tensor:
     """`pcb_mix` with the scores recomputed block by block instead of read from memory."""
     out = _result(base)
     library().pcb_mix_recomputed(
         base.data_ptr(), _pointers(models), _format(base), len(models), base.numel(),
         _floats([b[0] for b in bounds]), _floats([b[1] for b in bounds]), _floats(low2),
         _floats(factors), _floats(thresholds), _floats(inverse_spans), _floats(weights), lam,
-        out.data_ptr(), torch.get_num_threads())
+        *_windows(windows), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def count_ties(base: torch.Tensor, models: Sequence[torch.Tensor], values: Sequence[float],
+               pcb: tuple[list, list, list, list] | None = None) -> list[TieCount]:
+    """For each model, its scores (|model - base|, or PCB's with `pcb` = its clip bounds and
+    score constants) below and equal to values[i], with the equal ones' block prefix."""
+    n, numel = len(models), base.numel()
+    prefixes = [torch.empty(blocks(numel) + 1, dtype=torch.int64) for _ in range(n)]
+    below, equal = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)()
+    constants = [None] * 4 if pcb is None else [_floats(v) for v in pcb]
+    status = library().count_ties(
+        _SCORE_MAGNITUDE if pcb is None else _SCORE_PCB, base.data_ptr(), _pointers(models),
+        _format(base), n, numel, *constants, _floats(values), _pointers(prefixes), below, equal,
+        torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"native count_ties refused {n} models")
+    return [TieCount(below[i], equal[i], prefixes[i]) for i in range(n)]

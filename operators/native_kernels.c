@@ -343,11 +343,40 @@ typedef struct {
     float weight_total; /* divisor without consensus (mergekit: 1 if |sum w| < 1e-8) */
 } merge_options;
 
-/* draw_key/draw_threshold: model i's DARE keep draw, made on the fly (threshold < 0: none). */
+/* ---- the tie rule: a trim by rank keeps exactly its count, ties in flat index order ----
+ *
+ * Entries whose score equals a boundary value of a trim (TIES' threshold, breadcrumbs' band
+ * edges, PCB's drop threshold) hold consecutive ranks; among them the trim keeps a window
+ * [skip, skip + take) in flat index order, as a stable sort would order them. `prefix[b]` counts
+ * the entries equal to the value before block b, so each block knows where its ties stand. A NULL
+ * prefix means no window: every entry equal to the value is kept. */
+static inline float in_window(int64_t skip, int64_t take, int64_t *at) {
+    const int64_t position = (*at)++;
+    return position >= skip && position - skip < take ? 1.0f : 0.0f;
+}
+
+/* A window is a run of tie positions, so almost every block holds only kept ties or only dropped
+ * ones: TIES_ALL or TIES_NONE let the block's loop stay vectorized; TIES_SOME (a block holding a
+ * window's end, at most two per window) takes the loop that counts positions. */
+enum { TIES_ALL = 0, TIES_NONE = 1, TIES_SOME = 2 };
+
+static inline int ties_in_block(const int64_t *prefix, int64_t skip, int64_t take, int64_t b) {
+    if (!prefix) return TIES_ALL;
+    const int64_t first = prefix[b], end = prefix[b + 1];
+    if (first >= skip && end - skip <= take) return TIES_ALL;
+    if (end <= skip || first - skip >= take) return TIES_NONE;
+    return TIES_SOME;
+}
+
+/* draw_key/draw_threshold: model i's DARE keep draw, made on the fly (threshold < 0: none).
+ * tie_skip/tie_take/tie_prefix: the windows of model i's band edges, low at 2i, high at 2i + 1
+ * (tie_prefix NULL: no windows at all). */
 void merge_task_vectors(const void *base, const void *const *models, int bf16, const float *low,
-                        const float *high, const float *const *masks, const int32_t *draw_key,
-                        const int32_t *draw_threshold, const float *scale, const float *weight,
-                        const merge_options *opt, int64_t numel, float *out, int threads) {
+                        const float *high, const int64_t *tie_skip, const int64_t *tie_take,
+                        const int64_t *const *tie_prefix, const float *const *masks,
+                        const int32_t *draw_key, const int32_t *draw_threshold,
+                        const float *scale, const float *weight, const merge_options *opt,
+                        int64_t numel, float *out, int threads) {
     const int n = opt->n_models;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
@@ -359,11 +388,54 @@ void merge_task_vectors(const void *base, const void *const *models, int bf16, c
             const float *m = input_block(models[i], bf16, block, size, model_buffer);
             float *di = d[i];
             for (int64_t j = 0; j < size; ++j) di[j] = m[j] - b[j];
-            if (high[i] >= 0) { /* magnitude band: low <= |delta| <= high */
+            const int64_t *low_ties = tie_prefix ? tie_prefix[2 * i] : NULL;
+            const int64_t *high_ties = tie_prefix ? tie_prefix[2 * i + 1] : NULL;
+            const int at_low_edge = ties_in_block(low_ties, tie_skip ? tie_skip[2 * i] : 0,
+                                                  tie_take ? tie_take[2 * i] : 0, block / BLOCK);
+            const int at_high_edge = ties_in_block(high_ties,
+                                                   tie_skip ? tie_skip[2 * i + 1] : 0,
+                                                   tie_take ? tie_take[2 * i + 1] : 0,
+                                                   block / BLOCK);
+            if (high[i] >= 0 && at_low_edge != TIES_SOME && at_high_edge != TIES_SOME) {
+                /* band: low <= |delta| <= high, an edge's ties all kept or all dropped */
                 const float lo = low[i], hi = high[i];
+                if (at_low_edge == TIES_ALL && at_high_edge == TIES_ALL) {
+                    for (int64_t j = 0; j < size; ++j) {
+                        float magnitude = fabsf(di[j]);
+                        di[j] = di[j] * ((magnitude >= lo && magnitude <= hi) ? 1.0f : 0.0f);
+                    }
+                } else if (at_low_edge == TIES_ALL) {
+                    for (int64_t j = 0; j < size; ++j) {
+                        float magnitude = fabsf(di[j]);
+                        di[j] = di[j] * ((magnitude >= lo && magnitude < hi) ? 1.0f : 0.0f);
+                    }
+                } else if (at_high_edge == TIES_ALL) {
+                    for (int64_t j = 0; j < size; ++j) {
+                        float magnitude = fabsf(di[j]);
+                        di[j] = di[j] * ((magnitude > lo && magnitude <= hi) ? 1.0f : 0.0f);
+                    }
+                } else {
+                    for (int64_t j = 0; j < size; ++j) {
+                        float magnitude = fabsf(di[j]);
+                        di[j] = di[j] * ((magnitude > lo && magnitude < hi) ? 1.0f : 0.0f);
+                    }
+                }
+            } else if (high[i] >= 0) { /* a block holding a window's end: count positions */
+                const float lo = low[i], hi = high[i];
+                int64_t at_low = low_ties ? low_ties[block / BLOCK] : 0;
+                int64_t at_high = high_ties ? high_ties[block / BLOCK] : 0;
                 for (int64_t j = 0; j < size; ++j) {
-                    float magnitude = fabsf(di[j]);
-                    di[j] = di[j] * ((magnitude >= lo && magnitude <= hi) ? 1.0f : 0.0f);
+                    float magnitude = fabsf(di[j]), keep;
+                    if (magnitude == lo)
+                        keep = low_ties ? in_window(tie_skip[2 * i], tie_take[2 * i], &at_low)
+                                        : 1.0f;
+                    else if (magnitude == hi)
+                        keep = high_ties ? in_window(tie_skip[2 * i + 1], tie_take[2 * i + 1],
+                                                     &at_high)
+                                         : 1.0f;
+                    else
+                        keep = (magnitude > lo && magnitude < hi) ? 1.0f : 0.0f;
+                    di[j] = di[j] * keep;
                 }
             }
             if (masks[i]) {
@@ -1001,6 +1073,8 @@ int magnitude_extremes(const void *base, const void *const *models, int bf16, in
 static inline void pcb_mix_block(const float *b, float tau[][BLOCK], int n, int64_t size,
                                  const float *const *scores, const float *threshold,
                                  const float *inverse_span, const float *weight, float lambda,
+                                 const int64_t *tie_skip, const int64_t *tie_take,
+                                 const int64_t *const *tie_prefix, int64_t block_index,
                                  float *o) {
     float numerator[BLOCK], denominator[BLOCK];
     for (int64_t j = 0; j < size; ++j) numerator[j] = denominator[j] = 0.0f;
@@ -1028,8 +1102,21 @@ static inline void pcb_mix_block(const float *b, float tau[][BLOCK], int n, int6
     for (int i = 0; i < n; ++i) {
         const float *score = scores[i], *t_i = tau[i];
         const float t = threshold[i], w = weight[i];
+        const int64_t *ties = tie_prefix ? tie_prefix[i] : NULL;
+        const int state = ties_in_block(ties, ties ? tie_skip[i] : 0, ties ? tie_take[i] : 0,
+                                        block_index);
+        if (state == TIES_SOME) {
+            int64_t at = ties[block_index];
+            for (int64_t j = 0; j < size; ++j) {
+                float kept = score[j] > t ? 1.0f : 0.0f;
+                if (score[j] == t) kept = in_window(tie_skip[i], tie_take[i], &at);
+                kept_count[j] = kept_count[j] + kept;
+                kept_sum[j] = kept_sum[j] + (kept * t_i[j]) * w;
+            }
+            continue;
+        }
         for (int64_t j = 0; j < size; ++j) {
-            const float kept = score[j] >= t ? 1.0f : 0.0f;
+            const float kept = (state == TIES_ALL ? score[j] >= t : score[j] > t) ? 1.0f : 0.0f;
             kept_count[j] = kept_count[j] + kept;
             kept_sum[j] = kept_sum[j] + (kept * t_i[j]) * w;
         }
@@ -1047,6 +1134,7 @@ static inline void pcb_mix_block(const float *b, float tau[][BLOCK], int n, int6
 void pcb_mix(const void *base, const void *const *models, int bf16, int n, int64_t numel,
              const float *low, const float *high, const float *const *scores,
              const float *threshold, const float *inverse_span, const float *weight, float lambda,
+             const int64_t *tie_skip, const int64_t *tie_take, const int64_t *const *tie_prefix,
              float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
@@ -1056,8 +1144,8 @@ void pcb_mix(const void *base, const void *const *models, int bf16, int n, int64
         const int64_t size = numel - block < BLOCK ? numel - block : BLOCK;
         const float *b = input_block(base, bf16, block, size, base_buffer);
         pcb_clipped_block(b, models, bf16, n, block, size, low, high, tau, total);
-        pcb_mix_block(b, tau, n, size, rows, threshold, inverse_span, weight, lambda,
-                      out + block);
+        pcb_mix_block(b, tau, n, size, rows, threshold, inverse_span, weight, lambda, tie_skip,
+                      tie_take, tie_prefix, block / BLOCK, out + block);
     }
 }
 
@@ -1067,7 +1155,9 @@ void pcb_mix_recomputed(const void *base, const void *const *models, int bf16, i
                         int64_t numel,
                         const float *low, const float *high, const float *low2,
                         const float *factor, const float *threshold, const float *inverse_span,
-                        const float *weight, float lambda, float *out, int threads) {
+                        const float *weight, float lambda, const int64_t *tie_skip,
+                        const int64_t *tie_take, const int64_t *const *tie_prefix, float *out,
+                        int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < numel; block += BLOCK) {
         float tau[MAX_MODELS][BLOCK], score[MAX_MODELS][BLOCK], *rows[MAX_MODELS];
@@ -1077,6 +1167,49 @@ void pcb_mix_recomputed(const void *base, const void *const *models, int bf16, i
         for (int i = 0; i < n; ++i) rows[i] = score[i];
         pcb_score_block(b, models, bf16, n, block, size, low, high, low2, factor, tau, rows);
         pcb_mix_block(b, tau, n, size, (const float *const *)rows, threshold, inverse_span,
-                      weight, lambda, out + block);
+                      weight, lambda, tie_skip, tie_take, tie_prefix, block / BLOCK,
+                      out + block);
     }
+}
+
+/* ---- counting the ties of a trim's boundary values ----
+ *
+ * For each model, the scores below value[i] (below[i]) and equal to it (equal[i]); with
+ * prefix[i] non-NULL, prefix[i][b] = the entries equal to value[i] before block b (nblocks + 1
+ * entries): what the windows of the tie rule need. Scores as `score_block` computes them, so the
+ * same bits as the selection and the mix. */
+int count_ties(int kind, const void *base, const void *const *models, int bf16, int n,
+               int64_t numel, const float *low, const float *high, const float *low2,
+               const float *factor, const float *value, int64_t *const *prefix, int64_t *below,
+               int64_t *equal, int threads) {
+    if (n > MAX_MODELS || numel <= 0) return -1;
+    const struct scoring sc = {kind, n, low, high, low2, factor};
+    const int64_t blocks = (numel + BLOCK - 1) / BLOCK;
+    int64_t under[MAX_MODELS] = {0}, same[MAX_MODELS] = {0};
+#pragma omp parallel for num_threads(threads) schedule(static) \
+    reduction(+ : under[:MAX_MODELS], same[:MAX_MODELS])
+    for (int64_t b = 0; b < blocks; ++b) {
+        float scores[MAX_MODELS][BLOCK];
+        const int64_t block = b * BLOCK, size = numel - block < BLOCK ? numel - block : BLOCK;
+        score_block(&sc, base, models, bf16, block, size, scores);
+        for (int i = 0; i < n; ++i) {
+            const float v = value[i];
+            int64_t lt = 0, eq = 0;
+            for (int64_t j = 0; j < size; ++j) {
+                lt += scores[i][j] < v;
+                eq += scores[i][j] == v;
+            }
+            under[i] += lt;
+            same[i] += eq;
+            if (prefix[i]) prefix[i][b + 1] = eq;
+        }
+    }
+    for (int i = 0; i < n; ++i) {
+        below[i] = under[i];
+        equal[i] = same[i];
+        if (!prefix[i]) continue;
+        prefix[i][0] = 0;
+        for (int64_t b = 1; b <= blocks; ++b) prefix[i][b] += prefix[i][b - 1];
+    }
+    return 0;
 }

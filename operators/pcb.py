@@ -13,7 +13,9 @@ For one tensor with task vectors tau_1..tau_N (model - base):
    whose sign disagrees with the consensus score below zero; ``inter: softmax`` (the paper's
    formula): sum_k softmax_j(Norm(tau_i * tau_k)).
 3. beta_i = beta_intra_i * beta_inter_i. Keep the top ``density`` fraction of beta_i (the paper's
-   ratio r, typically 0.05-0.2), min-max scale the kept scores to [0, 1] from the threshold up
+   ratio r, typically 0.05-0.2: exactly k = max(1, int(density * n)) entries, those scored at the
+   threshold taken in flat index order, `operators.ties`), min-max scale the kept scores to
+   [0, 1] from the threshold up
    (times the float32 reciprocal of max - threshold), zero the rest: beta^_i. An entry kept by
    rank whose balance is 0 in every task (it sits on the threshold) takes the weighted mean of
    the kept values rather than 0/0.
@@ -44,7 +46,8 @@ from operators import ieee_math, native
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
 from operators.finite import require_finite
 from operators.quantiles import kth_smallest_sampled
-from operators.sparsify import kth_magnitudes, trim_rank
+from operators.sparsify import kept_count, kth_magnitudes, trim_rank
+from operators.ties import count_chunks
 
 _TINY = 1e-12
 _SAMPLE = 1 << 14
@@ -169,7 +172,11 @@ def _fused_tanh_merge(base: torch.Tensor, models: Sequence[torch.Tensor],
     low2, factors = _score_constants(bounds, len(models))
     thresholds, maxima = native.pcb_thresholds(base, models, bounds, low2, factors,
                                                [trim_rank(n, d) for d in densities])
-    return native.pcb_mix_recomputed(base, models, bounds, low2, factors, thresholds,
+    counts = native.count_ties(base, models, thresholds,
+                               ([b[0] for b in bounds], [b[1] for b in bounds], low2, factors))
+    windows = [count.window(0, kept_count(n, d), descending=True, numel=n)
+               for count, d in zip(counts, densities, strict=True)]
+    return native.pcb_mix_recomputed(base, models, bounds, low2, factors, thresholds, windows,
                                      _inverse_spans(maxima, thresholds), weights, lam)
 
 
@@ -197,10 +204,14 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
     fill = _tanh_scores if inter is InterBalancing.TANH else _softmax_scores
     fill(models, base, bounds, n_tasks, scores, ws)
     thresholds = [_drop_threshold(scores[i], densities[i]) for i in range(n_tasks)]
+    windows = [count_chunks(lambda row=scores[i]: ((a, row[a:b]) for a, b in spans(numel)),
+                            numel, thresholds[i]).window(0, kept_count(numel, densities[i]),
+                                                         descending=True, numel=numel)
+               for i in range(n_tasks)]
     inverse_spans = _inverse_spans([row.max().item() for row in scores], thresholds)
     if fused:
-        merged = native.pcb_mix(base, models, bounds, scores, thresholds, inverse_spans,
-                                weights, lam)
+        merged = native.pcb_mix(base, models, bounds, scores, thresholds, windows,
+                                inverse_spans, weights, lam)
         return merged.to(dtype).reshape(shape)
 
     out = torch.empty(numel, dtype=dtype, device=base.device)
@@ -210,17 +221,19 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
     for start, stop in spans(numel):
         size = stop - start
         taus = taus_buffer[:, :size]
-        scratch, balanced, numerator, denominator, kept_sum, kept_count = (r[:size] for r in rows)
+        scratch, balanced, numerator, denominator, kept_sum, kept_entries = (r[:size] for r in rows)
         _clipped_taus(models, base, start, stop, bounds, taus, scratch)
-        for row in (numerator, denominator, kept_sum, kept_count):
+        for row in (numerator, denominator, kept_sum, kept_entries):
             row.zero_()
         for i in range(n_tasks):
             score = scores[i, start:stop]
             # Entries kept by rank but scored exactly at the threshold get zero balance in every
             # task (0/0); they fall back to the weighted mean of the kept values.
             # Separate multiplies and adds (no fused alpha): the same rounding as the C kernel.
-            kept = torch.ge(score, thresholds[i], out=scratch)
-            kept_count.add_(kept)
+            kept = torch.gt(score, thresholds[i], out=scratch)
+            at_threshold = torch.eq(score, thresholds[i]).to(kept.dtype)
+            kept.add_(windows[i].kept(at_threshold, start) if windows[i] else at_threshold)
+            kept_entries.add_(kept)
             kept_sum.add_(kept.mul_(taus[i]).mul_(weights[i]))
             torch.clamp_min(score, thresholds[i], out=balanced).sub_(thresholds[i])
             balanced.mul_(inverse_spans[i])
@@ -230,7 +243,7 @@ def pcb_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, densities: 
         # (0 where nothing is kept); selected with exact 0/1 float masks.
         has_weight = torch.gt(denominator, 0, out=balanced)
         numerator.div_(denominator.clamp_min_(_TINY)).mul_(has_weight)
-        kept_sum.div_(kept_count.clamp_min_(1)).mul_(has_weight.sub_(1).neg_())
+        kept_sum.div_(kept_entries.clamp_min_(1)).mul_(has_weight.sub_(1).neg_())
         merged = numerator.add_(kept_sum)
         torch.add(base[start:stop].float(), merged.mul_(lam), out=out[start:stop])
     return out.reshape(shape)

@@ -9,6 +9,8 @@ itself; the kernels draw DARE's keeps where they apply them.
 - ``magnitude`` (TIES): keep the k = max(1, int(density * n)) largest |delta| of the tensor.
 - ``magnitude_outliers`` (Model Breadcrumbs): drop the int(gamma * n) largest as outliers and the
   smallest, keeping a band of int(density * n).
+  Both keep exactly that many: entries tied at a boundary are taken in flat index order
+  (`operators.ties`); ``tie_break: mergekit`` takes them as mergekit's unstable argsort does.
 - ``random`` (DARE): keep each entry with probability `density`, from the counter-based stream of
   (seed, tensor, model), so masks are the same on any device.
 - ``della_magprune`` (DELLA): keep probability rises linearly with the magnitude rank inside each
@@ -32,6 +34,7 @@ import torch
 from operators import native, rng
 from operators.chunks import CHUNK_ELEMENTS, Workspace, flat, spans
 from operators.quantiles import kth_smallest_sampled
+from operators.ties import TieCount, TieWindow, count_chunks
 
 _L1_EPS = 1e-7  # below this L1 norm mergekit skips rescaling; so do we
 _SAMPLE = 1 << 14  # values sampled to bracket a trim threshold
@@ -49,16 +52,23 @@ class RescaleMode(StrEnum):
     INVERSE_P = "inverse_p"
 
 
+class TieBreak(StrEnum):
+    INDEX = "index"  # ties at a trim's boundary in flat index order (`operators.ties`)
+    MERGEKIT = "mergekit"  # torch's unstable argsort, as mergekit 0.1.5 calls it
+
+
 @dataclass
 class Keep:
     """Survivors of one task vector: delta_kept = delta * [low <= |delta| <= high] * mask * scale.
 
-    `band` is decided per chunk from |delta| (magnitude trims); `mask` is a flat float tensor of
-    0/1 keeps or per-entry scales (random trims); `draw` = (stream key, keep probability) is a
-    DARE draw made where it is applied, never stored.
+    `band` is decided per chunk from |delta| (magnitude trims), `windows` say which entries equal
+    to its low and high edge are kept (None: all of them); `mask` is a flat float tensor of 0/1
+    keeps or per-entry scales (random trims); `draw` = (stream key, keep probability) is a DARE
+    draw made where it is applied, never stored.
     """
 
     band: tuple[float, float] | None = None
+    windows: tuple[TieWindow | None, TieWindow | None] = (None, None)
     mask: torch.Tensor | None = None
     draw: tuple[int, float] | None = None
     scale: float = 1.0
@@ -66,7 +76,9 @@ class Keep:
     def apply_(self, delta: torch.Tensor, start: int, stop: int, scratch: torch.Tensor,
                flags: torch.Tensor) -> None:
         """Trim one chunk of delta in place (`scratch`, `flags`: float buffers of its size)."""
-        if self.band is not None:
+        if self.band is not None and self.windows != (None, None):
+            delta.mul_(self._band_with_windows(torch.abs(delta, out=scratch), start))
+        elif self.band is not None:
             low, high = self.band
             if high < math.inf:
                 torch.abs(delta, out=scratch)
@@ -80,6 +92,17 @@ class Keep:
             delta.mul_(rng.keep_mask(key, start, stop - start, probability, delta.device))
         if self.scale != 1.0:
             delta.mul_(self.scale)
+
+    def _band_with_windows(self, magnitude: torch.Tensor, start: int) -> torch.Tensor:
+        """0/1 keeps of a chunk: strictly inside the band, or at an edge within its window."""
+        (low, high), (low_window, high_window) = self.band, self.windows
+        keep = ((magnitude > low) & (magnitude < high)).to(magnitude.dtype)
+        at_low = (magnitude == low).to(magnitude.dtype)
+        keep += low_window.kept(at_low, start) if low_window else at_low
+        if high != low:
+            at_high = (magnitude == high).to(magnitude.dtype)
+            keep += high_window.kept(at_high, start) if high_window else at_high
+        return keep
 
 
 def _below(value: float) -> float:
@@ -121,47 +144,81 @@ def kth_magnitudes(model: torch.Tensor, base: torch.Tensor, ranks: list[int], ws
                                 _magnitude_sample(model, base), nonnegative=True)
 
 
+def kept_count(n: int, density: float) -> int:
+    """How many entries a magnitude or score trim keeps: k = max(1, int(density * n))."""
+    return max(1, int(density * n))
+
+
 def trim_rank(n: int, density: float) -> int:
-    """Ascending rank of the lowest value kept (TIES' magnitudes, PCB's scores): the k-th largest,
-    k = max(1, int(density * n))."""
-    return n - max(1, int(density * n))
+    """Ascending rank of the lowest value kept (TIES' magnitudes, PCB's scores): the k-th largest."""
+    return n - kept_count(n, density)
 
 
-def magnitude_band(model: torch.Tensor, base: torch.Tensor, density: float, ws: Workspace
-                   ) -> tuple[float, float]:
-    """TIES: |delta| of at least the k-th largest; ties at the threshold are all kept."""
-    return kth_magnitudes(model, base, [trim_rank(model.numel(), density)], ws)[0], math.inf
+def count_magnitudes(models: Sequence[torch.Tensor], base: torch.Tensor, values: Sequence[float],
+                     ws: Workspace) -> list[TieCount]:
+    """Per model, its |model - base| below and equal to values[i] (`operators.ties`)."""
+    if len(models) <= native.MAX_MODELS and native.readable(base, *models):
+        return native.count_ties(base, list(models), values)
+    return [count_chunks(lambda m=model: ((start, delta.abs_()) for start, _, delta
+                                          in _delta_chunks(m, base, ws)), base.numel(), value)
+            for model, value in zip(models, values, strict=True)]
 
 
-def magnitude_thresholds(models: Sequence[torch.Tensor], base: torch.Tensor,
-                         densities: Sequence[float]) -> list[float | None] | None:
-    """`magnitude_band`'s thresholds of all trimmed models (density < 1; None for the others) in
-    one fused pass that reads the base once; None where the kernels cannot (then model by model)."""
+def top_keeps(models: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float],
+              ws: Workspace) -> list[Keep]:
+    """TIES' trims of every model (density < 1; Keep() for the others): the k largest |delta|,
+    ties at the threshold in index order. Thresholds and tie counts of all models in one fused
+    pass each where the kernels read the inputs, model by model otherwise."""
     base = flat(base)
+    models = [flat(m) for m in models]
     trimmed = [i for i, density in enumerate(densities) if density < 1]
-    models = [flat(models[i]) for i in trimmed]
-    if not trimmed or len(models) > native.MAX_MODELS or not native.readable(base, *models):
-        return None
-    found = native.magnitude_thresholds(
-        base, models, [trim_rank(base.numel(), densities[i]) for i in trimmed])
+    ranks = [trim_rank(base.numel(), densities[i]) for i in trimmed]
+    found = None
+    if trimmed and len(trimmed) <= native.MAX_MODELS \
+            and native.readable(base, *(models[i] for i in trimmed)):
+        found = native.magnitude_thresholds(base, [models[i] for i in trimmed], ranks)
     if found is None:
-        return None
-    thresholds: list[float | None] = [None] * len(densities)
-    for i, value in zip(trimmed, found, strict=True):
-        thresholds[i] = value
-    return thresholds
+        found = [kth_magnitudes(models[i], base, [rank], ws)[0]
+                 for i, rank in zip(trimmed, ranks, strict=True)]
+    counts = count_magnitudes([models[i] for i in trimmed], base, found, ws) if trimmed else []
+    keeps = [Keep() for _ in models]
+    for i, threshold, count in zip(trimmed, found, counts, strict=True):
+        window = count.window(0, kept_count(base.numel(), densities[i]), descending=True,
+                              numel=base.numel())
+        keeps[i] = Keep(band=(threshold, math.inf), windows=(window, None))
+    return keeps
 
 
-def outlier_band(model: torch.Tensor, base: torch.Tensor, density: float, gamma: float,
-                 ws: Workspace) -> tuple[float, float] | None:
-    """Breadcrumbs: ascending magnitude ranks [n_bot, n_bot + int(density * n)); None: keep none."""
+def outlier_keep(model: torch.Tensor, base: torch.Tensor, density: float, gamma: float,
+                 ws: Workspace) -> Keep:
+    """Breadcrumbs: ascending magnitude ranks [n_bot, n_bot + int(density * n)), ties at both
+    edges in index order; with none kept, a zero mask."""
     n = model.numel()
     keep = int(density * n)
     if keep == 0:
-        return None
+        return Keep(mask=torch.zeros(n, device=model.device))
     bottom = max(0, n - keep - int(gamma * n))
     low, high = kth_magnitudes(model, base, [bottom, bottom + keep - 1], ws)
-    return low, high
+    at_low, at_high = count_magnitudes([model, model], base, [low, high], ws)
+    windows = (at_low.window(bottom, keep, descending=False, numel=n),
+               None if high == low else at_high.window(bottom, keep, descending=False, numel=n))
+    return Keep(band=(low, high), windows=windows)
+
+
+def mergekit_keep(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, density: float,
+                  gamma: float) -> Keep:
+    """The entries mergekit 0.1.5 keeps, by its own calls: torch's unstable argsort of |delta|
+    (float32), descending for TIES, ascending for breadcrumbs (a full sort of the tensor)."""
+    n = model.numel()
+    magnitude = (model.float() - base.float()).abs().reshape(-1)
+    mask = torch.zeros(n, device=model.device)
+    if method is Sparsifier.MAGNITUDE:
+        mask[torch.argsort(magnitude, descending=True)[:kept_count(n, density)]] = 1
+    else:
+        keep = int(density * n)
+        bottom = max(0, n - keep - int(gamma * n))
+        mask[torch.sort(magnitude, descending=False).indices[bottom:bottom + keep]] = 1
+    return Keep(mask=mask)
 
 
 def random_mask(model: torch.Tensor, base: torch.Tensor, density: float, key: int,
@@ -193,9 +250,10 @@ def _l1_factor(before: float, after: float) -> float:
 
 
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA keep probabilities: linear in the magnitude rank within each row (mergekit's form)."""
+    """DELLA keep probabilities: linear in the magnitude rank within each row (mergekit's form;
+    equal magnitudes ranked by index, as a stable sort ranks them)."""
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) + 1
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32) + 1
     low = ranks.min(dim=1, keepdim=True).values
     high = ranks.max(dim=1, keepdim=True).values
     normalized = ((ranks - low) / (high - low)).clamp(0, 1)
@@ -216,12 +274,14 @@ def l1_rescale(model: torch.Tensor, base: torch.Tensor, keep: Keep, ws: Workspac
 def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, density: float,
              gamma: float = 0.0, epsilon: float = 0.0, rescale: bool = False,
              rescale_mode: RescaleMode = RescaleMode.L1, key: int = 0,
-             ws: Workspace | None = None, slot: str = "keep",
-             threshold: float | None = None) -> Keep:
+             ws: Workspace | None = None, slot: str = "keep", known: Keep | None = None,
+             tie_break: TieBreak = TieBreak.INDEX) -> Keep:
     """Decide the survivors of one task vector (model - base); `key` seeds random trims.
 
     Masks of random trims live in the workspace buffer `slot`: give each model its own slot.
-    `threshold`: the magnitude trim's threshold when already known (`magnitude_thresholds`).
+    `known`: the magnitude trim when already decided for all models at once (`top_keeps`).
+    `tie_break: mergekit` keeps, where a tie straddles a magnitude trim's boundary, the entries
+    mergekit's argsort keeps (elsewhere the two rules keep the same entries).
     """
     ws = ws or Workspace(model.device)
     if density >= 1:
@@ -248,12 +308,11 @@ def sparsify(model: torch.Tensor, base: torch.Tensor, method: Sparsifier, *, den
     if method is Sparsifier.DELLA:
         keep = Keep(mask=mask)
     elif method is Sparsifier.MAGNITUDE:
-        keep = Keep(band=magnitude_band(model, base, density, ws) if threshold is None
-                    else (threshold, math.inf))
+        keep = known or top_keeps([model], base, [density], ws)[0]
     else:
-        band = outlier_band(model, base, density, gamma, ws)
-        keep = Keep(mask=torch.zeros(model.numel(), device=model.device)) if band is None \
-            else Keep(band=band)
+        keep = outlier_keep(model, base, density, gamma, ws)
+    if tie_break is TieBreak.MERGEKIT and keep.windows != (None, None):
+        keep = mergekit_keep(model, base, method, density, gamma)
     if rescale:
         keep.scale = l1_rescale(model, base, keep, ws)
     return keep

@@ -71,7 +71,8 @@ def merge_task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], keeps
     if n <= native.MAX_MODELS and native.readable(base_flat, *model_flats) \
             and native.usable(*masks):
         merged = native.merge_task_vectors(
-            base_flat, model_flats, [keep.band for keep in keeps], masks,
+            base_flat, model_flats, [keep.band for keep in keeps],
+            [keep.windows for keep in keeps], masks,
             [keep.draw for keep in keeps], [keep.scale for keep in keeps], weights,
             _CONSENSUS_CODES[how.consensus], how.weight_before_election, how.normalize, how.lam,
             weight_total.item())
