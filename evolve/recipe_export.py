@@ -11,7 +11,7 @@ import yaml
 
 from evolve.export import _ensure_writable
 from operators.architecture import Architecture
-from operators.recipes import Recipe
+from operators.recipes import Recipe, tensors_cut_at_ties
 from operators.safetensors_io import DEFAULT_SHARD_BYTES, write_checkpoint
 from operators.settings import depth, resolve
 
@@ -74,7 +74,8 @@ def _conditional(setting) -> bool:
         isinstance(v, dict) or (isinstance(v, list) and _conditional(v)) for v in setting))
 
 
-def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit: bool) -> str:
+def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit: bool,
+          cut: list[str]) -> str:
     front = {"base_model": base, "library_name": "transformers",
              "tags": ["merge", "evoforge", "evolutionary-merge"]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
@@ -92,8 +93,14 @@ def _card(record: dict, base: str, test: dict | None, search: dict, has_mergekit
                   f"{stderr * 100:.1f} %.", ""]
     lines += ["## Reproduce", "", "The recipe is in `recipe.json`; `evoforge export RUN "
               f"{record['id']} --out DIR` rebuilds these exact tensors."]
-    if has_mergekit:
+    if has_mergekit and not cut:
         lines.append("`mergekit-yaml mergekit_config.yml OUT` reproduces them with mergekit.")
+    elif has_mergekit:
+        shown = ", ".join(f"`{name}`" for name in cut[:3]) + (", …" if len(cut) > 3 else "")
+        lines.append(f"`mergekit-yaml mergekit_config.yml OUT` reproduces them with mergekit, "
+                     f"except in {len(cut)} tensors ({shown}) whose trim threshold falls among "
+                     "tied magnitudes: of those, evoforge keeps the first by index, mergekit the "
+                     "ones its argsort puts first.")
     return "\n".join(lines) + "\n"
 
 
@@ -116,8 +123,10 @@ def export_individual(record: dict, sources, config, out: Path, test: dict | Non
     folders = {name: resolve_model(name) for name in (config.sources.base,
                                                       *config.sources.experts)}
     mergekit = mergekit_config(recipe, folders, model_config.dtype, sources.architecture)
+    cut = []
     if mergekit is not None:
         (out / "mergekit_config.yml").write_text(yaml.safe_dump(mergekit, sort_keys=False))
+        cut = tensors_cut_at_ties(recipe, sources.bank.source)
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
     (out / "README.md").write_text(_card(record, config.sources.base, test, search,
-                                         mergekit is not None))
+                                         mergekit is not None, cut))

@@ -30,6 +30,7 @@ from operators.sparsify import (
     TieBreak,
     count_magnitudes,
     kept_count,
+    outlier_keep,
     sparsify,
     top_keeps,
 )
@@ -378,6 +379,24 @@ class MergeStream:
             raise MergeInputError(
                 f"tensor {name!r}: a model minus the base overflows float32 (beyond 3.4e38); the "
                 "weights are corrupt or not from the same base model") from None
+
+
+    def cuts_ties(self, name: str) -> bool:
+        """Does a magnitude trim of this tensor cut through magnitudes tied at its boundary? There
+        the index order kept here and mergekit's argsort may keep different tied entries."""
+        trims = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
+        if self.method.sparsifier not in trims or self.bounds is not None \
+                or self.base is None or not self.base.dtype(name).is_floating_point:
+            return False
+        base, *models = [_load(s, name, self.device, self.dtype) for s in self.sources]
+        per_model = self.resolver.per_model(TensorSite.of(name, self.num_layers))
+        densities = [p["density"] for p in per_model]
+        if self.method.sparsifier is Sparsifier.MAGNITUDE:
+            keeps = top_keeps(models, base, densities, self.workspace)
+        else:
+            keeps = [outlier_keep(flat(m), flat(base), p["density"], p["gamma"], self.workspace)
+                     for m, p in zip(models, per_model, strict=True) if p["density"] < 1]
+        return any(keep.windows != (None, None) for keep in keeps)
 
 
 def iter_merge(spec: MergeSpec, base: TensorSource | None, models: Sequence[TensorSource],

@@ -98,6 +98,19 @@ def _without_idle_seeds(recipe: Recipe) -> Recipe:
     return out
 
 
+def tensors_cut_at_ties(recipe: Recipe, source_of: Callable[[str], TensorSource]) -> list[str]:
+    """The tensors of a flat merge of source models (edited or not) whose magnitude trims cut
+    through tied magnitudes: there mergekit's argsort keeps its own choice of the tied entries
+    (`operators.ties`), so mergekit-yaml reproduces every other tensor exactly, not these."""
+    core = recipe["input"] if recipe.get("op") == "edit" else recipe
+    spec = MergeSpec.from_kwargs(core["method"], len(core["inputs"]), seed=core.get("seed", 0),
+                                 **core.get("params", {}))
+    base = source_of(core["base"]["model"]) if core.get("base") else None
+    stream = MergeStream(spec, base, [source_of(i["model"]) for i in core["inputs"]],
+                         dtype=torch.float32)
+    return [name for name in stream.names if stream.cuts_ties(name)]
+
+
 def sources_of(recipe: Recipe) -> list[str]:
     """The source models a recipe reaches, in first-seen order (its lineage's leaves)."""
     if "model" in recipe:
