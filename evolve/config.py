@@ -60,11 +60,32 @@ class Crossover(Rate):
 
 
 class Operators(_Strict):
+    """Each child comes from one operator: crossover, an edit or weight noise by their rates, and
+    otherwise mutation of the merge genes, which takes the share the three leave."""
+
     crossover: Crossover = Crossover()
-    mutation: Rate = Rate(rate=0.3)
     weight_noise: Rate = Rate(rate=0.1)
     edit: Rate = Rate(rate=0.15)
     methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mutation_takes_the_rest(cls, data):
+        if isinstance(data, dict) and "mutation" in data:
+            raise ValueError("operators.mutation has no rate of its own: mutation of the merge "
+                             "genes takes the share the other operators leave (1 - crossover - "
+                             "edit - weight_noise); remove the key and set those three")
+        return data
+
+    @model_validator(mode="after")
+    def _shares(self) -> Operators:
+        taken = self.crossover.rate + self.edit.rate + self.weight_noise.rate
+        if taken > 1 + 1e-9:
+            raise ValueError(f"operators: crossover {self.crossover.rate:g} + edit "
+                             f"{self.edit.rate:g} + weight_noise {self.weight_noise.rate:g} = "
+                             f"{taken:g}; they are shares of the children and must sum to at "
+                             "most 1 (mutation takes the rest)")
+        return self
 
 
 class Fitness(_Strict):

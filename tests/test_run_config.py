@@ -31,6 +31,12 @@ def test_the_default_run_config_is_valid():
     ("sources: {base: a, experts: [b, c]}\ntasks: [t]\ngenerations: 3\nevaluations: 40",
      "give generations or evaluations, not both"),
     ("sources: {base: a, experts: [b, c]}\ntasks: [t]\nstrategy: hillclimb", "strategy"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\n"
+     "operators: {crossover: {rate: 0.8}, edit: {rate: 0.3}}",
+     "crossover 0.8 + edit 0.3 + weight_noise 0.1 = 1.2; they are shares of the children and "
+     "must sum to at most 1 (mutation takes the rest)"),
+    ("sources: {base: a, experts: [b, c]}\ntasks: [t]\noperators: {mutation: {rate: 0.3}}",
+     "mutation of the merge genes takes the share the other operators leave"),
     ("sources: {base: a, experts: [b, c]}\ntasks: [t, u]\nfitness: {calibration: 10}",
      "fitness.calibration: 10 is too few. A 2-dimensional IRT model (one per task) needs 19 "
      "fully evaluated candidates; the base, the experts and the default merges give 7, so set "
