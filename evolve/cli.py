@@ -42,9 +42,10 @@ def merge(
     out: Path = typer.Option(..., "--out", "-o", help="output folder (Hugging Face checkpoint)"),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N: where the arithmetic runs"),
     max_shard_gb: float = typer.Option(5.0, help="largest safetensors shard, in GiB"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
 ) -> None:
     """Merge checkpoints as CONFIG says and write a Hugging Face checkpoint to --out."""
-    from evolve.export import export_merge
+    from evolve.export import export_merge, staged_output
     from evolve.merge_config import load_merge_config
 
     try:
@@ -52,9 +53,10 @@ def merge(
         started = time.perf_counter()
         with Progress(TextColumn("[bold]merging[/] {task.description}"), BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                      transient=True) as progress:
+                      transient=True) as progress, staged_output(out, force) as staging:
             task = progress.add_task(plan.spec.method, total=None)
-            export_merge(plan, out, device=device, max_shard_bytes=int(max_shard_gb * 2**30),
+            export_merge(plan, staging, device=device,
+                         max_shard_bytes=int(max_shard_gb * 2**30),
                          on_tensor=lambda done, total: progress.update(task, completed=done,
                                                                        total=total))
     except MergeError as error:
@@ -72,7 +74,7 @@ def demo(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merge(config=config, out=out, device="cpu", max_shard_gb=5.0)
+    merge(config=config, out=out, device="cpu", max_shard_gb=5.0, force=True)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     inputs = tokenizer("12+34=", return_tensors="pt")

@@ -8,8 +8,11 @@ card README with the front matter the Hub expects.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 
@@ -28,15 +31,31 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 
 
-def _ensure_writable(out_dir: Path) -> None:
+@contextmanager
+def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """A folder to write an output into, renamed to `out` once complete: an interrupted or failed
+    export leaves `out` as it was. A non-empty `out` is refused unless `force`, and then replaced
+    only when the new output is complete."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"{out} is not empty: nothing was written. Choose another --out "
+                              "folder, or pass --force to replace it")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".evoforge-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as error:
-        raise CheckpointError(f"cannot write to {out_dir}: {error.strerror}. Choose another "
+        raise CheckpointError(f"cannot write beside {out}: {error.strerror}. Choose another "
                               "--out folder or free disk space.") from None
+    try:
+        yield staging
+        if out.exists():
+            replaced = staging.with_name(staging.name + ".replaced")
+            os.replace(out, replaced)
+            os.replace(staging, out)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _read_config(folder: Path) -> dict:
@@ -105,11 +124,11 @@ def _model_card(plan: MergePlan) -> str:
 def export_merge(plan: MergePlan, out_dir: Path, device: str = "cpu",
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  on_tensor: Callable[[int, int], None] | None = None) -> Path:
-    """Merge `plan` from its checkpoints straight into a Hugging Face folder at `out_dir`.
+    """Merge `plan` from its checkpoints straight into a Hugging Face folder at `out_dir` (a fresh
+    folder: the CLI gives it a `staged_output`).
 
     `on_tensor(done, total)` is called after each merged tensor (for progress bars).
     """
-    _ensure_writable(out_dir)
     out_dtype = plan.out_dtype or plan.dtype
     config = _output_config(plan, out_dtype)  # before the tensors: its errors leave no half output
     opened: dict[Path, CheckpointSource] = {}

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import yaml
 
-from evolve.export import _ensure_writable
 from operators.architecture import Architecture
 from operators.recipes import Recipe, tensors_cut_at_ties
 from operators.safetensors_io import DEFAULT_SHARD_BYTES, write_checkpoint
@@ -111,7 +110,6 @@ def export_individual(record: dict, sources, config, out: Path, test: dict | Non
     architecture's tied tensors are not written, as transformers saves them)."""
     from search_spaces.models import resolve_model
 
-    _ensure_writable(out)
     recipe = record["recipe"]
     specs, source = sources.export_specs(recipe)
     write_checkpoint(out, specs, ((spec.name, source.get(spec.name)) for spec in specs),

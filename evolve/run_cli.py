@@ -8,8 +8,9 @@ finished generation yet.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
+import platform
 import socket
 import time
 from pathlib import Path
@@ -43,11 +44,17 @@ def _execute(run_dir: Path) -> None:
     from fitness.errors import FitnessError
     from operators.errors import MergeError
 
-    store = setup = None
+    try:
+        store = RunStore(run_dir)
+        changes = store.begin(environment(), _file_hash(run_dir / "config.yaml"))
+    except StoreError as error:  # (a run another driver holds is not ours to mark failed)
+        _fail(error)
+    if changes:
+        console.print("resuming after changes: " + "; ".join(changes))
+    setup = None
     try:
         config = load_config(run_dir / "config.yaml")
         _build_zoo_if_needed(config)
-        store = RunStore(run_dir)
         store.set_meta("driver", {"pid": os.getpid(), "host": socket.gethostname()})
         setup = prepare(config, run_dir, on_event=store.event)
         startup = getattr(setup.pool, "startup_seconds", None)
@@ -60,21 +67,20 @@ def _execute(run_dir: Path) -> None:
             evolution.run()
     except KeyboardInterrupt:
         _stopped(store, "interrupted", "stopped by Ctrl-C")
-        _close(setup)
         console.print(f"stopped; every finished evaluation is saved. Continue with "
                       f"`evoforge resume {run_dir}`")
         raise typer.Exit(code=130) from None
     except (ConfigError, StoreError, FitnessError, MergeError) as error:
         _stopped(store, "failed", f"{type(error).__name__}: {error}")
-        _close(setup)
         _fail(error)
     except Exception as error:  # a bug: marked, then its traceback
         _stopped(store, "failed", f"{type(error).__name__}: {error}")
-        _close(setup)
         console.print(f"the run stopped on an unexpected error (below); every finished "
                       f"evaluation is saved, and `evoforge resume {run_dir}` continues it")
         raise
-    _close(setup)
+    finally:
+        _close(setup)
+        store.close()  # releases the driver lock
     timings = evolution.timings
     console.print(f"run finished in {timings.wall:.0f}s: worker (merging + evaluating) "
                   f"{timings.worker:.0f}s, IRT statistics {timings.fitness - timings.worker:.0f}s,"
@@ -94,6 +100,28 @@ def _worker_reporter(progress):
             bar = progress.add_task(text, total=len(activity))
         progress.update(bar, description=text, completed=len(busy), total=len(activity))
     return report
+
+
+def environment() -> dict[str, str]:
+    """The versions that can change what a run computes: Python, evoforge and its key
+    dependencies (recorded in the run store; a resume says which changed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("evoforge", "torch", "transformers", "safetensors", "mergekit", "ray",
+                    "optuna", "pymoo", "nevergrad", "lm_eval"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "absent"
+    return found
+
+
+def _file_hash(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "unreadable"
 
 
 def _stopped(store, status: str, reason: str) -> None:
@@ -173,6 +201,9 @@ def run(
     except ConfigError as error:
         _fail(error)
     run_dir = run_dir or RUNS / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (run_dir / "run.db").exists():
+        _fail(FileExistsError(f"{run_dir} already holds a run; `evoforge resume {run_dir}` "
+                              "continues it, or choose another --run-dir"))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         data = validated.model_dump()
@@ -286,12 +317,15 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     max_shard_gb: float = typer.Option(5.0, help="largest safetensors shard, in GiB (a larger "
                                        "model is split, with model.safetensors.index.json)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
 ) -> None:
     """Write an individual as a Hugging Face checkpoint with its recipe and model card."""
     from evolve.config import load_config
     from evolve.engine import worker_spec
+    from evolve.export import staged_output
     from evolve.recipe_export import export_individual
     from evolve.store import RunStore
+    from operators.errors import MergeError
 
     run_dir = _run_dir(run)
     store = RunStore(run_dir)
@@ -301,9 +335,11 @@ def export(
                        f"{run}` lists the front's ids"))
     config = load_config(run_dir / "config.yaml")
     sources = worker_spec(config, run_dir).sources()
-    if out.exists():
-        shutil.rmtree(out)
-    export_individual(record, sources, config, out, store.report(individual),
-                      (store.evaluation(individual) or {}).get("objectives", {}),
-                      max_shard_bytes=int(max_shard_gb * 2**30))
+    try:
+        with staged_output(out, force) as staging:
+            export_individual(record, sources, config, staging, store.report(individual),
+                              (store.evaluation(individual) or {}).get("objectives", {}),
+                              max_shard_bytes=int(max_shard_gb * 2**30))
+    except MergeError as error:
+        _fail(error)
     console.print(f"exported {individual} -> {out}")

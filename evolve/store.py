@@ -7,11 +7,20 @@ per consumed job result (a candidate's answers to the items it was asked, with i
 reason it failed), in the order the driver consumed them. Resuming replays the deterministic loop
 with those results served again in that order (`fitness.journal`), so nothing finished is evaluated
 again, nothing is counted twice, and an asynchronous run retraces its own decisions.
+
+One driver at a time: `begin()` takes an exclusive lock on `driver.lock` (released by the
+operating system when the driver exits, however it exits, so a killed driver frees the run), and
+a second driver is refused with the holder's pid, host and start. It then migrates an older store
+to `SCHEMA_VERSION` and records the evoforge and dependency versions and the config's hash, saying
+what changed since the run's previous driver.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import time
 from dataclasses import astuple
@@ -40,8 +49,25 @@ CREATE TABLE IF NOT EXISTS events (at REAL NOT NULL, kind TEXT NOT NULL, detail 
 """
 
 
+SCHEMA_VERSION = 2  # 2: the answers table is the journal (recipe key, size, error per row)
+
+
 class StoreError(OSError):
     """The run store cannot be created or written (permissions, full disk)."""
+
+
+class RunLocked(StoreError):
+    """Another driver is writing this run."""
+
+
+def _journal_columns(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: answer rows gain the journal's columns. Rows written before have no recipe
+    key, so a resume does not reuse them (it cannot tell whose answers they are)."""
+    for column in ("recipe TEXT", "size TEXT", "error TEXT"):
+        db.execute(f"ALTER TABLE answers ADD COLUMN {column}")
+
+
+MIGRATIONS = {1: _journal_columns}  # version -> the step to version + 1
 
 
 class RunStore:
@@ -52,10 +78,64 @@ class RunStore:
             self.db = sqlite3.connect(self.folder / "run.db")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            fresh = not self.db.execute("SELECT name FROM sqlite_master WHERE name = 'meta'"
+                                        ).fetchone()
             self.db.executescript(SCHEMA)
+            if fresh:
+                self.set_meta("schema", SCHEMA_VERSION)
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot create the run store in {self.folder}: {error}. Choose a "
                              "writable --run-dir with free space") from None
+        self._lock = None
+
+    def begin(self, environment: dict[str, str], config_hash: str) -> list[str]:
+        """Become the run's only writer (see the module docstring); returns what changed since
+        the run's previous driver (versions, the config), one line each."""
+        handle = open(self.folder / "driver.lock", "a+")  # noqa: SIM115 (held while driving)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLocked(f"{self.folder} is being written by {holder}; wait for it to finish "
+                            "or stop it first (a killed driver frees the run)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._lock = handle
+        changes = self._migrate()
+        before = self.meta("environment")
+        if before is not None:
+            changes += [f"{name} {before.get(name, 'absent')} -> {version}"
+                        for name, version in environment.items()
+                        if before.get(name) != version]
+        if self.meta("config_hash") not in (None, config_hash):
+            changes.append("config.yaml changed since the run began")
+        self.set_meta("environment", environment)
+        self.set_meta("config_hash", config_hash)
+        return changes
+
+    def _migrate(self) -> list[str]:
+        version = self.meta("schema", 1)
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.folder} was written by a newer evoforge (run store schema "
+                             f"{version}, this one reads {SCHEMA_VERSION}); upgrade evoforge")
+        steps = []
+        while version < SCHEMA_VERSION:
+            try:
+                with self.db:
+                    MIGRATIONS[version](self.db)
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)",
+                                    (json.dumps(version + 1),))
+            except sqlite3.Error as error:
+                raise StoreError(f"cannot migrate {self.folder / 'run.db'} from schema "
+                                 f"{version}: {error}") from None
+            steps.append(f"run store schema {version} -> {version + 1}")
+            version += 1
+        return steps
 
     def _write(self, sql: str, args: tuple = ()) -> None:
         try:
@@ -67,6 +147,9 @@ class RunStore:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the lock
+            self._lock = None
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -111,12 +194,13 @@ class RunStore:
         return json.loads(row[0]) if row else default
 
     def results(self) -> list[Recorded]:
-        """The journal: every consumed job result, in the order the driver consumed it."""
+        """The journal: every consumed job result, in the order the driver consumed it (rows
+        from before the journal, schema 1, carry no recipe key and are left out)."""
         return [Recorded(candidate, recipe, tuple(json.loads(items)), tuple(json.loads(values)),
                          None if size is None else Size(*json.loads(size)), error)
                 for candidate, items, values, recipe, size, error in self.db.execute(
                     "SELECT candidate, items, answers, recipe, size, error FROM answers "
-                    "ORDER BY rowid")]
+                    "WHERE recipe IS NOT NULL ORDER BY rowid")]
 
     def individual(self, identifier: str) -> dict | None:
         row = self.db.execute("SELECT generation, recipe, parents, operator FROM individuals "

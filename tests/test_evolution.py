@@ -48,6 +48,14 @@ def test_run_front_status_export(config_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list(out.glob("model-*-of-*.safetensors"))) >= 2
     assert (out / "model.safetensors.index.json").is_file()
+    (out / "notes.txt").write_text("mine")  # a non-empty --out is not replaced without --force
+    again = runner.invoke(app, ["export", str(run_dir), member, "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+    assert (out / "notes.txt").read_text() == "mine"
+    forced = runner.invoke(app, ["export", str(run_dir), member, "--out", str(out), "--force",
+                                 "--max-shard-gb", "0.0001"])
+    assert forced.exit_code == 0 and not (out / "notes.txt").exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".export")]  # no leftovers
     from fitness.causal_lm import CausalLMEvaluator
     from fitness.jsonl_tasks import load_jsonl_task
 
@@ -107,6 +115,12 @@ def test_kill_and_resume_gives_the_same_front(config_path, tmp_path, stop):
         except sqlite3.Error:
             pass
         time.sleep(0.05)
+    if stop == signal.SIGKILL:  # while it runs, a second driver is refused, naming the holder
+        second = CliRunner().invoke(app, ["resume", str(killed)])
+        assert second.exit_code == 2
+        assert f"is being written by pid {process.pid}" in " ".join(second.output.split())
+        onto = CliRunner().invoke(app, ["run", str(config_path), "--run-dir", str(killed)])
+        assert onto.exit_code == 2 and "already holds a run" in " ".join(onto.output.split())
     process.send_signal(stop)
     assert process.wait(60) == (130 if stop == signal.SIGINT else -signal.SIGKILL)
     status = sqlite3.connect(killed / "run.db").execute(
@@ -186,3 +200,33 @@ def test_too_small_a_calibration_is_refused_before_any_work(config_path, tmp_pat
     result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
     assert "set fitness.calibration to at least 11" in " ".join(result.output.split())
+
+
+def test_an_older_store_is_migrated_and_a_resume_says_what_changed(config_path, tmp_path):
+    """A schema-1 store (answers without the journal's columns) written under other versions:
+    resume migrates it, says so and which versions changed, and reuses none of its old answers
+    (they carry no recipe key)."""
+    run_dir, runner = tmp_path / "run", CliRunner()
+    assert runner.invoke(app, ["run", str(config_path), "--run-dir", str(run_dir),
+                               "--generations", "1"]).exit_code == 0
+    db = sqlite3.connect(run_dir / "run.db")
+    with db:
+        db.execute("CREATE TABLE old AS SELECT candidate, items, answers, at FROM answers")
+        db.execute("DROP TABLE answers")
+        db.execute("ALTER TABLE old RENAME TO answers")
+        db.execute("DELETE FROM meta WHERE key = 'schema'")
+        environment = json.loads(db.execute("SELECT value FROM meta WHERE key = 'environment'"
+                                            ).fetchone()[0])
+        db.execute("UPDATE meta SET value = ? WHERE key = 'environment'",
+                   (json.dumps(environment | {"torch": "2.0.0"}),))
+    legacy = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    db.close()
+    result = runner.invoke(app, ["resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "run store schema 1 -> 2" in said and "torch 2.0.0 -> " in said
+    db = sqlite3.connect(run_dir / "run.db")
+    assert json.loads(db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]) \
+        == 2
+    assert db.execute("SELECT COUNT(*) FROM answers WHERE recipe IS NULL").fetchone()[0] == legacy
+    assert db.execute("SELECT COUNT(*) FROM answers WHERE recipe IS NOT NULL").fetchone()[0] > 0

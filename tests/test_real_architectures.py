@@ -49,7 +49,7 @@ def test_run_front_export_on_each_architecture(family, tmp_path_factory, tmp_pat
     config = {"sources": {"base": str(folders["base"]),
                           "experts": [str(folders[n]) for n in folders if n != "base"]},
               "tasks": [str(_task(tmp_path))], "population": 4, "generations": 2, "seed": 3,
-              "operators": {"edit": {"rate": 0.5}},
+              "operators": {"crossover": {"rate": 0.4}, "edit": {"rate": 0.5}},
               "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
                           "max_full_per_generation": 1, "dims": 1}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))

@@ -49,7 +49,8 @@ def test_unknown_model_and_task(tmp_path, tiny_models, task_file):
     task = tmp_path / "t.jsonl"
     task.write_text('{"prompt": "a", "answer": "b", "split": "search"}\n')
     result = _run(tmp_path, _config(tiny_models["base"], [tiny_models["add"],
-                                                          tiny_models["sort"]], [str(task)]))
+                                                          tiny_models["sort"]], [str(task)]),
+                  run_dir=tmp_path / "again")
     assert result.exit_code == 2 and "the test split is empty" in _said(result)
 
 
