@@ -9,6 +9,7 @@ finished generation yet.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import socket
@@ -138,27 +139,6 @@ def _stopped(store, status: str, reason: str) -> None:
         pass
 
 
-def run_state(store) -> str:
-    """What the run is doing, truthfully: 'done', 'failed: <reason>', 'interrupted', 'running'
-    (its driver is alive), or 'stopped' when the driver that marked it running is gone (killed)."""
-    status = store.meta("status", "not started")
-    if status in ("failed", "interrupted"):
-        return f"{status}: {store.meta('error', '?')}"
-    if status != "running":
-        return status
-    driver = store.meta("driver") or {}
-    if driver.get("host") != socket.gethostname():
-        return f"running (driver pid {driver.get('pid')} on {driver.get('host')})"
-    try:
-        os.kill(driver["pid"], 0)
-    except ProcessLookupError:
-        return (f"stopped: its driver (pid {driver['pid']}) ended without finishing (killed?); "
-                "`evoforge resume` continues it")
-    except (KeyError, TypeError, PermissionError):
-        pass
-    return "running"
-
-
 def _close(setup) -> None:
     if setup is not None:
         setup.pool.close()
@@ -235,79 +215,88 @@ def resume(run: str = typer.Argument(..., help="run directory or run id")) -> No
     _execute(_run_dir(run))
 
 
-def status(run: str = typer.Argument(..., help="run directory or run id")) -> None:
+def _json(data) -> None:
+    from evolve.run_report import SCHEMA
+
+    print(json.dumps(data | {"schema": SCHEMA}, indent=2))
+
+
+def status(run: str = typer.Argument(..., help="run directory or run id"),
+           as_json: bool = typer.Option(False, "--json", help="print JSON (schema: README)")
+           ) -> None:
     """Progress of a run: generations, evaluations, hypervolume."""
-    from evolve.config import load_config
-    from evolve.store import RunStore
+    from evolve.run_report import summary
 
-    run_dir = _run_dir(run)
-    store = RunStore(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    generations, planned = store.generations(), len(config.generation_sizes())
-    searched = [g for g in generations if g["generation"] <= planned]
+    data = summary(_run_dir(run))
+    if as_json:
+        _json(data)
+        return
     out = Console()
-    out.print(f"{run_dir}: {run_state(store)}, generation {len(searched)}/{planned}, "
-              f"{store.count('individuals')} individuals, {store.count('answers')} results")
-    for entry in generations:
-        label = (f"generation {entry['generation']:3d}" if entry["generation"] <= planned
-                 else "final (fully evaluated)")
-        out.print(f"  {label}: front of {len(entry['front'])}, "
+    done, planned = data["generations"]["done"], data["generations"]["planned"]
+    out.print(f"{data['path']}: {data['state']}, generation {done}/{planned}, "
+              f"{data['individuals']} individuals, {data['results']} results")
+    for entry in data["hypervolume"]:
+        out.print(f"  generation {entry['generation']:3d}: front of {entry['front']}, "
                   f"hypervolume {entry['hypervolume']:.4f}")
+    if data["final"] is not None:
+        out.print(f"  final (fully evaluated): front of {len(data['final']['front'])}, "
+                  f"hypervolume {data['final']['hypervolume']:.4f}")
 
 
-def front(run: str = typer.Argument(..., help="run directory or run id")) -> None:
+def front(run: str = typer.Argument(..., help="run directory or run id"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON (schema: README)")
+          ) -> None:
     """The run's Pareto front: scores ± stderr, size, lineage."""
-    _print_front(_run_dir(run))
+    _print_front(_run_dir(run), as_json)
 
 
-def _print_front(run_dir: Path) -> None:
-    from evolve.config import load_config
+def _print_front(run_dir: Path, as_json: bool = False) -> None:
+    from evolve.run_report import front as front_report
+    from evolve.run_report import run_state
     from evolve.store import RunStore
 
-    store = RunStore(run_dir)
-    generations = store.generations()
-    if not generations:
-        console.print(f"no generation of {run_dir.name} has finished yet ({run_state(store)})")
+    data = front_report(run_dir)
+    if data is None:
+        console.print(f"no generation of {run_dir.name} has finished yet "
+                      f"({run_state(RunStore(run_dir))})")
         raise typer.Exit(code=1)
-    last = generations[-1]
-    planned = len(load_config(run_dir / "config.yaml").generation_sizes())
-    title = ("final front, fully evaluated" if last["generation"] > planned
-             else f"front after generation {last['generation']} of {planned}, {run_state(store)}")
+    if as_json:
+        _json(data)
+        return
+    title = ("final front, fully evaluated" if data["final"] else
+             f"front after generation {data['generation']} of {data['planned']}, "
+             f"{data['state']}")
     table = Table(title=f"Pareto front of {run_dir.name} ({title})")
     for column in ("individual", "search acc. (%)", "test acc. (%)", "params", "operator",
                    "lineage"):
         table.add_column(column)
-    rows = []
-    for identifier in last["front"]:
-        evaluation = store.evaluation(identifier) or {}
-        individual = store.individual(identifier) or {}
-        objectives = evaluation.get("objectives", {})
-        test = store.report(identifier) or {}
+    for member in data["members"]:
+        objectives, test = member["objectives"], member["test"] or {}
         accuracy, stderr = objectives.get("accuracy", (float("nan"), 0.0))
-        rows.append((objectives.get("params", (0, 0))[0], [
-            identifier, f"{accuracy * 100:.1f} ± {stderr * 100:.1f}",
+        table.add_row(
+            member["id"], f"{accuracy * 100:.1f} ± {stderr * 100:.1f}",
             f"{test['accuracy'][0] * 100:.1f} ± {test['accuracy'][1] * 100:.1f}" if test else "–",
-            f"{objectives.get('params', (0, 0))[0]:,.0f}", individual.get("operator", ""),
-            " + ".join(individual.get("parents", [])) or "–"]))
-    for _, row in sorted(rows, key=lambda r: -r[0]):
-        table.add_row(*row)
+            f"{objectives.get('params', (0, 0))[0]:,.0f}", member["operator"] or "",
+            " + ".join(member["parents"]) or "–")
     Console().print(table)
 
 
-def runs() -> None:
+def runs(as_json: bool = typer.Option(False, "--json", help="print JSON (schema: README)")
+         ) -> None:
     """List the runs under runs/."""
-    from evolve.config import load_config
-    from evolve.store import RunStore
+    from evolve.run_report import summary
 
+    found = [summary(folder.parent) for folder in sorted(RUNS.glob("*/run.db"))]
+    if as_json:
+        _json({"runs": found})
+        return
     table = Table(title="runs")
     for column in ("run", "status", "generations", "individuals"):
         table.add_column(column)
-    for folder in sorted(RUNS.glob("*/run.db")):
-        store = RunStore(folder.parent)
-        planned = len(load_config(folder.parent / "config.yaml").generation_sizes())
-        searched = sum(g["generation"] <= planned for g in store.generations())
-        table.add_row(folder.parent.name, run_state(store), f"{searched}/{planned}",
-                      str(store.count("individuals")))
+    for data in found:
+        table.add_row(data["run"], data["state"],
+                      f"{data['generations']['done']}/{data['generations']['planned']}",
+                      str(data["individuals"]))
     Console().print(table)
 
 

@@ -40,6 +40,16 @@ def test_run_front_status_export(config_path, tmp_path):
     assert len(keys) == len(set(keys))  # no recipe scored twice
     for command in (["status", str(run_dir)], ["front", str(run_dir)]):
         assert runner.invoke(app, command).exit_code == 0
+    status = json.loads(runner.invoke(app, ["status", str(run_dir), "--json"]).stdout)
+    assert status["schema"] == 1 and status["status"] == "done"
+    assert status["generations"] == {"done": 3, "planned": 3}
+    assert [g["generation"] for g in status["hypervolume"]] == [1, 2, 3]
+    shown = json.loads(runner.invoke(app, ["front", str(run_dir), "--json"]).stdout)
+    assert shown["final"] and sorted(m["id"] for m in shown["members"]) == sorted(
+        i for i, _ in last_front(run_dir))
+    for member in shown["members"]:
+        assert set(member["objectives"]["accuracy"]) and member["test"]["accuracy"]
+        assert "op" in member["recipe"] or "model" in member["recipe"]
     # export a front member: transformers loads it and it scores as in the run
     member = last_front(run_dir)[0][0]
     out = tmp_path / "export"
