@@ -19,8 +19,7 @@ from pydantic import (
 from fitness.estimators import ESTIMATORS
 from fitness.reduced_fitness import minimum_calibration
 from fitness.reduced_sets import SELECTIONS
-from search_spaces.merge_space import METHODS
-from search_spaces.zoo_landscape import DEFAULT_MERGES
+from search_spaces.merge_space import DEFAULT_MERGES, METHODS
 
 
 class ConfigError(ValueError):

@@ -51,8 +51,7 @@ from fitness.reduced_fitness import (
     promotable,
 )
 from operators.recipes import Recipe
-from search_spaces.merge_space import MergeSpace
-from search_spaces.zoo_landscape import default_merge_recipes
+from search_spaces.merge_space import MergeSpace, default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
 Activity = Callable[[list[str | None]], None]  # per worker: the candidate it runs, or None
@@ -387,13 +386,15 @@ def worker_spec(config: RunConfig, base_dir: Path | None = None):
     """What every process that maps the run's sources builds from: checkpoint folders, tasks,
     device, dtype, memory budget."""
     from fitness.worker_spec import WorkerSpec
+    from search_spaces.builtin_tasks import BUILTIN_TASKS
     from search_spaces.models import resolve_model
 
     names = (config.sources.base, *config.sources.experts)
     return WorkerSpec(tuple((name, str(resolve_model(name, base_dir))) for name in names),
                       config.sources.base, tuple(config.tasks),
                       str(base_dir) if base_dir else None, tuple(config.lm_eval.include_path),
-                      config.lm_eval.metric, config.device, config.dtype, config.memory_budget)
+                      config.lm_eval.metric, config.device, config.dtype, config.memory_budget,
+                      BUILTIN_TASKS)
 
 
 def prepare(config: RunConfig, base_dir: Path | None = None,

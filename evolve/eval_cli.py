@@ -26,11 +26,12 @@ def eval_command(
     from fitness.errors import FitnessError
     from fitness.tasks import load_task
     from operators.errors import MergeError
+    from search_spaces.builtin_tasks import BUILTIN_TASKS
     from search_spaces.models import resolve_model
 
     try:
         folder = resolve_model(model)
-        tasks = [load_task(reference) for reference in task]
+        tasks = [load_task(reference, builtin=BUILTIN_TASKS) for reference in task]
         evaluator = CausalLMEvaluator.from_folder(folder, device=device, batch_size=batch_size)
         results = [evaluator.evaluate(t.name, t.split(split)) for t in tasks]
     except (FitnessError, MergeError, ValueError) as error:

@@ -23,7 +23,7 @@ def check(
     seed: int = typer.Option(0),
 ) -> None:
     """Fit IRT on calibration candidates, then score every estimator on held-out candidates."""
-    from fitness.check import evaluate_fully, reduced_evaluation_table, zoo_populations
+    from evolve.fitness_check import evaluate_fully, reduced_evaluation_table, zoo_populations
     from search_spaces.merge_zoo import DEFAULT_RECIPE
 
     calibration_recipes, held_out_recipes = zoo_populations(calibration, held_out, seed)

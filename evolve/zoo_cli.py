@@ -42,7 +42,7 @@ def build_with_progress(which: str = "merge"):
 @zoo_app.command("build")
 def build() -> None:
     """Build the merge zoo (tiny Llama base + skill experts) and the MNIST-1D NAS zoo."""
-    from search_spaces.zoo_landscape import compute_landscape
+    from evolve.zoo_landscape import compute_landscape
 
     started = time.perf_counter()
     zoo = build_with_progress("merge")
@@ -58,9 +58,9 @@ def build() -> None:
 @zoo_app.command("show")
 def show() -> None:
     """Print the merge zoo's landscape table and the NAS zoo's reference models."""
+    from evolve.zoo_landscape import check_landscape, compute_landscape
     from search_spaces.merge_zoo import build_zoo, is_built
     from search_spaces.nas_zoo import build_nas_zoo, is_nas_built
-    from search_spaces.zoo_landscape import check_landscape, compute_landscape
 
     if not is_built() or not is_nas_built():
         console.print("the zoo is not built yet: building it now (`evoforge zoo build`)")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fitness.items import Task
-from fitness.tasks import load_task
+from fitness.tasks import Builtin, load_task
 from fitness.worker import LocalWorker, RunSources
 
 
@@ -28,10 +28,13 @@ class WorkerSpec:
     device: str = "cpu"
     dtype: str | None = None  # "bfloat16", ...; None: the sources'
     memory_budget: int | None = None
+    builtin_tasks: Builtin = ()  # (prefix, loader) of built-in task names
+    batch_size: int = 256  # items per evaluation batch (bounded by a token budget too)
 
     def load_tasks(self) -> list[Task]:
         root = Path(self.task_root) if self.task_root else None
-        return [load_task(t, root, self.lm_eval_paths, self.lm_eval_metric) for t in self.tasks]
+        return [load_task(t, root, self.lm_eval_paths, self.lm_eval_metric, self.builtin_tasks)
+                for t in self.tasks]
 
     def sources(self, device: str | None = None) -> RunSources:
         """The run's sources on `device` (default: the spec's): what the driver and export need."""
@@ -46,4 +49,5 @@ class WorkerSpec:
     def build(self, device: str | None = None, tasks: list[Task] | None = None) -> LocalWorker:
         """A worker on `device` (default: the spec's); `tasks` if already loaded."""
         return LocalWorker(tasks if tasks is not None else self.load_tasks(),
-                           self.sources(device), memory_budget=self.memory_budget)
+                           self.sources(device), memory_budget=self.memory_budget,
+                           batch_size=self.batch_size)

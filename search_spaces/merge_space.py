@@ -31,9 +31,25 @@ from typing import Any
 
 from operators.recipes import Recipe
 
+# The default merges, with the parameters their papers and mergekit's examples use. DARE-TIES gets
+# lambda 0.5 like task arithmetic: its rescaled task vectors sum to the same scale.
+DEFAULT_MERGES: dict[str, tuple[str, dict]] = {
+    "task_arithmetic": ("task_arithmetic", {"weight": 1.0, "lambda": 0.5}),
+    "ties": ("ties", {"weight": 1.0, "density": 0.2}),
+    "dare_ties": ("dare_ties", {"weight": 1.0, "density": 0.5, "lambda": 0.5}),
+    "pcb": ("pcb", {"weight": 1.0, "density": 0.2}),
+}
+
 METHODS = ("task_arithmetic", "ties", "dare_ties", "pcb")
 SPARSE = ("ties", "dare_ties", "pcb")
 MIN_DENSITY = 0.05
+
+
+def default_merge_recipes(base: str, experts: list[str] | tuple[str, ...]) -> list[dict]:
+    """The default merges as recipes (see `operators.recipes`), in DEFAULT_MERGES order."""
+    return [{"op": "merge", "method": method, "seed": 0, "base": {"model": base},
+             "inputs": [{"model": e} for e in experts], "params": params}
+            for method, params in DEFAULT_MERGES.values()]
 
 
 @dataclass(frozen=True)

@@ -206,15 +206,3 @@ def zoo_task(skill: str, recipe: ZooRecipe = DEFAULT_RECIPE) -> Task:
         splits.append(tuple(items))
     return Task(f"zoo/{skill}", SKILLS[skill].format, splits[0], splits[1],
                 SKILLS[skill].description)
-
-
-def zoo_scorer(zoo: Zoo, tasks: list[Task], batch_size: int = 256):
-    """The local worker over the zoo's checkpoints, named `zoo/<model>` as run configs name them."""
-    from fitness.worker import LocalWorker, RunSources
-    from search_spaces.char_tokenizer import char_tokenizer
-
-    folders = {f"zoo/{name}": path for name, path in zoo.models.items()}
-    config = zoo.recipe.llama_config()
-    config.architectures = ["LlamaForCausalLM"]
-    return LocalWorker(tasks, RunSources(folders, "zoo/base", config, char_tokenizer()),
-                       batch_size=batch_size)

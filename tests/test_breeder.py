@@ -12,8 +12,7 @@ from evolve.breeder import Breeder
 from evolve.selection import survivors
 from evolve.strategies import MergeGeneStrategy, RecipeGeneticStrategy
 from operators.recipes import canonical_key, sources_of
-from search_spaces.merge_space import MergeSpace
-from search_spaces.zoo_landscape import default_merge_recipes
+from search_spaces.merge_space import MergeSpace, default_merge_recipes
 
 EXPERTS = ("zoo/rev", "zoo/sort", "zoo/inc", "zoo/cnt")
 SPACE = MergeSpace("zoo/base", EXPERTS, layers=4)

@@ -21,6 +21,7 @@ from fitness.errors import (
 from fitness.items import ChoiceItem, ClassificationItem, GenerationItem
 from fitness.jsonl_tasks import load_jsonl_task
 from fitness.tasks import load_task
+from search_spaces.builtin_tasks import BUILTIN_TASKS
 from search_spaces.char_tokenizer import BOS_ID, EOS_ID, encode
 from search_spaces.mnist1d_nets import REFERENCE_CNN, Mnist1dNet
 
@@ -347,8 +348,11 @@ def test_mixed_formats_and_empty_split_are_refused(tmp_path):
     path.write_text('{"prompt": "a", "answer": "b", "split": "search"}\n')
     with pytest.raises(TaskFormatError, match="the test split is empty"):
         load_jsonl_task(path)
-    with pytest.raises(TaskFormatError, match="not a built-in task"):
-        load_task("nonsense.txt")
+    with pytest.raises(TaskFormatError, match=r"not a .jsonl file, an lm-eval/… task nor a "
+                                              r"built-in task \(zoo/…, nas/…\)"):
+        load_task("nonsense.txt", builtin=BUILTIN_TASKS)
+    with pytest.raises(TaskFormatError, match="unknown zoo task 'nope'"):
+        load_task("zoo/nope", builtin=BUILTIN_TASKS)
 
 
 def test_item_longer_than_the_context_names_the_item(lm):

@@ -82,7 +82,7 @@ def test_interrupted_build_leaves_no_zoo_behind(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_default_zoo_landscape_keeps_its_promises():
-    from search_spaces.zoo_landscape import check_landscape, compute_landscape
+    from evolve.zoo_landscape import check_landscape, compute_landscape
 
     landscape = compute_landscape(build_zoo())
     assert check_landscape(landscape) == []

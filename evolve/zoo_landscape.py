@@ -11,24 +11,23 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from search_spaces.merge_zoo import Zoo, zoo_scorer, zoo_task
+from fitness.items import Task
+from fitness.worker import LocalWorker
+from fitness.worker_spec import WorkerSpec
+from search_spaces.builtin_tasks import BUILTIN_TASKS
+from search_spaces.merge_space import default_merge_recipes
+from search_spaces.merge_zoo import Zoo, zoo_task
 
-# The default merges, with the parameters their papers and mergekit's examples use. DARE-TIES gets
-# lambda 0.5 like task arithmetic: its rescaled task vectors sum to the same scale.
-DEFAULT_MERGES: dict[str, tuple[str, dict]] = {
-    "task_arithmetic": ("task_arithmetic", {"weight": 1.0, "lambda": 0.5}),
-    "ties": ("ties", {"weight": 1.0, "density": 0.2}),
-    "dare_ties": ("dare_ties", {"weight": 1.0, "density": 0.5, "lambda": 0.5}),
-    "pcb": ("pcb", {"weight": 1.0, "density": 0.2}),
-}
 LANDSCAPE_FILE = "landscape.json"
 
 
-def default_merge_recipes(base: str, experts: list[str] | tuple[str, ...]) -> list[dict]:
-    """The default merges as recipes (see `operators.recipes`), in DEFAULT_MERGES order."""
-    return [{"op": "merge", "method": method, "seed": 0, "base": {"model": base},
-             "inputs": [{"model": e} for e in experts], "params": params}
-            for method, params in DEFAULT_MERGES.values()]
+def zoo_scorer(zoo: Zoo, tasks: list[Task], batch_size: int = 256) -> LocalWorker:
+    """A run's local worker over the zoo's checkpoints, named `zoo/<model>` as run configs name
+    them (built from a `WorkerSpec`, as every worker is)."""
+    spec = WorkerSpec(tuple((f"zoo/{name}", str(path)) for name, path in zoo.models.items()),
+                      "zoo/base", tuple(task.name for task in tasks), builtin_tasks=BUILTIN_TASKS,
+                      batch_size=batch_size)
+    return spec.build(tasks=tasks)
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
+from evolve.zoo_landscape import zoo_scorer
 from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
 from fitness.irt import fit_irt
 from fitness.reduced_sets import select_items
 from operators.cache import cache_dir
 from operators.recipes import Recipe, sources_of
-from search_spaces.merge_space import MergeSpace
-from search_spaces.zoo_landscape import default_merge_recipes
+from search_spaces.merge_space import MergeSpace, default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
 
@@ -63,7 +63,7 @@ def zoo_populations(calibration: int, held_out: int, seed: int = 0
 def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
                    label: str = "candidates", batch_size: int = 256) -> Population:
     """Every recipe's answers to every search-split item of the zoo's tasks (cached)."""
-    from search_spaces.merge_zoo import build_zoo, zoo_scorer, zoo_task
+    from search_spaces.merge_zoo import build_zoo, zoo_task
 
     zoo = build_zoo()
     tasks = [zoo_task(skill, zoo.recipe) for skill in zoo.recipe.skills]
