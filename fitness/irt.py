@@ -20,9 +20,7 @@ skipped. A 500 × 5,000 matrix fits in about a second on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -77,19 +75,6 @@ class IRTModel:
                 break
         _, precision = _newton_rows(alpha, theta, y, weight, -beta, 0.0, ones)
         return theta[0], torch.linalg.inv(precision[0])
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps({
-            "discrimination": self.discrimination.tolist(), "difficulty": self.difficulty.tolist(),
-            "abilities": self.abilities.tolist(), "constant_items": list(self.constant_items)}))
-
-    @classmethod
-    def load(cls, path: Path) -> IRTModel:
-        data = json.loads(path.read_text())
-        return cls(torch.tensor(data["discrimination"], dtype=torch.float64),
-                   torch.tensor(data["difficulty"], dtype=torch.float64),
-                   torch.tensor(data["abilities"], dtype=torch.float64),
-                   tuple(data["constant_items"]))
 
 
 def _check_responses(responses: torch.Tensor, dims: int) -> torch.Tensor:

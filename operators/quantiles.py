@@ -93,16 +93,6 @@ def kth_smallest_streaming(make_chunks: Callable[[], Iterable[torch.Tensor]], ra
     return _key_to_float(((bucket - offset) << 16) | low_bucket)
 
 
-def kth_smallest(values: torch.Tensor, rank: int, nonnegative: bool = False) -> float:
-    """The value of 0-based ascending `rank` among `values` (any shape, no NaN), exactly."""
-    return kth_smallest_streaming(lambda: (values,), rank, nonnegative)
-
-
-def kth_largest(values: torch.Tensor, k: int, nonnegative: bool = False) -> float:
-    """The k-th largest value (k >= 1) of `values`, exactly."""
-    return kth_smallest(values, values.numel() - k, nonnegative)
-
-
 def bracket_ranks(rank: int, total: int, m: int) -> tuple[int, int]:
     """Sample ranks whose values bracket the element of `rank` (out of `total`) in a sample of m,
     unless the sample is wildly unrepresentative: +-4 binomial standard deviations of the sample

@@ -27,7 +27,7 @@ tensor, so a recipe is all a run needs to store, resume or export an individual.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -292,7 +292,4 @@ def materialize(recipe: Recipe, load: Callable[[str], Mapping[str, torch.Tensor]
     return {name: source.get(name) for name in source.names()}
 
 
-def select_layers(state: Mapping[str, torch.Tensor], layers: Sequence[int]) -> StateDict:
-    """The decoder layers `layers` of a state dict (an edit recipe's operation, in memory)."""
-    edit = _Edit(list(layers), StateDictSource(state, "state"), NamePattern(), None)
-    return {name: edit.get(name) for name in edit.names()}
+

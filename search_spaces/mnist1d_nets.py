@@ -31,11 +31,6 @@ class NetSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> NetSpec:
-        return cls(tuple(ConvLayer(**c) for c in data.get("convs", ())),
-                   tuple(int(h) for h in data.get("hidden", ())))
-
 
 # The reference models of the MNIST-1D paper (Greydanus, 2020): a 3-layer CNN and a 3-layer MLP.
 REFERENCE_CNN = NetSpec(convs=(ConvLayer(25, 5, 2), ConvLayer(25, 3, 2), ConvLayer(25, 3, 2)))

@@ -20,11 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fitness.items import ClassificationItem, Task
 from operators.cache import cache_dir
-from search_spaces.mnist1d_nets import REFERENCE_CNN, REFERENCE_MLP, Mnist1dNet, NetSpec
+from search_spaces.mnist1d_nets import (
+    REFERENCE_CNN,
+    REFERENCE_MLP,
+    Mnist1dNet,
+    NetSpec,
+    parameter_count,
+)
 
 NAS_VERSION = 1
 REFERENCES = {"cnn": (REFERENCE_CNN, 0.94), "mlp": (REFERENCE_MLP, 0.68)}  # published accuracy
@@ -108,13 +114,6 @@ def train_net(spec: NetSpec, steps: int = TRAIN_STEPS, seed: int = 0,
     return net.eval()
 
 
-def load_net(folder: Path) -> Mnist1dNet:
-    spec = NetSpec.from_dict(json.loads((folder / "spec.json").read_text()))
-    net = Mnist1dNet(spec)
-    net.load_state_dict(load_file(folder / "model.safetensors"))
-    return net.eval()
-
-
 def build_nas_zoo(root: Path | None = None, progress: Progress | None = None) -> NasZoo:
     """The NAS zoo, trained (under a minute on 2 cores) unless cached."""
     from fitness.classifier import ClassifierEvaluator
@@ -134,7 +133,7 @@ def build_nas_zoo(root: Path | None = None, progress: Progress | None = None) ->
             (staging / name / "spec.json").write_text(json.dumps(spec.to_dict()))
             result = ClassifierEvaluator(net).evaluate(task.name, task.test)
             summary[name] = {"accuracy": result.accuracy,
-                             "parameters": sum(p.numel() for p in net.parameters())}
+                             "parameters": parameter_count(net)}
         (staging / "nas.json").write_text(json.dumps(summary, indent=2))
         try:
             staging.rename(folder)

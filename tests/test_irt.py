@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitness.irt import IRTError, IRTModel, fit_irt, simulate_responses
+from fitness.irt import IRTError, fit_irt, simulate_responses
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,13 +62,6 @@ def test_ability_of_a_new_model_from_few_items():
     estimate, covariance = fit.fit_ability(responses[0, items], items)
     full, _ = fit.fit_ability(responses[0], torch.arange(400))
     assert abs(float(estimate[0] - full[0])) <= 3 * float(covariance[0, 0].sqrt())
-
-
-def test_save_and_load_round_trip(tmp_path):
-    fit = fit_irt(simulate_responses(30, 20, seed=6)[0])
-    fit.save(tmp_path / "irt.json")
-    again = IRTModel.load(tmp_path / "irt.json")
-    assert torch.allclose(again.probabilities(again.abilities), fit.probabilities(fit.abilities))
 
 
 def test_bad_response_matrices_are_refused():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from operators.recipes import RecipeError, materialize, select_layers, sources_of
+from operators.recipes import RecipeError, materialize, sources_of
 from operators.settings import count_layers
 from search_spaces.merge_space import MergeSpace
 
@@ -60,6 +60,10 @@ def test_edits_drop_restore_and_stack_layers_within_bounds(world):
 def test_select_layers_drops_and_stacks(world):
     _, states = world
     base = states["base"]
+    def select_layers(state, layers):  # an edit recipe over the state, materialized
+        return materialize({"op": "edit", "layers": layers, "input": {"model": "s"}},
+                           {"s": state}.__getitem__)
+
     stacked = select_layers(base, [0, 1, 1, 3])
     assert count_layers(stacked) == 4
     first = [n for n in base if "layers.1." in n]

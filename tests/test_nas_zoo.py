@@ -27,8 +27,6 @@ def test_mnist1d_is_generated_with_the_papers_shapes():
 def test_specs_round_trip_and_build_the_reference_sizes():
     assert parameter_count(Mnist1dNet(REFERENCE_CNN)) == 5210
     assert parameter_count(Mnist1dNet(REFERENCE_MLP)) == 15210
-    for spec in (REFERENCE_CNN, REFERENCE_MLP):
-        assert NetSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="shrinks to nothing"):
         Mnist1dNet(NetSpec(convs=(ConvLayer(4, 45, 1),)))
 
