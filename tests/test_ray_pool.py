@@ -190,10 +190,12 @@ def test_a_killed_driver_resumes_with_every_answer_once(tiny_models, task, tmp_p
                        "--mode", mode)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:  # kill among the children
-        db = run_dir / "run.db"
-        if db.exists() and sqlite3.connect(db).execute(
-                "SELECT COUNT(*) FROM answers WHERE candidate LIKE 'g%'").fetchone()[0] >= 3:
-            break
+        try:
+            if sqlite3.connect(run_dir / "run.db").execute(
+                    "SELECT COUNT(*) FROM answers WHERE candidate LIKE 'g%'").fetchone()[0] >= 3:
+                break
+        except sqlite3.Error:  # the store is still being created
+            pass
         time.sleep(0.02)
     assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
