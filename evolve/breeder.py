@@ -1,55 +1,66 @@
-"""Proposals worth an evaluation: new recipes whose experts come from their parents.
+"""Proposals worth an evaluation: genomes the driver does not hold yet, with honest lineage.
 
 A strategy proposes children; the breeder checks each before it is scored and has the strategy
 draw again (from a stream named after the child and the attempt, so a resume redraws the same)
 when a proposal
-- is a recipe the run already holds, by canonical key (the seed of a merge that draws nothing
-  random does not count), whether scored or still being scored: its answers would be the same;
-- merges an expert none of its parents merges (an operator must never invent one).
-Each redraw is recorded in the run store's events with its reason (`redrawn`). A strategy that
-learns from results (optuna, CMA-ES) is told the refused proposal's known objectives, or a
-failure, so that it moves on.
+- is a genome the driver already holds, by its `key` (for recipes the canonical key, where the
+  seed of a merge that draws nothing random does not count; for architectures the isomorphism
+  class), whether scored or still being scored: its answers would be the same;
+- fails the driver's lineage check (a merge run: it merges an expert none of its parents merges;
+  an operator must never invent one).
+Each redraw is reported (`on_redraw`; a run records it in its store's events as `redrawn`). A
+strategy that learns from results (optuna, CMA-ES) is told the refused proposal's known
+objectives, or a failure, so that it moves on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from evolve.strategies import Proposal, RecipeStrategy
-from operators.recipes import Recipe, canonical_key, sources_of
+from evolve.strategies import Proposal, Strategy
+from operators.recipes import Recipe, sources_of
 
-MAX_REDRAWS = 100  # then the proposal is kept, and the event says so
+MAX_REDRAWS = 100  # then the proposal is kept, and the report says so
+
+
+def invented_experts(base: str, recipes: Mapping[str, Recipe]) -> Callable[[Proposal], str | None]:
+    """A merge run's lineage check: the proposal merges no expert that none of its parents (a
+    candidate id, or a source model's name) merges."""
+    def experts(recipe: Recipe) -> set[str]:
+        return {name for name in sources_of(recipe) if name != base}
+
+    def check(proposal: Proposal) -> str | None:
+        allowed: set[str] = set()
+        for parent in proposal.parents:
+            allowed |= experts(recipes[parent]) if parent in recipes else {parent} - {base}
+        invented = sorted(experts(proposal.genome) - allowed)
+        return f"merges {', '.join(invented)}, which none of its parents merges" if invented \
+            else None
+    return check
 
 
 class Breeder:
-    def __init__(self, strategy: RecipeStrategy, base: str, recipes: Mapping[str, Recipe],
-                 on_redraw: Callable[[str, str], None]):
-        self.strategy, self.base, self.recipes = strategy, base, recipes
+    def __init__(self, strategy: Strategy, key: Callable[[Any], Hashable],
+                 on_redraw: Callable[[str, str], None],
+                 lineage: Callable[[Proposal], str | None] | None = None):
+        self.strategy, self.key, self.lineage = strategy, key, lineage
         self.on_redraw = on_redraw  # (child id, reason)
-        self.keys: dict[str, str] = {}  # canonical key -> id of the candidate holding it
+        self.keys: dict[Hashable, str] = {}  # genome key -> id of the candidate holding it
 
-    def known(self, identifier: str, recipe: Recipe) -> None:
-        """A candidate of the run (calibration or child): its recipe is taken."""
-        self.keys.setdefault(canonical_key(recipe), identifier)
-
-    def _experts(self, recipe: Recipe) -> set[str]:
-        return {name for name in sources_of(recipe) if name != self.base}
+    def known(self, identifier: str, genome: Any) -> None:
+        """A candidate of the driver (calibration, seed or child): its genome is taken."""
+        self.keys.setdefault(self.key(genome), identifier)
 
     def flaw(self, proposal: Proposal) -> tuple[str, str | None] | None:
         """Why a proposal must be drawn again (and the id of the candidate it repeats), or None."""
-        holder = self.keys.get(canonical_key(proposal.recipe))
+        holder = self.keys.get(self.key(proposal.genome))
         if holder is not None:
-            return f"the same recipe as {holder}", holder
-        allowed: set[str] = set()
-        for parent in proposal.parents:  # a candidate id, or a source model's name
-            allowed |= self._experts(self.recipes[parent]) if parent in self.recipes \
-                else {parent} - {self.base}
-        invented = sorted(self._experts(proposal.recipe) - allowed)
-        if invented:
-            return f"merges {', '.join(invented)}, which none of its parents merges", None
-        return None
+            return f"repeats {holder}", holder
+        reason = self.lineage(proposal) if self.lineage else None
+        return None if reason is None else (reason, None)
 
     def propose(self, stream: str, ids: Sequence[str], population: list[str],
                 matrix: np.ndarray, row_of: Callable[[str], np.ndarray | None]
@@ -70,6 +81,6 @@ class Breeder:
                 self.strategy.tell([proposal], [row_of(holder) if holder else None])
                 proposal = self.strategy.ask(f"{stream}/{identifier}/redraw/{attempt}", 1,
                                              population, matrix)[0]
-            self.known(identifier, proposal.recipe)
+            self.known(identifier, proposal.genome)
             checked.append(proposal)
         return checked

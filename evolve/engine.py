@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evolve.breeder import Breeder
+from evolve.breeder import Breeder, invented_experts
 from evolve.config import RunConfig
 from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
@@ -50,7 +50,7 @@ from fitness.reduced_fitness import (
     finalist,
     promotable,
 )
-from operators.recipes import Recipe
+from operators.recipes import Recipe, canonical_key
 from search_spaces.merge_space import MergeSpace, default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
@@ -137,8 +137,9 @@ class Evolution:
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
         self.strategy = recipe_strategy(config, setup.space, self.recipes)
-        self.breeder = Breeder(self.strategy, setup.space.base, self.recipes,
-                               lambda child, reason: store.event("redrawn", f"{child}: {reason}"))
+        self.breeder = Breeder(self.strategy, canonical_key,
+                               lambda child, reason: store.event("redrawn", f"{child}: {reason}"),
+                               invented_experts(setup.space.base, self.recipes))
         self.timings = Timings()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -243,7 +244,7 @@ class Evolution:
             ids = [f"g{generation}-{k}" for k in range(size)]
             proposals = self.breeder.propose(f"gen/{generation}", ids, population,
                                              self._matrix(population), self._known_row)
-            children = [Candidate(i, p.recipe, p.parents)
+            children = [Candidate(i, p.genome, p.parents)
                         for i, p in zip(ids, proposals, strict=True)]
             results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
                 c, self.budget, on_candidate=lambda done, total:
@@ -275,7 +276,7 @@ class Evolution:
                 identifier = f"g{generation}-{index}"
                 proposal = self.breeder.propose(f"child/{bred}", [identifier], population,
                                                 self._matrix(population), self._known_row)[0]
-                child = _Child(Candidate(identifier, proposal.recipe, proposal.parents),
+                child = _Child(Candidate(identifier, proposal.genome, proposal.parents),
                                proposal, generation, stages[generation])
                 child.job = self.fitness.job(child.candidate, stages[generation].reduced
                                              .reduced.indices)

@@ -1,26 +1,17 @@
 """Search strategies, ask/tell: they propose, a driver evaluates, they hear the objectives.
 
-Strategies never evaluate anything themselves. Two drivers use them:
-
-**Runs** (`evolve.engine.Evolution`, `evoforge run`) drive a `RecipeStrategy` over the merge
-space: `ask(stream, size, population, matrix)` gives proposals (recipe, parents, operator),
+Strategies never evaluate anything themselves. Every driver speaks one protocol, `Strategy`:
+`ask(stream, size, population, matrix)` gives proposals (a genome, its parents, the operator),
 `tell(proposals, rows)` their objective rows, in any order and any number at a time (a
-generation's batch, or in steady-state mode one child as it finishes). `strategy:` in the run
-config picks one:
-- `RecipeGeneticStrategy` (`ga`, default): tournaments on rank and crowding, then crossover, an
-  architecture edit, weight noise or gene mutation; survival is the engine's NSGA-II selection;
+generation's batch, or in steady-state mode one child as it finishes). Two drivers use it: runs
+(`evolve.engine.Evolution`, `evoforge run`, over the merge space, where a genome is a recipe) and
+the search-quality benchmark (`benchmarks/nas_search_quality.py`, over NAS-Bench-Graph, where a
+genome is an architecture), so the GA the benchmark measures is the GA a run uses, behind the
+same `Breeder`. `strategy:` in a run config picks one:
+- `GeneticStrategy` (`ga`, default): tournaments on rank and crowding, then crossover, an
+  architecture edit, weight noise or mutation; survival is the driver's NSGA-II selection;
 - `MergeGeneStrategy` (`cmaes`, `tpe`, `nsga2`): nevergrad's CMA-ES or optuna's samplers over a
   flat merge's genes.
-
-**Benchmarks with a known answer** (`benchmarks/nas_search_quality.py`) drive genome strategies,
-`ask()` → genomes, `tell(genomes, objectives)`, on any space that gives `random`, `crossover`
-and `mutate`:
-- `GeneticStrategy`: the same tournaments and NSGA-II survival (pymoo) as a run. It never re-asks
-  a genome equivalent to one already evaluated: a space may define `canonical(genome)` (e.g.
-  isomorphic architectures share one), so every evaluation of the budget is spent on something
-  new;
-- `RandomStrategy`: uniform samples, the baseline every search must beat;
-- `OptunaStrategy`: optuna's multi-objective samplers (NSGA-II, TPE) through its ask/tell API.
 """
 
 from __future__ import annotations
@@ -28,11 +19,11 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from evolve.selection import rank_and_crowding, survivors, tournament
+from evolve.selection import rank_and_crowding, tournament
 
 if TYPE_CHECKING:
     from evolve.config import RunConfig
@@ -40,132 +31,26 @@ if TYPE_CHECKING:
     from search_spaces.merge_space import MergeSpace
 
 
-class Space(Protocol):
-    def random(self, rng: random.Random): ...
-
-    def crossover(self, rng: random.Random, a, b): ...
-
-    def mutate(self, rng: random.Random, genome): ...
-
-    # optional: `canonical(genome)`, one key per class of equivalent genomes (default: itself)
-
-
-class GeneticStrategy:
-    def __init__(self, space: Space, population: int = 12, crossover: float = 0.7,
-                 mutation: float = 0.7, seed: int = 0):
-        self.space, self.size = space, population
-        self.crossover_rate, self.mutation_rate = crossover, mutation
-        self.rng = random.Random(seed)
-        self.population: list = []
-        self.scores: dict = {}
-        self.canonical = getattr(space, "canonical", lambda genome: genome)
-        self.evaluated: set = set()  # canonical keys of everything told
-
-    def _fresh(self, make) -> object:
-        for _ in range(100):  # avoid re-asking evaluated (or equivalent) genomes
-            genome = make()
-            if self.canonical(genome) not in self.evaluated:
-                return genome
-        return genome
-
-    def ask(self) -> list:
-        if not self.population:
-            return [self._fresh(lambda: self.space.random(self.rng)) for _ in range(self.size)]
-        rank, crowding = rank_and_crowding(np.array([self.scores[g] for g in self.population]))
-
-        def child():
-            first = self.population[tournament(self.rng, rank, crowding)]
-            genome = first
-            if self.rng.random() < self.crossover_rate:
-                second = self.population[tournament(self.rng, rank, crowding)]
-                genome = self.space.crossover(self.rng, first, second)
-            if genome == first or self.rng.random() < self.mutation_rate:
-                genome = self.space.mutate(self.rng, genome)
-            return genome
-        batch: list = []
-        keys: set = set()
-        while len(batch) < self.size:
-            genome = self._fresh(child)
-            if self.canonical(genome) not in keys:
-                batch.append(genome)
-                keys.add(self.canonical(genome))
-        return batch
-
-    def tell(self, genomes: list, objectives: np.ndarray) -> None:
-        for genome, row in zip(genomes, objectives, strict=True):
-            self.scores[genome] = tuple(row)
-            self.evaluated.add(self.canonical(genome))
-        pool = list(dict.fromkeys(self.population + list(genomes)))
-        keep = survivors(np.array([self.scores[g] for g in pool]), self.size)
-        self.population = [pool[i] for i in keep]
-
-
-class RandomStrategy:
-    def __init__(self, space: Space, batch: int = 20, seed: int = 0):
-        self.space, self.batch, self.rng = space, batch, random.Random(seed)
-        self.seen: set = set()
-
-    def ask(self) -> list:
-        out = []
-        for _ in range(100 * self.batch):
-            if len(out) == self.batch:
-                break
-            genome = self.space.random(self.rng)
-            if genome not in self.seen and genome not in out:
-                out.append(genome)
-        return out
-
-    def tell(self, genomes: list, objectives: np.ndarray) -> None:
-        self.seen.update(genomes)
-
-
-class OptunaStrategy:
-    """optuna's ask/tell with one categorical parameter per gene (`choices[i]` values)."""
-
-    def __init__(self, choices: list[int], sampler: str = "nsga2", batch: int = 20,
-                 population: int = 20, seed: int = 0, objectives: int = 2):
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        samplers = {"nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population,
-                                                                    seed=seed),
-                    "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True)}
-        if sampler not in samplers:
-            raise ValueError(f"unknown optuna sampler {sampler!r}; use one of {list(samplers)}")
-        self.study = optuna.create_study(directions=["minimize"] * objectives,
-                                         sampler=samplers[sampler]())
-        self.choices, self.batch = choices, batch
-        self._trials: list = []
-
-    def ask(self) -> list:
-        self._trials = [self.study.ask() for _ in range(self.batch)]
-        return [tuple(t.suggest_categorical(f"g{i}", list(range(n)))
-                      for i, n in enumerate(self.choices)) for t in self._trials]
-
-    def tell(self, genomes: list, objectives: np.ndarray) -> None:
-        for trial, row in zip(self._trials, objectives, strict=True):
-            self.study.tell(trial, [float(v) for v in row])
-
-
 @dataclass(frozen=True)
 class Proposal:
-    """A child a merge strategy asks to evaluate: its recipe, parents and the operator, and the
-    strategy's own handle on it (an optuna trial, a nevergrad candidate) for `tell`."""
+    """A child a strategy asks to evaluate: its genome (a recipe in runs), parents and the
+    operator, and the strategy's own handle on it (an optuna trial, a nevergrad candidate) for
+    `tell`."""
 
-    recipe: Recipe
+    genome: Any
     parents: tuple[str, ...]
     operator: str
     handle: object = field(default=None, compare=False, repr=False)
 
 
-class RecipeStrategy(Protocol):
-    """What `evolve.engine.Evolution` drives, whatever the strategy.
+class Strategy(Protocol):
+    """What a driver (a run's `Evolution`, the search-quality benchmark) drives.
 
     `ask` gets the current population (ids, with their objective rows to minimize) and returns
     `size` proposals, drawn from the random stream named `stream` (`gen/3` for a generation,
     `child/41` for one steady-state child: the same stream gives the same proposals on resume);
     `tell` gets proposals with one objective row each, None for a failed candidate. Survival
-    (non-dominated sorting and crowding on stderr-aware rows) is the engine's, the same for every
+    (non-dominated sorting and crowding on stderr-aware rows) is the driver's, the same for every
     strategy, so the front is comparable across them.
     """
 
@@ -175,35 +60,47 @@ class RecipeStrategy(Protocol):
     def tell(self, proposals: list[Proposal], rows: list[np.ndarray | None]) -> None: ...
 
 
-class RecipeGeneticStrategy:
-    """The default: the GA over recipes. Binary tournaments on non-domination rank and crowding
-    pick parents; each child comes from one operator drawn by its rate: crossover (of two
-    parents), an architecture edit, weight noise, or else mutation of the merge genes.
+# A space's unary operators, by operator name: the method that applies it. A space offers
+# `crossover(rng, a, b)` and `mutate(rng, genome)`; the others only where their rate is above 0.
+UNARY_OPERATORS = {"edit": "edit", "weight-noise": "mutate_weights", "mutation": "mutate"}
+
+
+class GeneticStrategy:
+    """The default: a GA over any space's genomes. Binary tournaments on non-domination rank and
+    crowding pick parents; each child comes from one operator drawn by its rate (`rates`:
+    crossover of two parents, `edit`, `weight-noise`); the remainder is mutation.
     A stream draws from `random.Random(f"{seed}/{stream}")`, so a resumed run replays it.
     """
 
-    def __init__(self, space: MergeSpace, recipes: Mapping[str, Recipe], crossover: float,
-                 edit: float, weight_noise: float, seed: int = 0):
-        self.space, self.recipes, self.seed = space, recipes, seed
-        self.rates = {"crossover": crossover, "edit": edit, "weight-noise": weight_noise}
+    def __init__(self, space: Any, genomes: Mapping[str, Any], rates: Mapping[str, float],
+                 seed: int = 0):
+        unknown = set(rates) - {"crossover", "edit", "weight-noise"}
+        if unknown:
+            raise ValueError(f"unknown operator rates {sorted(unknown)}: give crossover, edit "
+                             "and weight-noise; mutation takes the remainder")
+        if sum(rates.values()) > 1 + 1e-9:
+            raise ValueError(f"operator rates sum to {sum(rates.values()):.3f} > 1")
+        self.space, self.genomes, self.seed = space, genomes, seed
+        self.rates = {name: rate for name, rate in rates.items() if rate > 0}
 
     def _child(self, rng: random.Random, pick) -> Proposal:
         first, roll = pick(), rng.random()
-        recipe = self.recipes[first]
-        if roll < self.rates["crossover"]:
+        genome = self.genomes[first]
+        if roll < self.rates.get("crossover", 0.0):
             second = pick()
             for _ in range(3):  # a parent crossed with itself gives itself back
                 if second != first:
                     break
                 second = pick()
-            return Proposal(self.space.crossover(rng, recipe, self.recipes[second]),
+            return Proposal(self.space.crossover(rng, genome, self.genomes[second]),
                             (first, second), "crossover")
-        roll -= self.rates["crossover"]
-        if roll < self.rates["edit"]:
-            return Proposal(self.space.edit(rng, recipe), (first,), "edit")
-        if roll < self.rates["edit"] + self.rates["weight-noise"]:
-            return Proposal(self.space.mutate_weights(rng, recipe), (first,), "weight-noise")
-        return Proposal(self.space.mutate_genes(rng, recipe), (first,), "mutation")
+        roll -= self.rates.get("crossover", 0.0)
+        for operator in ("edit", "weight-noise"):
+            if roll < self.rates.get(operator, 0.0):
+                return Proposal(getattr(self.space, UNARY_OPERATORS[operator])(rng, genome),
+                                (first,), operator)
+            roll -= self.rates.get(operator, 0.0)
+        return Proposal(self.space.mutate(rng, genome), (first,), "mutation")
 
     def ask(self, stream: str, size: int, population: list[str],
             matrix: np.ndarray) -> list[Proposal]:
@@ -213,7 +110,7 @@ class RecipeGeneticStrategy:
                 for _ in range(size)]
 
     def tell(self, proposals: list[Proposal], rows: list[np.ndarray | None]) -> None:
-        """Nothing to learn: the GA's memory is the population the engine keeps."""
+        """Nothing to learn: the GA's memory is the population the driver keeps."""
 
 
 class MergeGeneStrategy:
@@ -302,13 +199,14 @@ class MergeGeneStrategy:
 
 
 def recipe_strategy(config: RunConfig, space: MergeSpace,
-                    recipes: Mapping[str, Recipe]) -> RecipeStrategy:
+                    recipes: Mapping[str, Recipe]) -> Strategy:
     """The strategy a run config names (`strategy:`), over the run's merge space."""
     if config.strategy == "ga":
         operators = config.operators
-        return RecipeGeneticStrategy(space, recipes, operators.crossover.rate,
-                                     operators.edit.rate, operators.weight_noise.rate,
-                                     config.seed)
+        return GeneticStrategy(space, recipes, {"crossover": operators.crossover.rate,
+                                                "edit": operators.edit.rate,
+                                                "weight-noise": operators.weight_noise.rate},
+                               config.seed)
     objectives = list(config.objectives)
     return MergeGeneStrategy(config.strategy, space, len(objectives),
                              sum(config.generation_sizes()), config.seed,

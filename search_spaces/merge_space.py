@@ -13,7 +13,7 @@ merges only experts its parents merge (a merge left with no expert is the base i
 - `crossover(a, b)`: with probability `compose` a merge of the two parents' recipes (a child of
   children: the recipe tree is the lineage); otherwise uniform crossover of their genes (each
   expert's weight and density from one parent; at least one expert of theirs is kept);
-- `mutate_genes(a)`: Gaussian noise on weights, density and λ, sometimes a new method;
+- `mutate(a)`: Gaussian noise on weights, density and λ, sometimes a new method;
 - `mutate_weights(a)`: seeded weight noise on the materialized model (σ relative to the task
   vector, a gene rate);
 - `edit(a)`: the heuristic architecture proposer: drop a decoder layer (the one nearest the middle,
@@ -172,9 +172,9 @@ class MergeSpace:
                         "params": {"weight": [round(share, 4), round(1 - share, 4)]}}
             return self._edited(composed, self.layer_plan(a))
         if genes_a is None or genes_b is None:
-            return self.mutate_genes(rng, a if genes_a is not None else b)
+            return self.mutate(rng, a if genes_a is not None else b)
         if not genes_a["weights"] and not genes_b["weights"]:  # two bases: nothing to mix
-            return self.mutate_genes(rng, a)
+            return self.mutate(rng, a)
         pick = [genes_a, genes_b]
         donors = {e: rng.choice(pick) for e in self.experts}  # per expert: weight and density
         theirs = [e for e in self.experts if e in genes_a["weights"] or e in genes_b["weights"]]
@@ -187,7 +187,7 @@ class MergeSpace:
                                   rng.choice(pick)["lambda"], rng.randrange(2**31))
         return self._rewrap(rng.choice([a, b]), child)
 
-    def mutate_genes(self, rng: random.Random, recipe: Recipe, scale: float = 0.15) -> Recipe:
+    def mutate(self, rng: random.Random, recipe: Recipe, scale: float = 0.15) -> Recipe:
         genes = self.genes(recipe)
         if genes is None:
             return self.mutate_weights(rng, recipe)

@@ -20,6 +20,8 @@ import numpy as np
 
 GENES = 5
 CHOICES = 9
+DATASETS = ("cora", "citeseer", "pubmed", "cs", "physics", "photo", "computers", "arxiv",
+            "proteins")  # the nine the tables cover
 Genome = tuple[int, ...]
 
 
@@ -74,7 +76,12 @@ class NasBenchGraph:
 
     @staticmethod
     def mutate(rng: random.Random, genome: Genome) -> Genome:
+        """One gene changed for sure, each other with probability 1/GENES: mostly a neighbour,
+        but every genome stays reachable, so a converged population still finds new ones."""
         child = list(genome)
-        position = rng.randrange(GENES)
-        child[position] = rng.choice([c for c in range(CHOICES) if c != genome[position]])
+        first = rng.randrange(GENES)
+        for position in range(GENES):
+            if position == first or rng.random() < 1 / GENES:
+                child[position] = rng.choice([c for c in range(CHOICES)
+                                              if c != genome[position]])
         return tuple(child)

@@ -26,7 +26,7 @@ def test_operators_make_materializable_recipes(world):
     population = [space.random(rng) for _ in range(4)]
     for step in range(40):
         a, b = rng.sample(population, 2)
-        child = [space.crossover(rng, a, b), space.mutate_genes(rng, a),
+        child = [space.crossover(rng, a, b), space.mutate(rng, a),
                  space.mutate_weights(rng, a), space.edit(rng, a)][step % 4]
         state = materialize(child, states.__getitem__)
         assert 1 <= count_layers(state) <= 6  # edits may stack layers up to 1.5x

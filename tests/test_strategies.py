@@ -1,23 +1,24 @@
-"""Ask/tell strategies on NAS-Bench-Graph (table lookups: a search space with a known answer)."""
+"""The run's GA and the benchmark's peers on NAS-Bench-Graph (table lookups: a search space
+with a known answer), driven through the one ask/tell protocol runs use."""
 
 from __future__ import annotations
+
+import random
 
 import numpy as np
 import pytest
 
+from benchmarks.nas_search_quality import (
+    Evaluations,
+    OptunaSampler,
+    PymooNSGA2,
+    RandomSearch,
+    run_ga,
+    run_peer,
+)
 from evolve.selection import hypervolume
-from evolve.strategies import GeneticStrategy, OptunaStrategy, RandomStrategy
+from evolve.strategies import GeneticStrategy
 from search_spaces.nas_bench_graph import CHOICES, GENES, NasBenchGraph
-
-
-def _search(strategy, space, budget):
-    seen = {}
-    while len(seen) < budget:
-        genomes = strategy.ask()
-        assert all(len(g) == GENES and all(0 <= v < CHOICES for v in g) for g in genomes)
-        rows = [seen.setdefault(g, space.objectives(g)) for g in genomes]
-        strategy.tell(genomes, np.array(rows))
-    return seen
 
 
 def test_table_lookups_and_invalid_genomes():
@@ -28,34 +29,67 @@ def test_table_lookups_and_invalid_genomes():
     assert len(space.exact_front()) == 26206
 
 
-def test_ga_asks_fresh_genomes_and_keeps_the_best():
+def test_budget_counts_distinct_architectures():
     space = NasBenchGraph("cora")
-    strategy = GeneticStrategy(space, seed=0)
-    seen = _search(strategy, space, 120)
-    assert len(seen) >= 120
-    # never two genomes of one architecture (isomorphic genomes share a table entry)
-    assert len({space.canonical(g) for g in seen}) == len(seen)
-    best = min(seen.values())[0]
-    assert min(strategy.scores[g][0] for g in strategy.population) == best  # elitism
+    rng, classes = random.Random(0), {}
+    while not any(len(genomes) > 1 for genomes in classes.values()):
+        genome = NasBenchGraph.random(rng)
+        classes.setdefault(space.canonical(genome), set()).add(genome)
+    twins = next(genomes for genomes in classes.values() if len(genomes) > 1)
+    evaluate = Evaluations(space)
+    for genome in twins:
+        evaluate(genome)
+    assert len(evaluate.order) == 1  # isomorphic genomes are one architecture: one evaluation
 
 
-def test_ga_reaches_a_higher_hypervolume_than_random_search():
+def test_ga_evaluates_each_architecture_once_and_keeps_the_best():
+    space = NasBenchGraph("cora")
+    evaluate = Evaluations(space)
+    run_ga(0, evaluate, 120)
+    assert len(evaluate.order) >= 120
+    rows = np.array(evaluate.order)
+    assert len({tuple(r) for r in rows}) > 100  # (distinct keys; a few share objectives)
+    # the GA reached within 1% of the table's best accuracy
+    assert rows[:, 0].min() <= space.exact_front()[:, 0].min() * 0.99
+
+
+@pytest.mark.parametrize("peer", ["random", "nsga2", "tpe", "pymoo"])
+def test_peers_speak_the_protocol(peer):
     space = NasBenchGraph("citeseer")
-    reference = np.array([0.0, space.max_params])
+    strategy = {"random": lambda: RandomSearch(0), "nsga2": lambda: OptunaSampler("nsga2", 0),
+                "tpe": lambda: OptunaSampler("tpe", 0), "pymoo": lambda: PymooNSGA2(0)}[peer]()
+    proposals = strategy.ask("", 20, [], np.empty((0, 2)))
+    assert len(proposals) == 20
+    assert all(len(p.genome) == GENES and all(0 <= v < CHOICES for v in p.genome)
+               for p in proposals)
+    evaluate = Evaluations(space)
+    strategy.tell(proposals, [evaluate(p.genome) for p in proposals])
+    run_peer(strategy, evaluate, 60, 20)
+    assert len(evaluate.order) >= 60
 
-    def mean_hypervolume(make) -> float:
-        return float(np.mean([hypervolume(np.array(list(_search(make(seed), space, 150)
-                                                        .values()))[:150], reference)
-                              for seed in range(4)]))
-    ga = mean_hypervolume(lambda seed: GeneticStrategy(space, seed=seed))
-    rs = mean_hypervolume(lambda seed: RandomStrategy(space, seed=seed))
+
+def test_ga_beats_random_search():
+    space = NasBenchGraph("citeseer")
+
+    def mean_hypervolume(search) -> float:
+        values = []
+        for seed in range(4):
+            evaluate = Evaluations(space)
+            search(seed, evaluate)
+            values.append(hypervolume(np.array(evaluate.order[:150]), np.array([0.0, 1.0])))
+        return float(np.mean(values))
+    ga = mean_hypervolume(lambda seed, evaluate: run_ga(seed, evaluate, 150))
+    rs = mean_hypervolume(lambda seed, evaluate: run_peer(RandomSearch(seed), evaluate, 150, 20))
     assert ga > rs
 
 
-def test_optuna_strategy_runs_ask_tell():
-    space = NasBenchGraph("cora")
-    seen = _search(OptunaStrategy([CHOICES] * GENES, "nsga2", batch=10, population=10, seed=0),
-                   space, 30)
-    assert len(seen) >= 30
-    with pytest.raises(ValueError, match="unknown optuna sampler"):
-        OptunaStrategy([CHOICES] * GENES, "annealing")
+def test_operator_rates_are_checked():
+    with pytest.raises(ValueError, match="unknown operator rates"):
+        GeneticStrategy(NasBenchGraph(), {}, {"weight_noise": 0.1})
+    with pytest.raises(ValueError, match=r"sum to 1\.200"):
+        GeneticStrategy(NasBenchGraph(), {}, {"crossover": 0.7, "edit": 0.5})
+    rng = random.Random(0)
+    genomes = {"a": NasBenchGraph.random(rng), "b": NasBenchGraph.random(rng)}
+    strategy = GeneticStrategy(NasBenchGraph(), genomes, {"crossover": 0.0}, seed=1)
+    proposals = strategy.ask("gen/1", 10, ["a", "b"], np.array([[-0.5, 0.2], [-0.6, 0.3]]))
+    assert {p.operator for p in proposals} == {"mutation"}  # the remainder
