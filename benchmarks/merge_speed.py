@@ -2,7 +2,9 @@
 
 Merges a base plus 3 models (>= 100M parameters each, float32, Llama-shaped tensors) with each
 method, checks that both give the same tensors, and prints the time ratio and the peak resident
-memory each merge added above the inputs. Run: ``python benchmarks/merge_speed.py [--layers N]``.
+memory each merge added above the inputs. Both are measured the same way: a warm-up merge each,
+then `--repeats` rounds that run every method once per side, the best round counting.
+Run: ``python benchmarks/merge_speed.py [--layers N] [--repeats 3]``.
 
 ``--dtype bfloat16`` gives both sides bf16 inputs, as real checkpoints are: evoforge merges them
 the way a run materializes a recipe (the kernels read the bf16 inputs in place and compute in
@@ -115,8 +117,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds of evoforge runs (each method once per round); the best "
-                             "time counts (mergekit runs once)")
+                        help="rounds (each method once per round and side); the best time "
+                             "counts, for both")
     parser.add_argument("--skip-mergekit", action="store_true",
                         help="time evoforge only (mergekit's TIES sorts every tensor: slow)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -125,7 +127,8 @@ def main() -> None:
     base, models = build_models(args.layers, args.hidden, dtype=getattr(torch, args.dtype))
     n_params = sum(v.numel() for v in base.values())
     print(f"inputs: base + {len(models)} models x {n_params / 1e6:.1f}M parameters ({args.dtype}), "
-          f"{torch.get_num_threads()} threads; evoforge: best of {args.repeats} runs")
+          f"{torch.get_num_threads()} threads; best of {args.repeats} rounds after a warm-up, "
+          "both sides")
     cases = {
         "linear": {"weight": WEIGHTS},
         "task_arithmetic": {"weight": WEIGHTS},
@@ -133,17 +136,26 @@ def main() -> None:
         "dare_ties": {"weight": WEIGHTS, "density": DENSITY},
         "pcb": {"density": DENSITY},
     }
+    peer = merge_state_dicts is not None and not args.skip_mergekit
     # Warm-up: the first large allocations of a process pay page faults that later ones reuse.
     run_evoforge("linear", base, models, cases["linear"])
-    # Each round times every method once, so a slow spell of the machine (a noisy neighbour on a
-    # shared VM) lands on all methods alike instead of on whichever ran then; best round counts.
-    ours_time, ours_peak = {}, {}
+    if peer:
+        run_mergekit("linear", base, models, cases["linear"])
+    # Each round times every method once per side, so a slow spell of the machine (a noisy
+    # neighbour on a shared VM) lands on all methods and both sides alike; best round counts.
+    ours_time, ours_peak, their_time, their_peak = {}, {}, {}, {}
     for _ in range(args.repeats):
         for method, params in cases.items():
             out, seconds, peak = timed(lambda m=method, p=params: run_evoforge(m, base, models, p))
             del out  # freed before the next run measures what is resident
             ours_time[method] = min(seconds, ours_time.get(method, float("inf")))
             ours_peak.setdefault(method, peak)
+            if peer and method != "pcb":
+                out, seconds, peak = timed(lambda m=method, p=params: run_mergekit(
+                    m, base, models, p))
+                del out
+                their_time[method] = min(seconds, their_time.get(method, float("inf")))
+                their_peak.setdefault(method, peak)
     header = f"{'method':16} {'evoforge s':>10} {'mergekit s':>10} {'speedup':>8} " \
              f"{'vs linear':>9} {'peak GiB ours/mk':>17}  same result"
     print(header)
@@ -152,8 +164,9 @@ def main() -> None:
         t_ours, m_ours = ours_time[method], ours_peak[method]
         t_mk = m_mk = None
         same = "n/a (mergekit has no pcb)" if method == "pcb" else "not compared (--skip-mergekit)"
-        if merge_state_dicts is not None and method != "pcb" and not args.skip_mergekit:
-            ref, t_mk, m_mk = timed(lambda m=method, p=params: run_mergekit(m, base, models, p))
+        if peer and method != "pcb":
+            ref = run_mergekit(method, base, models, params)
+            t_mk, m_mk = their_time[method], their_peak[method]
             if method == "dare_ties":
                 same = "masks differ by design (seeded per tensor); equal given masks: tests"
             elif args.dtype == "bfloat16":

@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--strategies", default=",".join(strategies(0)),
                         help="comma-separated names, as printed")
+    parser.add_argument("--budget", type=int, default=max(CHECKPOINTS),
+                        help="architectures per search (the checkpoints up to it are printed)")
     parser.add_argument("--results", type=Path,
                         help="a JSON file of finished searches (dataset, strategy, seed): those "
                              "found there are read instead of searched again (optuna's TPE takes "
@@ -212,7 +214,8 @@ def main() -> None:
     names, fresh = args.strategies.split(","), set(filter(None, args.fresh.split(",")))
     results = json.loads(args.results.read_text()) if args.results and args.results.exists() \
         else {}
-    budget = max(CHECKPOINTS)
+    budget = args.budget
+    checkpoints = tuple(c for c in CHECKPOINTS if c <= budget)
     ahead: dict[str, np.ndarray] = {}  # peer -> datasets where the GA's mean is ahead, per budget
     seconds: dict[str, list[float]] = {}
     datasets = args.datasets.split(",")
@@ -222,13 +225,13 @@ def main() -> None:
         curves: dict[str, list[np.ndarray]] = {}
         for seed in range(args.seeds):
             for name, run in strategies(seed).items():
-                key = f"{dataset}/{name}/{seed}"
+                key = f"{dataset}/{name}/{seed}/{budget}"
                 if name not in names:
                     continue
                 if key not in results or name in fresh:
                     evaluate, start = Evaluations(space), time.perf_counter()
                     run(evaluate, budget)
-                    results[key] = {"hypervolume": list(curve(evaluate.order, CHECKPOINTS)
+                    results[key] = {"hypervolume": list(curve(evaluate.order, checkpoints)
                                                         / exact),
                                     "seconds": time.perf_counter() - start}
                     if args.results:
@@ -238,7 +241,7 @@ def main() -> None:
         means = {name: np.mean(values, axis=0) for name, values in curves.items()}
         print(f"\n{dataset}: hypervolume / exact, mean over {args.seeds} seeds, at "
               "distinct architectures")
-        print(f"{'strategy':16s}" + "".join(f"{c:>9d}" for c in CHECKPOINTS))
+        print(f"{'strategy':16s}" + "".join(f"{c:>9d}" for c in checkpoints))
         for name, mean in means.items():
             print(f"{name:16s}" + "".join(f"{v:9.4f}" for v in mean))
         if "evoforge GA" in means:
@@ -246,10 +249,10 @@ def main() -> None:
                 if name != "evoforge GA":
                     ahead[name] = ahead.get(name, 0) + (means["evoforge GA"] > mean)
     print(f"\nthe GA's mean ahead of the peer's, datasets out of {len(datasets)}, at "
-          + ", ".join(str(c) for c in CHECKPOINTS) + " architectures:")
+          + ", ".join(str(c) for c in checkpoints) + " architectures:")
     for name, count in ahead.items():
         print(f"  vs {name:16s}" + "".join(f"{int(c):>5d}" for c in count))
-    print("seconds per search of 1,000 architectures: "
+    print(f"seconds per search of {budget} architectures: "
           + ", ".join(f"{name} {np.mean(s):.2f}" for name, s in seconds.items()))
 
 
