@@ -46,6 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.utils import logging
 
 from fitness.errors import CandidateOutOfMemory, FitnessError, ItemTooLongError, ModelLoadError
 from fitness.items import ChoiceItem, GenerationItem
@@ -65,9 +73,6 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 def load_causal_lm(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local Hugging Face folder, in eval mode on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
     logging.disable_progress_bar()
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -97,6 +102,21 @@ class _Continuation:
     loglik: float
     greedy_follows: bool  # greedy decoding from the prompt reproduces the continuation
     next_token: int  # greedy's choice right after the continuation
+
+
+class StopsInGenerated(StoppingCriteria):
+    """A row is done once its generated text holds a stop string, so a batch stops when every
+    row has (instead of running to the longest bound). `stop_strings` of `generate` would also
+    match a stop that begins in the prompt, and cut a completion the full one would not be."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_width: int):
+        super().__init__()
+        self.tokenizer, self.stops, self.width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([any(stop in text for stop in self.stops) for text in texts],
+                            dtype=torch.bool, device=input_ids.device)
 
 
 class CausalLMEvaluator:
@@ -221,10 +241,12 @@ class CausalLMEvaluator:
 
         def generate(batch: list[int]) -> None:
             ids, mask = self._padded([prompts[i] for i in batch], left=True)
+            stop = StoppingCriteriaList([StopsInGenerated(self.tokenizer, self.stops,
+                                                          ids.shape[1])])
             generated = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max(bounds[i] for i in batch),
-                do_sample=False, pad_token_id=self.pad_id,
-                eos_token_id=eos)[:, ids.shape[1]:].cpu().tolist()
+                do_sample=False, pad_token_id=self.pad_id, eos_token_id=eos,
+                stopping_criteria=stop)[:, ids.shape[1]:].cpu().tolist()
             for row, i in enumerate(batch):
                 tokens = generated[row][:bounds[i]]
                 if eos is not None and eos in tokens:

@@ -384,3 +384,16 @@ def test_model_folders_that_are_not_causal_lms(tmp_path):
               intermediate_size=8).save_pretrained(tmp_path / "vit")
     with pytest.raises(ModelLoadError, match="is not a causal language model"):
         load_causal_lm(tmp_path / "vit")
+
+
+def test_generation_stops_on_a_stop_in_the_generated_text_only():
+    """A stop string that begins in the prompt must not end generation: only the completion's
+    own text counts, as `_cut` reads it."""
+    from fitness.causal_lm import StopsInGenerated
+    from search_spaces.char_tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    prompt, width = encode("1+2=\n"), len(encode("1+2=\n"))
+    done = StopsInGenerated(tokenizer, ("\n\n", "3"), width)
+    rows = torch.tensor([prompt + encode("\n"), prompt + encode("3"), prompt + encode("4")])
+    assert done(rows, torch.zeros(3, 1)).tolist() == [False, True, False]
