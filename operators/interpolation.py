@@ -34,8 +34,12 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
         min(first.numel(), CHUNK_ELEMENTS), dtype=dtype, device=first.device)
     for start, stop in spans(first.numel()):
         acc = out_flat[start:stop] if scratch is None else scratch[: stop - start]
-        acc.zero_()
-        for source, coefficient in zip(sources, coefficients.unbind(), strict=True):
+        first, *rest = zip(sources, coefficients.unbind(), strict=True)
+        if first[0].dtype == dtype:  # 0 + x·c is x·c, one rounding either way: skip the zeroing
+            torch.mul(first[0][start:stop], first[1], out=acc)
+        else:  # widened exactly, then one rounding of the product
+            acc.copy_(first[0][start:stop]).mul_(first[1])
+        for source, coefficient in rest:
             acc.addcmul_(source[start:stop], coefficient)
         if normalize:
             acc.div_(denominator)
