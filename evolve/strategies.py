@@ -60,9 +60,10 @@ class Strategy(Protocol):
     def tell(self, proposals: list[Proposal], rows: list[np.ndarray | None]) -> None: ...
 
 
-# A space's unary operators, by operator name: the method that applies it. A space offers
-# `crossover(rng, a, b)` and `mutate(rng, genome)`; the others only where their rate is above 0.
-UNARY_OPERATORS = {"edit": "edit", "weight-noise": "mutate_weights", "mutation": "mutate"}
+# Operators with a rate besides crossover, by name: the space's method that applies one. A space
+# offers `crossover(rng, a, b)` and `mutate(rng, genome)` (the remainder), these only where their
+# rate is above 0.
+RATED_UNARY_OPERATORS = {"edit": "edit", "weight-noise": "mutate_weights"}
 
 
 class GeneticStrategy:
@@ -74,7 +75,7 @@ class GeneticStrategy:
 
     def __init__(self, space: Any, genomes: Mapping[str, Any], rates: Mapping[str, float],
                  seed: int = 0):
-        unknown = set(rates) - {"crossover", "edit", "weight-noise"}
+        unknown = set(rates) - {"crossover", *RATED_UNARY_OPERATORS}
         if unknown:
             raise ValueError(f"unknown operator rates {sorted(unknown)}: give crossover, edit "
                              "and weight-noise; mutation takes the remainder")
@@ -95,10 +96,9 @@ class GeneticStrategy:
             return Proposal(self.space.crossover(rng, genome, self.genomes[second]),
                             (first, second), "crossover")
         roll -= self.rates.get("crossover", 0.0)
-        for operator in ("edit", "weight-noise"):
+        for operator, method in RATED_UNARY_OPERATORS.items():
             if roll < self.rates.get(operator, 0.0):
-                return Proposal(getattr(self.space, UNARY_OPERATORS[operator])(rng, genome),
-                                (first,), operator)
+                return Proposal(getattr(self.space, method)(rng, genome), (first,), operator)
             roll -= self.rates.get(operator, 0.0)
         return Proposal(self.space.mutate(rng, genome), (first,), "mutation")
 

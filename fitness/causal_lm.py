@@ -107,16 +107,23 @@ class _Continuation:
 class StopsInGenerated(StoppingCriteria):
     """A row is done once its generated text holds a stop string, so a batch stops when every
     row has (instead of running to the longest bound). `stop_strings` of `generate` would also
-    match a stop that begins in the prompt, and cut a completion the full one would not be."""
+    match a stop that begins in the prompt, and cut a completion the full one would not be.
+    A row found done stays done and is not decoded again."""
 
     def __init__(self, tokenizer, stops: Sequence[str], prompt_width: int):
         super().__init__()
         self.tokenizer, self.stops, self.width = tokenizer, stops, prompt_width
+        self.done: list[bool] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
-        return torch.tensor([any(stop in text for stop in self.stops) for text in texts],
-                            dtype=torch.bool, device=input_ids.device)
+        if not self.done:
+            self.done = [False] * len(input_ids)
+        open_rows = [row for row, done in enumerate(self.done) if not done]
+        texts = self.tokenizer.batch_decode(input_ids[open_rows, self.width:],
+                                            skip_special_tokens=True)
+        for row, text in zip(open_rows, texts, strict=True):
+            self.done[row] = any(stop in text for stop in self.stops)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 class CausalLMEvaluator:

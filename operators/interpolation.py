@@ -32,13 +32,13 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     # Accumulate straight into the output when it has the work dtype: no scratch at all.
     scratch = None if out_dtype == dtype else torch.empty(
         min(first.numel(), CHUNK_ELEMENTS), dtype=dtype, device=first.device)
+    (lead, lead_coefficient), *rest = zip(sources, coefficients.unbind(), strict=True)
     for start, stop in spans(first.numel()):
         acc = out_flat[start:stop] if scratch is None else scratch[: stop - start]
-        first, *rest = zip(sources, coefficients.unbind(), strict=True)
-        if first[0].dtype == dtype:  # 0 + x·c is x·c, one rounding either way: skip the zeroing
-            torch.mul(first[0][start:stop], first[1], out=acc)
+        if lead.dtype == dtype:  # 0 + x·c is x·c, one rounding either way: skip the zeroing
+            torch.mul(lead[start:stop], lead_coefficient, out=acc)
         else:  # widened exactly, then one rounding of the product
-            acc.copy_(first[0][start:stop]).mul_(first[1])
+            acc.copy_(lead[start:stop]).mul_(lead_coefficient)
         for source, coefficient in rest:
             acc.addcmul_(source[start:stop], coefficient)
         if normalize:
