@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from fitness.estimators import ESTIMATORS
+from fitness.estimators import BLEND_RULES, ESTIMATORS, ONE_PARENT_RULES
 from fitness.reduced_fitness import minimum_calibration
 from fitness.reduced_sets import SELECTIONS
 from search_spaces.merge_space import DEFAULT_MERGES, METHODS
@@ -87,6 +87,20 @@ class Operators(_Strict):
         return self
 
 
+class EstimatorConventions(_Strict):
+    """mp-IRT's and the blends' conventions; MERGE³'s released code is lambda_prior: false,
+    one_parent: parent, blend: half (see `fitness.estimators`)."""
+
+    lambda_prior: bool = Field(True, description="a N(1/K, 1) prior on mp-IRT's coefficients "
+                               "(false: MERGE³'s maximum likelihood)")
+    one_parent: Literal[ONE_PARENT_RULES] = Field(  # type: ignore[valid-type]
+        "scale", description="a child of one parent: fit c·θ (scale) or take θ as is (parent, "
+        "MERGE³)")
+    blend: Literal[BLEND_RULES] = Field(  # type: ignore[valid-type]
+        "variance", description="gp-IRT/gmp-IRT blend: by calibrated variances, or half and "
+        "half (MERGE³)")
+
+
 class Fitness(_Strict):
     calibration: int = Field(40, ge=0, description="random recipes evaluated fully at start "
                              "(besides the seeds and default merges); the run config checks "
@@ -97,6 +111,7 @@ class Fitness(_Strict):
     selection: Literal[SELECTIONS] = "random"  # type: ignore[valid-type]
     estimator: Literal[ESTIMATORS] = "gpirt"  # type: ignore[valid-type]
     dims: int = Field(0, ge=0, description="IRT dimensions; 0 = one per task")
+    conventions: EstimatorConventions = EstimatorConventions()
 
 
 class LmEval(_Strict):

@@ -37,6 +37,7 @@ from evolve.config import RunConfig
 from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
 from evolve.strategies import Proposal, recipe_strategy
+from fitness.estimators import Conventions
 from fitness.items import item_pool
 from fitness.journal import JournalPool
 from fitness.pool import Job, LocalPool, Pool, PoolWrapper
@@ -129,13 +130,18 @@ class Evolution:
         journal = JournalPool(setup.pool, store.results(), store.add_result)
         self.pool = TimedPool(journal)
         self.fitness = ReducedFitness(self.pool, setup.task_of, setup.task_names,
-                                      config.fitness.dims, config.seed, journal=journal.journal)
+                                      config.fitness.dims, config.seed, journal=journal.journal,
+                                      conventions=Conventions(
+                                          **config.fitness.conventions.model_dump()))
         self.budget = Budget(config.fitness.items_per_task, config.fitness.promote_items_per_task,
                              config.fitness.max_full_per_generation, config.fitness.selection,
                              config.fitness.estimator)
         self.sizes = config.generation_sizes()
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
+        space = setup.space
+        # a source model enters the run as its seed candidate: lineage names that id
+        self.seed_of = {name: f"seed-{short(name)}" for name in (space.base, *space.experts)}
         self.strategy = recipe_strategy(config, setup.space, self.recipes)
         self.breeder = Breeder(self.strategy, canonical_key,
                                lambda child, reason: store.event("redrawn", f"{child}: {reason}"),
@@ -153,6 +159,11 @@ class Evolution:
                                   list(candidate.parents), operator)
         self.store.add_evaluation(candidate.id, generation, result.stage, result.objectives,
                                   len(result.asked), result.error)
+
+    def _lineage(self, parents) -> tuple[str, ...]:
+        """A proposal's parents as candidate ids: a source model's name becomes its seed's id
+        (gene strategies breed from the experts themselves)."""
+        return tuple(self.seed_of.get(p, p) for p in parents)
 
     def _matrix(self, ids: list[str], caution: float = 1.0) -> np.ndarray:
         objectives = []
@@ -199,15 +210,17 @@ class Evolution:
 
     def calibrate(self) -> list[str]:
         space, rng = self.setup.space, random.Random(f"{self.config.seed}/calibration")
-        candidates = [Candidate(f"seed-{short(m)}", {"model": m}) for m in (space.base,
-                                                                            *space.experts)]
-        candidates += [Candidate(f"default-{r['method']}", r, space.experts)
+        candidates = [Candidate(self.seed_of[m], {"model": m}) for m in (space.base,
+                                                                          *space.experts)]
+        experts = self._lineage(space.experts)
+        candidates += [Candidate(f"default-{r['method']}", r, experts)
                        for r in default_merge_recipes(space.base, space.experts)]
-        candidates += [Candidate(f"cal-{k}", recipe, tuple(space.experts))
+        candidates += [Candidate(f"cal-{k}", recipe, experts)
                        for k, recipe in enumerate(space.random(rng) for _ in range(
                            self.config.fitness.calibration))]
         self.progress("calibration (full evaluations)", 0, len(candidates))
-        self._timed_fitness(lambda: self.fitness.add_full(candidates, lambda done, total: (
+        self._timed_fitness(lambda: self.fitness.add_full(candidates, "calibration", lambda
+                                                          done, total: (
             self._report("calibration (full evaluations)", done, total))))
         self.progress("calibration (full evaluations)", len(candidates), len(candidates))
         self._timed_fitness(self.fitness.refit)
@@ -222,6 +235,7 @@ class Evolution:
     def run(self) -> list[str]:
         started = time.perf_counter()
         self.store.set_meta("status", "running")
+        self.store.set_meta("search_items", len(self.setup.task_of))  # a full evaluation's cost
         self.store.event("start")
         population = self.calibrate()
         self.pool.retain([self.recipes[p] for p in population])
@@ -244,7 +258,7 @@ class Evolution:
             ids = [f"g{generation}-{k}" for k in range(size)]
             proposals = self.breeder.propose(f"gen/{generation}", ids, population,
                                              self._matrix(population), self._known_row)
-            children = [Candidate(i, p.genome, p.parents)
+            children = [Candidate(i, p.genome, self._lineage(p.parents))
                         for i, p in zip(ids, proposals, strict=True)]
             results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
                 c, self.budget, on_candidate=lambda done, total:
@@ -276,10 +290,11 @@ class Evolution:
                 identifier = f"g{generation}-{index}"
                 proposal = self.breeder.propose(f"child/{bred}", [identifier], population,
                                                 self._matrix(population), self._known_row)[0]
-                child = _Child(Candidate(identifier, proposal.genome, proposal.parents),
+                child = _Child(Candidate(identifier, proposal.genome,
+                                         self._lineage(proposal.parents)),
                                proposal, generation, stages[generation])
                 child.job = self.fitness.job(child.candidate, stages[generation].reduced
-                                             .reduced.indices)
+                                             .reduced.indices, "reduced")
                 running[self.pool.submit(child.job)] = child
                 bred += 1
                 self._report("candidates", scored, total)
@@ -324,7 +339,7 @@ class Evolution:
                     return result
                 fulls[child.generation] += 1
                 child.stage, items = "full", torch.arange(len(self.setup.task_of))
-            child.job = fitness.job(candidate, items)
+            child.job = fitness.job(candidate, items, child.stage)
             if child.job is not None:
                 return None
 
@@ -356,14 +371,15 @@ class Evolution:
         front = self._front(population)
         self.progress("final front (full + test)", 0, len(front))
         partial = [Candidate(i, self.recipes[i]) for i in front if self.results[i].stage != "full"]
-        for result in self._timed_fitness(lambda: self.fitness.add_full(partial)):
+        for result in self._timed_fitness(lambda: self.fitness.add_full(partial, "final")):
             self.results[result.candidate_id] = result
             self.store.add_evaluation(result.candidate_id, -1, "full", result.objectives,
                                       len(self.setup.task_of), None)
         jobs = {self.pool.submit(Job(i, self.recipes[i], test=True)): i for i in front}
         for done, future in enumerate(self._timed_fitness(
                 lambda: list(self.pool.completed(list(jobs)))), start=1):
-            self.store.add_report(jobs[future], "test", _test_report(future.result()))
+            self.store.add_report(jobs[future], "test", _test_report(future.result()),
+                                  sum(len(r) for r in future.result()))
             self.progress("final front (full + test)", done, len(front))
         front = self._front(self._distinct(front))  # full results may now coincide
         self._save_generation(len(self.sizes) + 1, front)

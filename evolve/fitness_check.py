@@ -27,7 +27,7 @@ from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_ac
 from fitness.irt import fit_irt
 from fitness.reduced_sets import select_items
 from operators.cache import cache_dir
-from operators.recipes import Recipe, sources_of
+from operators.recipes import Recipe, merged_sources
 from search_spaces.merge_space import MergeSpace, default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
@@ -89,9 +89,10 @@ def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
 
 
 def _parent_rows(recipe: Recipe, calibration: list[Recipe]) -> list[int]:
-    leaves = {json.dumps(r, sort_keys=True): i for i, r in enumerate(calibration) if "model" in r}
-    return [leaves[json.dumps({"model": name})] for name in sources_of(recipe)
-            if json.dumps({"model": name}) in leaves] if "model" not in recipe else []
+    """The calibration rows of the sources a recipe merges (mp-IRT's parents; none for a
+    source itself)."""
+    leaves = {r["model"]: i for i, r in enumerate(calibration) if "model" in r}
+    return [] if "model" in recipe else [leaves[name] for name in merged_sources(recipe)]
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def reduced_evaluation_table(calibration: Population, held_out: Population, dims
             reduced = select_items(selection, irt, calibration.task_of, per_task, seed,
                                    responses=calibration.responses)
             excess = calibrate(calibration.responses, calibration.task_of, reduced,
-                               calibration_parents, dims, seed=seed)
+                               [[calibration.responses[p] for p in parents]
+                                for parents in calibration_parents], dims, seed=seed)
             estimators = ReducedEstimators(irt, calibration.task_of, reduced, excess)
             for name in ESTIMATORS:
                 means, errors = [], []

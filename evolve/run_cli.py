@@ -41,6 +41,7 @@ def _run_dir(run: str) -> Path:
 def _execute(run_dir: Path) -> None:
     from evolve.config import ConfigError, load_config
     from evolve.engine import Evolution, prepare
+    from evolve.run_report import cost_line, summary
     from evolve.store import RunStore, StoreError
     from fitness.errors import FitnessError
     from operators.errors import MergeError
@@ -86,6 +87,7 @@ def _execute(run_dir: Path) -> None:
     console.print(f"run finished in {timings.wall:.0f}s: worker (merging + evaluating) "
                   f"{timings.worker:.0f}s, IRT statistics {timings.fitness - timings.worker:.0f}s,"
                   f" engine {timings.engine:.1f}s ({timings.engine / timings.wall:.1%} of the run)")
+    console.print(cost_line(summary(run_dir)))
     _print_front(run_dir)
 
 
@@ -225,7 +227,7 @@ def status(run: str = typer.Argument(..., help="run directory or run id"),
            as_json: bool = typer.Option(False, "--json", help="print JSON (schema: README)")
            ) -> None:
     """Progress of a run: generations, evaluations, hypervolume."""
-    from evolve.run_report import summary
+    from evolve.run_report import cost_line, summary
 
     data = summary(_run_dir(run))
     if as_json:
@@ -241,6 +243,7 @@ def status(run: str = typer.Argument(..., help="run directory or run id"),
     if data["final"] is not None:
         out.print(f"  final (fully evaluated): front of {len(data['final']['front'])}, "
                   f"hypervolume {data['final']['hypervolume']:.4f}")
+    out.print(cost_line(data))
 
 
 def front(run: str = typer.Argument(..., help="run directory or run id"),

@@ -62,7 +62,27 @@ def summary(run_dir: Path) -> dict:
         "final": None if final is None else {"front": final["front"],
                                              "hypervolume": final["hypervolume"]},
         "environment": store.meta("environment"),
-    }
+    } | cost(store)
+
+
+def cost(store: RunStore) -> dict:
+    """The run's fitness cost: items asked per stage (calibration, reduced, promoted, full,
+    final; test: the final front's held-out reports), and what evaluating every candidate the
+    run asked anything on the full search split would have asked instead."""
+    return {"items_asked": store.items_asked(),
+            "items_if_full": store.candidates_asked() * store.meta("search_items", 0)}
+
+
+def cost_line(data: dict) -> str:
+    """One line of `cost`: the search stages' total against full evaluation, then by stage."""
+    asked = data["items_asked"]
+    search = sum(n for stage, n in asked.items() if stage != "test")
+    if not search:
+        return "fitness cost: nothing asked yet"
+    stages = ", ".join(f"{stage} {n:,}" for stage, n in asked.items())
+    return (f"fitness cost: {search:,} items asked on the search split, "
+            f"{data['items_if_full'] / search:.1f}x fewer than evaluating every candidate fully "
+            f"({data['items_if_full']:,}); by stage: {stages}")
 
 
 def front(run_dir: Path) -> dict | None:

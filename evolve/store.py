@@ -33,7 +33,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (candidate TEXT NOT NULL, items TEXT NOT NULL,
                                     answers TEXT NOT NULL, at REAL NOT NULL,
-                                    recipe TEXT NOT NULL, size TEXT, error TEXT);
+                                    recipe TEXT NOT NULL, size TEXT, error TEXT,
+                                    stage TEXT);
 CREATE TABLE IF NOT EXISTS individuals (id TEXT PRIMARY KEY, generation INTEGER NOT NULL,
                                         recipe TEXT NOT NULL, parents TEXT NOT NULL,
                                         operator TEXT NOT NULL);
@@ -44,12 +45,13 @@ CREATE TABLE IF NOT EXISTS generations (generation INTEGER PRIMARY KEY, populati
                                         front TEXT NOT NULL, hypervolume REAL NOT NULL,
                                         at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS reports (id TEXT PRIMARY KEY, split TEXT NOT NULL,
-                                    objectives TEXT NOT NULL);
+                                    objectives TEXT NOT NULL, items INTEGER);
 CREATE TABLE IF NOT EXISTS events (at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
 
-SCHEMA_VERSION = 2  # 2: the answers table is the journal (recipe key, size, error per row)
+SCHEMA_VERSION = 3  # 2: the answers table is the journal (recipe key, size, error per row);
+# 3: each journal row names the fitness stage that asked, each report the items it took
 
 
 class StoreError(OSError):
@@ -60,14 +62,28 @@ class RunLocked(StoreError):
     """Another driver is writing this run."""
 
 
+def _add_columns(db: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> None:
+    """Add the columns ("name TYPE") the table lacks (a store may hold tables of two schemas
+    when an older driver's tables met a newer one's)."""
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for column in columns:
+        if column.split()[0] not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
 def _journal_columns(db: sqlite3.Connection) -> None:
     """Schema 1 -> 2: answer rows gain the journal's columns. Rows written before have no recipe
     key, so a resume does not reuse them (it cannot tell whose answers they are)."""
-    for column in ("recipe TEXT", "size TEXT", "error TEXT"):
-        db.execute(f"ALTER TABLE answers ADD COLUMN {column}")
+    _add_columns(db, "answers", ("recipe TEXT", "size TEXT", "error TEXT"))
 
 
-MIGRATIONS = {1: _journal_columns}  # version -> the step to version + 1
+def _cost_columns(db: sqlite3.Connection) -> None:
+    """Schema 2 -> 3: the run's cost by stage. Rows written before count as 'unrecorded'."""
+    _add_columns(db, "answers", ("stage TEXT",))
+    _add_columns(db, "reports", ("items INTEGER",))
+
+
+MIGRATIONS = {1: _journal_columns, 2: _cost_columns}  # version -> the step to version + 1
 
 
 class RunStore:
@@ -159,9 +175,9 @@ class RunStore:
     def add_result(self, result: Recorded) -> None:
         """Journal one consumed job result (see the module docstring)."""
         size = None if result.size is None else json.dumps(astuple(result.size))
-        self._write("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+        self._write("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (result.candidate, json.dumps(result.items), json.dumps(result.values),
-                     time.time(), result.recipe, size, result.error))
+                     time.time(), result.recipe, size, result.error, result.stage))
 
     def add_individual(self, identifier: str, generation: int, recipe: dict, parents: list[str],
                        operator: str) -> None:
@@ -180,9 +196,9 @@ class RunStore:
                     (generation, json.dumps(population), json.dumps(front), hypervolume,
                      time.time()))
 
-    def add_report(self, identifier: str, split: str, objectives: dict) -> None:
-        self._write("INSERT OR REPLACE INTO reports VALUES (?, ?, ?)",
-                    (identifier, split, json.dumps(objectives)))
+    def add_report(self, identifier: str, split: str, objectives: dict, items: int) -> None:
+        self._write("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?)",
+                    (identifier, split, json.dumps(objectives), items))
 
     def event(self, kind: str, detail: str = "") -> None:
         self._write("INSERT INTO events VALUES (?, ?, ?)", (time.time(), kind, detail))
@@ -197,10 +213,23 @@ class RunStore:
         """The journal: every consumed job result, in the order the driver consumed it (rows
         from before the journal, schema 1, carry no recipe key and are left out)."""
         return [Recorded(candidate, recipe, tuple(json.loads(items)), tuple(json.loads(values)),
-                         None if size is None else Size(*json.loads(size)), error)
-                for candidate, items, values, recipe, size, error in self.db.execute(
-                    "SELECT candidate, items, answers, recipe, size, error FROM answers "
+                         None if size is None else Size(*json.loads(size)), error, stage or "")
+                for candidate, items, values, recipe, size, error, stage in self.db.execute(
+                    "SELECT candidate, items, answers, recipe, size, error, stage FROM answers "
                     "WHERE recipe IS NOT NULL ORDER BY rowid")]
+
+    def items_asked(self) -> dict[str, int]:
+        """Items asked per fitness stage over the whole run (failed jobs included: their items
+        were asked), and 'test' for the held-out reports of the final front."""
+        asked = {stage or "unrecorded": int(total) for stage, total in self.db.execute(
+            "SELECT stage, SUM(json_array_length(items)) FROM answers GROUP BY stage "
+            "ORDER BY MIN(rowid)")}
+        test = self.db.execute("SELECT SUM(items) FROM reports").fetchone()[0]
+        return asked | ({"test": int(test)} if test else {})
+
+    def candidates_asked(self) -> int:
+        """Distinct candidates the run asked anything (calibration, children, failures)."""
+        return self.db.execute("SELECT COUNT(DISTINCT candidate) FROM answers").fetchone()[0]
 
     def individual(self, identifier: str) -> dict | None:
         row = self.db.execute("SELECT generation, recipe, parents, operator FROM individuals "

@@ -15,10 +15,20 @@ candidate answers only the reduced set S; y are its 0/1 answers there.
   Vₚ/(Vₚ + Vₘ) of the two calibrated variances: the weighted mean is unbiased but noisy, p-IRT
   precise but biased where the IRT model is wrong; the blend takes the better of each.
 - `mpirt` — mp-IRT (MERGE³): a merge's ability is a combination of its parents' abilities,
-  θ = Σₖ cₖ θₖ; the few answers fit the K coefficients c (prior N(1/K, 1)) instead of a free θ,
-  which is far better determined from a few dozen answers. Then as p-IRT. Without parents it is
-  p-IRT.
+  θ = Σₖ cₖ θₖ; the few answers fit the K coefficients c instead of a free θ, which is far better
+  determined from a few dozen answers. Then as p-IRT. Without parents it is p-IRT.
 - `gmpirt` — gmp-IRT (MERGE³): the gp-IRT blend of `mean` and `mpirt`.
+
+**Conventions** (`Conventions`; each switch names the source it follows, defaults are ours):
+- `lambda_prior`: on (ours) puts a N(1/K, 1) prior on the coefficients c, which keeps the fit
+  finite when a candidate answers every reduced item alike; off is MERGE³'s released code
+  (mergenetic): unconstrained maximum likelihood from c = 1/K (it may run far when the answers
+  separate; the Newton steps are clamped, so it stays finite, and the cross-fitted τ² says how
+  far off that leaves it).
+- `one_parent`: `scale` (ours) fits c·θ₁ (a merge of one parent and the base moves along its
+  parent's ability); `parent` is MERGE³'s: the parent's θ as is, nothing fitted.
+- `blend`: `variance` (ours, tinyBenchmarks' spirit) weights the two parts of gp-IRT and
+  gmp-IRT by their calibrated variances; `half` is MERGE³'s fixed 0.5.
 
 **Honest uncertainty.** Model-based variances ignore that the IRT model is wrong in places. Each
 estimator is therefore calibrated on the calibration candidates by cross-fitting: the IRT model is
@@ -42,6 +52,29 @@ from fitness.reduced_sets import ReducedSet
 
 ESTIMATORS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
 BLENDS = {"gpirt": "pirt", "gmpirt": "mpirt"}
+ONE_PARENT_RULES = ("scale", "parent")
+BLEND_RULES = ("variance", "half")
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How mp-IRT and the blends are computed; see the module docstring for each switch's source.
+    `Conventions.merge3()` is MERGE³'s released code."""
+
+    lambda_prior: bool = True
+    one_parent: str = "scale"
+    blend: str = "variance"
+
+    def __post_init__(self) -> None:
+        if self.one_parent not in ONE_PARENT_RULES:
+            raise FitnessError(f"one_parent: {self.one_parent!r} is not a rule; use one of "
+                               f"{ONE_PARENT_RULES}")
+        if self.blend not in BLEND_RULES:
+            raise FitnessError(f"blend: {self.blend!r} is not a rule; use one of {BLEND_RULES}")
+
+    @classmethod
+    def merge3(cls) -> Conventions:
+        return cls(lambda_prior=False, one_parent="parent", blend="half")
 
 
 @dataclass(frozen=True)
@@ -67,7 +100,8 @@ class ReducedEstimators:
     """The estimators for one IRT model and one reduced set (shared by a generation)."""
 
     def __init__(self, irt: IRTModel, task_of: torch.Tensor, reduced: ReducedSet,
-                 excess: dict[str, torch.Tensor] | None = None):
+                 excess: dict[str, torch.Tensor] | None = None,
+                 conventions: Conventions = Conventions()):
         if len(reduced) == 0:
             raise FitnessError("the reduced item set is empty: nothing to estimate from; use at "
                                "least one item per task")
@@ -75,6 +109,7 @@ class ReducedEstimators:
             raise FitnessError(f"the IRT model has {irt.n_items} items but the pool has "
                                f"{len(task_of)}; refit it on this pool")
         self.irt, self.task_of, self.reduced = irt, task_of, reduced
+        self.conventions = conventions
         self.tasks = int(task_of.max()) + 1
         self.sizes = torch.bincount(task_of, minlength=self.tasks).double()
         self.reduced_task = task_of[reduced.indices]
@@ -133,29 +168,40 @@ class ReducedEstimators:
         if parents is None or len(parents) == 0:
             return self._pirt(answers)
         parents = parents.double()
+        if len(parents) == 1 and self.conventions.one_parent == "parent":
+            return self._predict(answers, parents[0], torch.zeros(self.irt.dims, self.irt.dims,
+                                                                  dtype=torch.float64))
         k = len(parents)
         items = self.reduced.indices
         design = self.irt.discrimination[items] @ parents.T  # logit_j = c·(Θ αⱼ) − βⱼ
         coefficients = torch.full((1, k), 1.0 / k, dtype=torch.float64)
         y = answers.double()[None]
         weight = torch.ones_like(y)
-        ones = torch.ones(k, dtype=torch.float64)
+        # off: no prior; 1e-10 only keeps the Newton system solvable when parents coincide
+        precision_prior = torch.full((k,), 1.0 if self.conventions.lambda_prior else 1e-10,
+                                     dtype=torch.float64)
         offset = -self.irt.difficulty[items]
         for _ in range(50):
-            new, _ = _newton_rows(design, coefficients, y, weight, offset, 1.0 / k, ones)
+            new, _ = _newton_rows(design, coefficients, y, weight, offset, 1.0 / k,
+                                  precision_prior)
             done = (new - coefficients).abs().max() < 1e-10
             coefficients = new
             if done:
                 break
-        _, precision = _newton_rows(design, coefficients, y, weight, offset, 1.0 / k, ones)
-        covariance = parents.T @ torch.linalg.inv(precision[0]) @ parents
+        _, precision = _newton_rows(design, coefficients, y, weight, offset, 1.0 / k,
+                                    precision_prior)
+        # without the prior the information can be singular (parents' abilities in line)
+        covariance = parents.T @ torch.linalg.pinv(precision[0]) @ parents
         return self._predict(answers, parents.T @ coefficients[0], covariance)
 
     def _blend(self, base: tuple[torch.Tensor, torch.Tensor], name: str,
                model: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mean_variance = base[1] + self.excess["mean"]
         model_variance = model[1] + self.excess[name]
-        share = model_variance / (model_variance + mean_variance).clamp_min(1e-12)
+        if self.conventions.blend == "half":
+            share = torch.full_like(mean_variance, 0.5)
+        else:
+            share = model_variance / (model_variance + mean_variance).clamp_min(1e-12)
         return (share * base[0] + (1 - share) * model[0],
                 share.pow(2) * mean_variance + (1 - share).pow(2) * model_variance)
 
@@ -189,12 +235,14 @@ class ReducedEstimators:
 
 
 def calibrate(responses: torch.Tensor, task_of: torch.Tensor, reduced: ReducedSet,
-              parents_of: Sequence[Sequence[int]], dims: int = 1, folds: int = 5, seed: int = 0
-              ) -> dict[str, torch.Tensor]:
+              parent_rows: Sequence[Sequence[torch.Tensor]], dims: int = 1, folds: int = 5,
+              seed: int = 0,
+              conventions: Conventions = Conventions()) -> dict[str, torch.Tensor]:
     """τ² per estimator and target, by cross-fitting on fully evaluated calibration candidates.
 
-    `parents_of[m]` lists the calibration rows that are candidate m's parents (empty for seeds);
-    their abilities come from their full answers under each fold's IRT model.
+    `parent_rows[m]` holds the answers of candidate m's parents over the whole pool (NaN where a
+    parent was not asked; empty for seeds); their abilities come from those answers under each
+    fold's IRT model.
     """
     n = len(responses)
     needed = math.ceil(MODELS_PER_DIMENSION * (dims + 1) * folds / (folds - 1))
@@ -208,12 +256,11 @@ def calibrate(responses: torch.Tensor, task_of: torch.Tensor, reduced: ReducedSe
     raw: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {e: [None] * n for e in ESTIMATORS}
     models = {}
     for held, irt in _fold_fits(responses, dims, folds, seed):
-        estimators = ReducedEstimators(irt, task_of, reduced)
-        every_item = torch.arange(len(task_of))
+        estimators = ReducedEstimators(irt, task_of, reduced, conventions=conventions)
         for m in held.tolist():
             answers = responses[m, reduced.indices]
-            parents = torch.stack([irt.fit_ability(responses[p], every_item)[0]
-                                   for p in parents_of[m]]) if parents_of[m] else None
+            parents = torch.stack([_ability(irt, row) for row in parent_rows[m]]) \
+                if parent_rows[m] else None
             for name in ("mean", "pirt", "mpirt"):
                 raw[name][m] = estimators.raw(name, answers, parents)
             models[m] = (estimators, answers, parents)
@@ -224,6 +271,12 @@ def calibrate(responses: torch.Tensor, task_of: torch.Tensor, reduced: ReducedSe
             raw[blend][m] = estimators._blend(raw["mean"][m], component, raw[component][m])
         excess[blend] = _excess(raw[blend], truth)
     return excess
+
+
+def _ability(irt: IRTModel, row: torch.Tensor) -> torch.Tensor:
+    """The ability behind a row of answers over the pool (NaN: not asked)."""
+    asked = ~torch.isnan(row)
+    return irt.fit_ability(row[asked], torch.nonzero(asked).flatten())[0]
 
 
 _FOLD_FITS: dict[tuple, list[tuple[torch.Tensor, IRTModel]]] = {}

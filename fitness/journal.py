@@ -47,13 +47,15 @@ class Recorded:
     values: tuple[float, ...]
     size: Size | None  # None for a failure
     error: str | None  # why the candidate failed; None for answers
+    stage: str = ""  # the fitness stage that asked (`Job.stage`)
 
     @classmethod
     def of(cls, job: Job, answers: Answers | None, error: str | None) -> Recorded:
         if answers is None:
-            return cls(job.candidate_id, recipe_key(job.recipe), job.items, (), None, error)
+            return cls(job.candidate_id, recipe_key(job.recipe), job.items, (), None, error,
+                       job.stage)
         return cls(job.candidate_id, recipe_key(job.recipe), answers.items, answers.values,
-                   answers.size, None)
+                   answers.size, None, job.stage)
 
 
 _ADVICE = ("the code or the config changed since the run began; resume it with the evoforge "

@@ -29,6 +29,7 @@ class Job:
     recipe: dict
     items: tuple[int, ...] = ()
     test: bool = False
+    stage: str = ""  # what the items are asked for (calibration, reduced, …): the run's cost
 
 
 @dataclass(frozen=True)

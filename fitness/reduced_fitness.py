@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,7 +42,13 @@ from fitness.errors import (
     RecordedFailure,
     WorkerDied,
 )
-from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
+from fitness.estimators import (
+    ESTIMATORS,
+    Conventions,
+    ReducedEstimators,
+    calibrate,
+    task_accuracies,
+)
 from fitness.irt import MODELS_PER_DIMENSION, IRTModel, fit_irt
 from fitness.pool import Job, Pool
 from fitness.reduced_sets import SELECTIONS, select_items
@@ -68,7 +74,9 @@ def failure_reason(error: Exception) -> str:
 class Candidate:
     id: str
     recipe: dict
-    parents: tuple[str, ...] = ()  # ids of the candidates (or sources) it was bred from
+    parents: tuple[str, ...] = ()  # ids of the candidates it was bred from (a source model
+    # is its seed candidate: mp-IRT combines the parents' abilities, and only a scored
+    # candidate has one)
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,6 @@ class FitnessResult:
     stage: str  # "reduced", "promoted" or "full"
     asked: torch.Tensor  # pool indices of the items asked, in order
     answers: torch.Tensor  # 0/1 answers to them
-    ability: torch.Tensor  # the candidate's IRT ability (for its children's mp-IRT)
     error: str | None = None  # why the candidate failed (stage "failed"); the run goes on
 
     @property
@@ -122,13 +129,14 @@ class ReducedFitness:
     dims: int = 0  # 0: one per task
     seed: int = 0
     journal: Journal | None = None
+    conventions: Conventions = field(default_factory=Conventions)
     calibration_ids: list[str] = field(default_factory=list)
     calibration_rows: list[torch.Tensor] = field(default_factory=list)
     calibration_parents: list[tuple[str, ...]] = field(default_factory=list)
-    abilities: dict[str, torch.Tensor] = field(default_factory=dict)
     exact: dict[str, FitnessResult] = field(default_factory=dict)
     _irt: IRTModel | None = None
     _cache: dict[str, dict[int, float]] = field(default_factory=dict)
+    _abilities: dict[str, torch.Tensor] = field(default_factory=dict)  # under the current fit
     _sizes: dict[str, Size] = field(default_factory=dict)
     _fitted_on: int = 0
     calls: int = 0
@@ -138,13 +146,14 @@ class ReducedFitness:
 
     # -- answers, cached -------------------------------------------------------------------
 
-    def job(self, candidate: Candidate, items: torch.Tensor) -> Job | None:
+    def job(self, candidate: Candidate, items: torch.Tensor, stage: str) -> Job | None:
         """The job that asks `candidate` the items it has not answered yet (and its size, the
-        first time); None when nothing is missing."""
+        first time) for `stage` (calibration, reduced, promoted, full, final: what the run's
+        item count is charged to); None when nothing is missing."""
         known = self._cache.setdefault(candidate.id, {})
         missing = tuple(dict.fromkeys(i for i in items.tolist() if i not in known))
         if missing or candidate.id not in self._sizes:
-            return Job(candidate.id, candidate.recipe, missing)
+            return Job(candidate.id, candidate.recipe, missing, stage=stage)
         return None
 
     def receive(self, job: Job, future: Future, guard: bool) -> str | None:
@@ -171,13 +180,13 @@ class ReducedFitness:
             self.journal(job, future, None)
         return None
 
-    def _ask(self, requests: Sequence[tuple[Candidate, torch.Tensor]], guard: bool,
+    def _ask(self, requests: Sequence[tuple[Candidate, torch.Tensor]], guard: bool, stage: str,
              progress: Progress | None = None) -> dict[str, str]:
         """Every candidate's answers to its items, all jobs in the pool at once; returns the
         candidates that failed, with why (see `receive`)."""
         jobs = {}
         for candidate, items in requests:
-            job = self.job(candidate, items)
+            job = self.job(candidate, items, stage)
             if job is not None:
                 jobs[self.pool.submit(job)] = job
         failed: dict[str, str] = {}
@@ -195,12 +204,12 @@ class ReducedFitness:
 
     # -- calibration -----------------------------------------------------------------------
 
-    def add_full(self, candidates: Sequence[Candidate], progress: Progress | None = None
-                 ) -> list[FitnessResult]:
+    def add_full(self, candidates: Sequence[Candidate], stage: str = "calibration",
+                 progress: Progress | None = None) -> list[FitnessResult]:
         """Evaluate the candidates on every pool item (all at once in the pool); they join the
         calibration matrix. Any failure stops the run (nothing here is guarded)."""
         every = torch.arange(len(self.task_of))
-        self._ask([(c, every) for c in candidates], guard=False, progress=progress)
+        self._ask([(c, every) for c in candidates], guard=False, stage=stage, progress=progress)
         return [self._add_full(c) for c in candidates]
 
     def _add_full(self, candidate: Candidate) -> FitnessResult:
@@ -211,10 +220,10 @@ class ReducedFitness:
             self.calibration_rows.append(row)
             self.calibration_parents.append(candidate.parents)
         truth = task_accuracies(row[None], self.task_of)[0]
-        ability = self._irt.fit_ability(row, every)[0] if self._irt else torch.zeros(self.dims)
+        self._abilities.pop(candidate.id, None)  # its answers grew
         result = FitnessResult(candidate.id, self._objectives(candidate, truth,
                                                               torch.zeros_like(truth)),
-                               "full", every, row, ability)
+                               "full", every, row)
         self.exact[candidate.id] = result
         return result
 
@@ -232,12 +241,30 @@ class ReducedFitness:
         responses = torch.stack(self.calibration_rows)
         self._irt = fit_irt(responses, self.dims)
         self._fitted_on = len(self.calibration_rows)
-        every = torch.arange(len(self.task_of))
-        self.abilities = {cid: self._irt.fit_ability(row, every)[0]
-                          for cid, row in zip(self.calibration_ids, self.calibration_rows,
-                                              strict=True)}
-        for cid, result in self.exact.items():
-            self.exact[cid] = replace(result, ability=self.abilities[cid])
+        self._abilities.clear()  # abilities live on the fit's axes: each is refitted when asked
+
+    def ability(self, candidate_id: str) -> torch.Tensor:
+        """A scored candidate's IRT ability under the current fit, from every answer it has
+        given (all items for a fully evaluated one). Computed when first asked after a refit, so
+        a refit costs nothing for candidates no child names as a parent."""
+        if candidate_id not in self._abilities:
+            known = self._cache.get(candidate_id)
+            if not known:
+                raise FitnessError(
+                    f"{candidate_id!r} has answered nothing, so it has no ability for its "
+                    "children's mp-IRT; a parent must be a candidate scored before its child (a "
+                    "source model enters as its seed candidate's id)")
+            items = torch.tensor(list(known))
+            answers = torch.tensor(list(known.values()), dtype=torch.float64)
+            self._abilities[candidate_id] = self.irt.fit_ability(answers, items)[0]
+        return self._abilities[candidate_id]
+
+    def _answer_row(self, candidate_id: str) -> torch.Tensor:
+        """The candidate's answers over the whole pool, NaN where it was not asked."""
+        row = torch.full((len(self.task_of),), float("nan"), dtype=torch.float64)
+        known = self._cache.get(candidate_id, {})
+        row[list(known)] = torch.tensor(list(known.values()), dtype=torch.float64)
+        return row
 
     @property
     def irt(self) -> IRTModel:
@@ -259,7 +286,7 @@ class ReducedFitness:
         generation_seed = self.seed * 100_003 + self.calls
         self.calls += 1
         sets = [select_items(budget.selection, self.irt, self.task_of, size, generation_seed,
-                             torch.stack(list(self.abilities.values())),
+                             torch.stack([self.ability(c) for c in self.calibration_ids]),
                              torch.stack(self.calibration_rows))
                 for size in (budget.items_per_task, budget.promote_items_per_task)]
         return Stages(*(self._estimators(reduced) for reduced in sets))
@@ -275,20 +302,23 @@ class ReducedFitness:
         stages = self.stages(budget)
         results: dict[str, FitnessResult] = {}
 
-        def stage(chosen: Sequence[Candidate], items: torch.Tensor, estimate, progress=None):
-            failed = self._ask([(c, items) for c in chosen], guard=True, progress=progress)
+        def stage(name: str, chosen: Sequence[Candidate], items: torch.Tensor, estimate,
+                  progress=None):
+            failed = self._ask([(c, items) for c in chosen], guard=True, stage=name,
+                               progress=progress)
             for c in chosen:
                 results[c.id] = failed_result(c, failed[c.id]) if c.id in failed else estimate(c)
 
-        stage(candidates, stages.reduced.reduced.indices,
+        stage("reduced", candidates, stages.reduced.reduced.indices,
               lambda c: self.estimate(c, stages.reduced, budget, "reduced"), on_candidate)
         fronts = list(front) if front is not None else self.exact_front()
         promoted = [c for c in candidates if promotable(results[c.id], fronts)]
-        stage(promoted, stages.promoted.reduced.indices,
+        stage("promoted", promoted, stages.promoted.reduced.indices,
               lambda c: self.estimate(c, stages.promoted, budget, "promoted"))
         finalists = sorted((c for c in promoted if finalist(results[c.id], fronts)),
                            key=lambda c: -results[c.id].objectives["accuracy"][0])
-        stage(finalists[:budget.max_full_per_call], torch.arange(len(self.task_of)), self.full)
+        stage("full", finalists[:budget.max_full_per_call], torch.arange(len(self.task_of)),
+              self.full)
         return [results[c.id] for c in candidates]
 
     def _objectives(self, candidate: Candidate, means: torch.Tensor, stderr: torch.Tensor
@@ -303,33 +333,29 @@ class ReducedFitness:
 
     def _estimators(self, reduced) -> ReducedEstimators:
         """The estimators of one stage's item set, their stderr calibrated by cross-fitting."""
-        rows = {cid: i for i, cid in enumerate(self.calibration_ids)}
-        parents_of = [[rows[p] for p in parents if p in rows]
-                      for parents in self.calibration_parents]
-        excess = calibrate(torch.stack(self.calibration_rows), self.task_of, reduced, parents_of,
-                           self.dims, seed=self.seed)
-        return ReducedEstimators(self.irt, self.task_of, reduced, excess)
+        parent_rows = [[self._answer_row(p) for p in parents]
+                       for parents in self.calibration_parents]
+        excess = calibrate(torch.stack(self.calibration_rows), self.task_of, reduced,
+                           parent_rows, self.dims, seed=self.seed, conventions=self.conventions)
+        return ReducedEstimators(self.irt, self.task_of, reduced, excess, self.conventions)
 
     def estimate(self, candidate: Candidate, estimators: ReducedEstimators, budget: Budget,
                  stage: str) -> FitnessResult:
         """The candidate's estimate from its answers to the stage's items."""
         reduced = estimators.reduced
         answers = self._answers(candidate, reduced.indices)
-        parents = [self.abilities[p] for p in candidate.parents if p in self.abilities]
+        parents = [self.ability(p) for p in candidate.parents]
         estimate = estimators.estimate(budget.estimator, answers,
                                        torch.stack(parents) if parents else None)
-        ability = self.irt.fit_ability(answers, reduced.indices)[0]
-        self.abilities.setdefault(candidate.id, ability)
+        self._abilities.pop(candidate.id, None)  # its answers grew
         return FitnessResult(candidate.id, self._objectives(candidate, estimate.mean,
                                                             estimate.stderr),
-                             stage, reduced.indices, answers, ability)
+                             stage, reduced.indices, answers)
 
     def full(self, candidate: Candidate) -> FitnessResult:
         """The exact result of a candidate that has answered every pool item; it joins the
         calibration matrix (the next `stages()` refits on it)."""
-        result = self._add_full(candidate)
-        self.abilities[candidate.id] = self.irt.fit_ability(result.answers, result.asked)[0]
-        return result
+        return self._add_full(candidate)
 
 
 def minimum_calibration(dims: int) -> int:
@@ -350,7 +376,7 @@ def finalist(result: FitnessResult, front: Sequence[FitnessResult]) -> bool:
 
 def failed_result(candidate: Candidate, error: str) -> FitnessResult:
     empty = torch.zeros(0)
-    return FitnessResult(candidate.id, {}, "failed", empty, empty, empty, error)
+    return FitnessResult(candidate.id, {}, "failed", empty, empty, error)
 
 
 def _dominated(result: FitnessResult, front: Sequence[FitnessResult],

@@ -123,6 +123,20 @@ def sources_of(recipe: Recipe) -> list[str]:
     return found
 
 
+def merged_sources(recipe: Recipe) -> list[str]:
+    """The source models a recipe merges, in first-seen order: its leaves reached through merge
+    inputs, not through a merge's base (the base is what every task vector is taken from, not a
+    parent). A source recipe merges itself."""
+    if "model" in recipe:
+        return [recipe["model"]]
+    found: list[str] = []
+    for child in [recipe.get("input"), *recipe.get("inputs", [])]:
+        for name in merged_sources(child) if child else []:
+            if name not in found:
+                found.append(name)
+    return found
+
+
 def layer_plan(recipe: Recipe, num_layers: int) -> list[int]:
     """The source layer behind each output layer of a recipe (for per-layer config lists)."""
     op = recipe.get("op", "model" if "model" in recipe else None)

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from fitness.errors import FitnessError
-from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
+from fitness.estimators import (
+    ESTIMATORS,
+    Conventions,
+    ReducedEstimators,
+    calibrate,
+    task_accuracies,
+)
 from fitness.irt import IRTModel, fit_irt, simulate_responses
 from fitness.reduced_sets import SELECTIONS, ReducedSet, select_items
 
@@ -84,6 +90,81 @@ def test_blends_weight_by_inverse_variance(blend, model):
     share = irt_var / (irt_var + mean_var)
     assert torch.allclose(result.mean, share * mean + (1 - share) * irt)
     assert torch.allclose(result.stderr.pow(2), share**2 * mean_var + (1 - share) ** 2 * irt_var)
+
+
+def _two_dimensional_irt() -> IRTModel:
+    """Eight items that load on two axes differently, with varied difficulty."""
+    alpha = torch.tensor([[1.2, 0.1], [0.4, 0.9], [0.8, -0.3], [1.5, 0.6], [0.2, 1.1],
+                          [0.9, 0.9], [1.1, -0.5], [0.6, 0.3]], dtype=F64)
+    beta = torch.tensor([0.3, -0.8, 1.1, 0.0, -0.4, 0.7, -1.2, 0.5], dtype=F64)
+    return IRTModel(alpha, beta, torch.zeros(1, 2, dtype=F64))
+
+
+def _merge3_by_hand(irt: IRTModel, answers: torch.Tensor, parents: torch.Tensor) -> list[float]:
+    """MERGE³'s mp-IRT as its released code computes it, independently of ours: λ by
+    unconstrained maximum likelihood (scipy's BFGS from 1/K), θ = Σ λₖθₖ, then p-IRT's count
+    of the seen answers plus the predicted probability of every unseen item, per task."""
+    from scipy.optimize import minimize
+
+    alpha, beta = irt.discrimination.numpy(), irt.difficulty.numpy()
+    seen = REDUCED.indices.numpy()
+    y, theta_k = answers.numpy(), parents.numpy()
+
+    def negative_log_likelihood(lam):
+        logits = alpha[seen] @ (theta_k.T @ lam) - beta[seen]
+        return float(sum(math.log1p(math.exp(-z)) if yj else math.log1p(math.exp(z))
+                         for z, yj in zip(logits, y, strict=True)))
+
+    k = len(theta_k)
+    lam = minimize(negative_log_likelihood, [1 / k] * k, method="BFGS", options={"gtol": 1e-10}).x
+    theta = theta_k.T @ lam
+    p = [_sigmoid(float(alpha[j] @ theta - beta[j])) for j in range(8)]
+    filled = dict(zip(seen.tolist(), y.tolist(), strict=True))
+    tasks = [sum(filled.get(j, p[j]) for j in range(t * 4, t * 4 + 4)) / 4 for t in (0, 1)]
+    return [*tasks, sum(tasks) / 2]
+
+
+def test_mpirt_without_the_lambda_prior_is_merge3s_maximum_likelihood():
+    irt = _two_dimensional_irt()
+    parents = torch.tensor([[0.9, -0.4], [-0.3, 1.2]], dtype=F64)
+    ours = ReducedEstimators(irt, TASK_OF, REDUCED, conventions=Conventions(lambda_prior=False))
+    expected = _merge3_by_hand(irt, ANSWERS, parents)
+    assert ours.estimate("mpirt", ANSWERS, parents).mean.tolist() == pytest.approx(expected,
+                                                                                    abs=1e-6)
+    # the prior (our default) pulls λ towards 1/K: a different, documented estimate
+    with_prior = ReducedEstimators(irt, TASK_OF, REDUCED).estimate("mpirt", ANSWERS, parents)
+    assert abs(float(with_prior.mean[-1]) - expected[-1]) > 1e-3
+
+
+def test_merge3s_one_parent_rule_and_half_blend():
+    irt = _two_dimensional_irt()
+    parent = torch.tensor([[0.5, -0.2]], dtype=F64)
+    estimators = ReducedEstimators(irt, TASK_OF, REDUCED, conventions=Conventions.merge3())
+    # one parent: its θ as is, nothing fitted
+    p = torch.sigmoid(irt.discrimination @ parent[0] - irt.difficulty)
+    filled = p.clone()
+    filled[REDUCED.indices] = ANSWERS.double()
+    tasks = [float(filled[:4].mean()), float(filled[4:].mean())]
+    result = estimators.estimate("mpirt", ANSWERS, parent)
+    assert result.mean.tolist() == pytest.approx([*tasks, sum(tasks) / 2])
+    # gmp-IRT: a fixed half of the weighted mean and half of mp-IRT
+    mean, _ = estimators.raw("mean", ANSWERS)
+    blended = estimators.estimate("gmpirt", ANSWERS, parent)
+    assert torch.allclose(blended.mean, 0.5 * mean + 0.5 * result.mean)
+    # ours fits a scale c·θ: another estimate
+    scaled = ReducedEstimators(irt, TASK_OF, REDUCED).estimate("mpirt", ANSWERS, parent)
+    assert abs(float(scaled.mean[-1]) - float(result.mean[-1])) > 1e-3
+
+
+def test_maximum_likelihood_stays_finite_when_the_answers_separate():
+    irt = _two_dimensional_irt()
+    parents = torch.tensor([[0.9, -0.4], [-0.3, 1.2]], dtype=F64)
+    estimators = ReducedEstimators(irt, TASK_OF, REDUCED, conventions=Conventions.merge3())
+    for answers in (torch.ones(5), torch.zeros(5)):
+        estimate = estimators.estimate("gmpirt", answers, parents)
+        assert torch.isfinite(estimate.mean).all() and torch.isfinite(estimate.stderr).all()
+    with pytest.raises(FitnessError, match="one_parent"):
+        Conventions(one_parent="mean")
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)

@@ -44,6 +44,19 @@ def test_run_front_status_export(config_path, tmp_path):
     assert status["schema"] == 1 and status["status"] == "done"
     assert status["generations"] == {"done": 3, "planned": 3}
     assert [g["generation"] for g in status["hypervolume"]] == [1, 2, 3]
+    # the run's cost: each answer counted once, under the stage that asked for it
+    asked, individuals = status["items_asked"], dict(db.execute(
+        "SELECT id, generation FROM individuals"))
+    calibrated = sum(generation == 0 for generation in individuals.values())
+    children = len(individuals) - calibrated
+    assert asked["calibration"] == calibrated * 40  # the task's 40 search items
+    assert asked["reduced"] == children * 5  # items_per_task 5, one task
+    pairs = {(c, i) for c, items in db.execute("SELECT candidate, items FROM answers")
+             for i in json.loads(items)}
+    assert sum(n for stage, n in asked.items() if stage != "test") == len(pairs)
+    assert asked["test"] == 20 * db.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+    assert status["items_if_full"] == len(individuals) * 40
+    assert "fitness cost: " in " ".join(result.output.split())
     shown = json.loads(runner.invoke(app, ["front", str(run_dir), "--json"]).stdout)
     assert shown["final"] and sorted(m["id"] for m in shown["members"]) == sorted(
         i for i, _ in last_front(run_dir))
@@ -234,9 +247,13 @@ def test_an_older_store_is_migrated_and_a_resume_says_what_changed(config_path, 
     result = runner.invoke(app, ["resume", str(run_dir)])
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
-    assert "run store schema 1 -> 2" in said and "torch 2.0.0 -> " in said
+    assert "run store schema 1 -> 2" in said and "run store schema 2 -> 3" in said
+    assert "torch 2.0.0 -> " in said
     db = sqlite3.connect(run_dir / "run.db")
     assert json.loads(db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]) \
-        == 2
+        == 3
     assert db.execute("SELECT COUNT(*) FROM answers WHERE recipe IS NULL").fetchone()[0] == legacy
     assert db.execute("SELECT COUNT(*) FROM answers WHERE recipe IS NOT NULL").fetchone()[0] > 0
+    # the legacy rows count as asked, by no recorded stage; the new ones by theirs
+    asked = json.loads(CliRunner().invoke(app, ["status", str(run_dir), "--json"]).output)
+    assert asked["items_asked"]["unrecorded"] > 0 and asked["items_asked"]["reduced"] > 0

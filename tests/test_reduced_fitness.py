@@ -48,7 +48,7 @@ def test_one_call_gives_estimates_with_stderr_and_stages(world):
                             parents=("c0", "c1")) for i in range(30)]
     anchor = fitness.exact["c0"]
     member = type(anchor)("m", {"accuracy": (0.99, 0.0), "params": (800.0, 0.0)}, "full",
-                          anchor.asked, anchor.answers, anchor.ability)
+                          anchor.asked, anchor.answers)
     budget = Budget(items_per_task=10, promote_items_per_task=40, max_full_per_call=2)
     results = fitness.evaluate(generation, budget, front=[member])
     truth = task_accuracies(responses[60:], task_of)[:, -1]
@@ -79,6 +79,31 @@ def test_one_call_gives_estimates_with_stderr_and_stages(world):
     assert fitness._fitted_on == 60 + len(full)
     # cached answers: nobody was asked the same item twice
     assert all(len(asked) == len(set(asked)) for asked in scorer.asked.values())
+
+
+def test_each_job_is_charged_to_the_stage_that_asked_it(world):
+    """The run's cost accounting: a job's items are the ones its stage still needed."""
+    _, _, _, fitness = world
+    charged: dict[str, list[tuple[str, int]]] = {}
+    fitness.journal = lambda job, future, error: charged.setdefault(job.candidate_id, []).append(
+        (job.stage, len(job.items)))
+    anchor = fitness.exact["c0"]  # a front at 99 %: the large half stays at the reduced stage
+    member = type(anchor)("m", {"accuracy": (0.99, 0.0), "params": (800.0, 0.0)}, "full",
+                          anchor.asked, anchor.answers)
+    generation = [Candidate(f"g{i}", {"row": 60 + i, "params": 500 + i if i % 2 else 5000})
+                  for i in range(12)]
+    results = fitness.evaluate(generation, Budget(items_per_task=10, promote_items_per_task=40,
+                                                  max_full_per_call=2), front=[member])
+    assert {r.stage for r in results} == {"reduced", "promoted", "full"}
+    reduced, promoted = ({int(i) for i in next(r for r in results if r.stage == stage).asked}
+                         for stage in ("reduced", "promoted"))
+    expected = {"reduced": [("reduced", 40)]}
+    expected["promoted"] = expected["reduced"] + [("promoted", len(promoted - reduced))]
+    expected["full"] = expected["promoted"] + [("full", 400 - len(promoted | reduced))]
+    for result in results:
+        assert charged[result.candidate_id] == expected[result.stage]
+    fitness.add_full([Candidate("late", {"row": 80})], "final")
+    assert charged["late"] == [("final", 400)]
 
 
 def test_the_default_front_is_everything_evaluated_exactly(world):
