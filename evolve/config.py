@@ -112,6 +112,9 @@ class Fitness(_Strict):
     estimator: Literal[ESTIMATORS] = "gpirt"  # type: ignore[valid-type]
     dims: int = Field(0, ge=0, description="IRT dimensions; 0 = one per task")
     conventions: EstimatorConventions = EstimatorConventions()
+    full_evaluation: bool = Field(False, description="every candidate answers the whole search "
+                                  "split (exact fitness, no IRT): the baseline reduced fitness "
+                                  "is measured against; the other keys but calibration are unread")
 
 
 class LmEval(_Strict):
@@ -181,6 +184,8 @@ class RunConfig(_Strict):
     def _enough_calibration(self) -> RunConfig:
         """The IRT fit needs a number of fully evaluated candidates: known now, before any work,
         and said in the key's own units."""
+        if self.fitness.full_evaluation:  # no IRT model to fit
+            return self
         dims = self.fitness.dims or len(self.tasks)
         needed = minimum_calibration(dims)
         given = 1 + len(self.sources.experts) + len(DEFAULT_MERGES)  # seeds and default merges

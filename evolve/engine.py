@@ -112,7 +112,7 @@ class _Child:
     candidate: Candidate
     proposal: Proposal
     generation: int  # the batch of `population` children it was bred in
-    stages: Stages  # that batch's items and estimators
+    stages: Stages | None  # that batch's items and estimators (None: full evaluation)
     stage: str = "reduced"  # the stage whose items it is answering
     job: Job | None = None
 
@@ -135,7 +135,7 @@ class Evolution:
                                           **config.fitness.conventions.model_dump()))
         self.budget = Budget(config.fitness.items_per_task, config.fitness.promote_items_per_task,
                              config.fitness.max_full_per_generation, config.fitness.selection,
-                             config.fitness.estimator)
+                             config.fitness.estimator, config.fitness.full_evaluation)
         self.sizes = config.generation_sizes()
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
@@ -223,7 +223,8 @@ class Evolution:
                                                           done, total: (
             self._report("calibration (full evaluations)", done, total))))
         self.progress("calibration (full evaluations)", len(candidates), len(candidates))
-        self._timed_fitness(self.fitness.refit)
+        if not self.budget.full:
+            self._timed_fitness(self.fitness.refit)
         self.setup.base_size = {name: self.fitness.exact[candidates[0].id].objectives[name][0]
                                 for name in SIZE_OBJECTIVES}
         for candidate in candidates:
@@ -285,7 +286,7 @@ class Evolution:
             while len(running) < self.pool.workers and bred < total:
                 generation, index = bred // size + 1, bred % size
                 if generation not in stages:
-                    stages[generation] = self._timed_fitness(
+                    stages[generation] = None if self.budget.full else self._timed_fitness(
                         lambda: self.fitness.stages(self.budget))
                 identifier = f"g{generation}-{index}"
                 proposal = self.breeder.propose(f"child/{bred}", [identifier], population,
@@ -293,8 +294,11 @@ class Evolution:
                 child = _Child(Candidate(identifier, proposal.genome,
                                          self._lineage(proposal.parents)),
                                proposal, generation, stages[generation])
-                child.job = self.fitness.job(child.candidate, stages[generation].reduced
-                                             .reduced.indices, "reduced")
+                if self.budget.full:
+                    child.stage, items = "full", torch.arange(len(self.setup.task_of))
+                else:
+                    items = stages[generation].reduced.reduced.indices
+                child.job = self.fitness.job(child.candidate, items, child.stage)
                 running[self.pool.submit(child.job)] = child
                 bred += 1
                 self._report("candidates", scored, total)

@@ -86,6 +86,7 @@ class Budget:
     max_full_per_call: int = 4
     selection: str = "random"
     estimator: str = "gpirt"
+    full: bool = False  # every candidate answers every item: exact, no IRT (the baseline)
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -299,7 +300,6 @@ class ReducedFitness:
         `front` is what promotion must beat; by default, the non-dominated members of everything
         evaluated fully so far (calibration candidates included).
         """
-        stages = self.stages(budget)
         results: dict[str, FitnessResult] = {}
 
         def stage(name: str, chosen: Sequence[Candidate], items: torch.Tensor, estimate,
@@ -309,6 +309,10 @@ class ReducedFitness:
             for c in chosen:
                 results[c.id] = failed_result(c, failed[c.id]) if c.id in failed else estimate(c)
 
+        if budget.full:
+            stage("full", candidates, torch.arange(len(self.task_of)), self.full, on_candidate)
+            return [results[c.id] for c in candidates]
+        stages = self.stages(budget)
         stage("reduced", candidates, stages.reduced.reduced.indices,
               lambda c: self.estimate(c, stages.reduced, budget, "reduced"), on_candidate)
         fronts = list(front) if front is not None else self.exact_front()

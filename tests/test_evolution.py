@@ -257,3 +257,26 @@ def test_an_older_store_is_migrated_and_a_resume_says_what_changed(config_path, 
     # the legacy rows count as asked, by no recorded stage; the new ones by theirs
     asked = json.loads(CliRunner().invoke(app, ["status", str(run_dir), "--json"]).output)
     assert asked["items_asked"]["unrecorded"] > 0 and asked["items_asked"]["reduced"] > 0
+
+
+@pytest.mark.parametrize("mode", ["generational", "steady-state"])
+def test_full_evaluation_is_the_exact_baseline(config_path, tmp_path, mode):
+    """`fitness.full_evaluation`: every candidate answers the whole search split, no IRT model
+    is fitted (so no calibration beyond the seeds and default merges is needed), and the run's
+    cost is exactly one full evaluation per candidate."""
+    config = yaml.safe_load(config_path.read_text())
+    config["fitness"] = {"full_evaluation": True, "calibration": 0}
+    config["mode"] = mode
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    status = json.loads(runner.invoke(app, ["status", str(tmp_path / "run"), "--json"]).stdout)
+    db = sqlite3.connect(tmp_path / "run" / "run.db")
+    stages = {stage for (stage,) in db.execute("SELECT stage FROM evaluations")}
+    assert stages == {"full"}
+    search = {k: v for k, v in status["items_asked"].items() if k != "test"}
+    assert set(search) == {"calibration", "full"}
+    assert sum(search.values()) == status["items_if_full"] == 40 * db.execute(
+        "SELECT COUNT(*) FROM individuals").fetchone()[0]
