@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -261,9 +262,10 @@ class Evolution:
                                              self._matrix(population), self._known_row)
             children = [Candidate(i, p.genome, self._lineage(p.parents))
                         for i, p in zip(ids, proposals, strict=True)]
-            results = self._timed_fitness(lambda c=children: self.fitness.evaluate(
-                c, self.budget, on_candidate=lambda done, total:
-                self._report("candidates this generation", done, total)))
+            results = self._timed_fitness(partial(
+                self.fitness.evaluate, children, self.budget, self._rivals(population),
+                on_candidate=lambda done, total: self._report("candidates this generation", done,
+                                                              total)))
             for child, proposal, result in zip(children, proposals, results, strict=True):
                 self._record(child, generation, proposal.operator, result)
             self.strategy.tell(proposals, [self._row(r) for r in results])
@@ -304,7 +306,8 @@ class Evolution:
                 self._report("candidates", scored, total)
             future = next(self.pool.completed(list(running)))
             child = running.pop(future)
-            result = self._timed_fitness(lambda c=child, f=future: self._step(c, f, fulls))
+            result = self._timed_fitness(lambda c=child, f=future, p=population:
+                                         self._step(c, f, fulls, p))
             if result is None:  # on to its next stage
                 running[self.pool.submit(child.job)] = child
                 continue
@@ -319,7 +322,8 @@ class Evolution:
                 self._save_generation(-(-scored // size), population)
         return population
 
-    def _step(self, child: _Child, future: Future, fulls: Counter[int]) -> FitnessResult | None:
+    def _step(self, child: _Child, future: Future, fulls: Counter[int], population: list[str]
+              ) -> FitnessResult | None:
         """Consume the child's finished job and take it as far as its answers allow: its result,
         or None with `child.job` set to its next stage's job."""
         fitness, candidate = self.fitness, child.candidate
@@ -332,7 +336,7 @@ class Evolution:
             estimators = child.stages.reduced if child.stage == "reduced" else \
                 child.stages.promoted
             result = fitness.estimate(candidate, estimators, self.budget, child.stage)
-            front = fitness.exact_front()
+            front = self._rivals(population)
             if child.stage == "reduced":
                 if not promotable(result, front):
                     return result
@@ -346,6 +350,14 @@ class Evolution:
             child.job = fitness.job(candidate, items, child.stage)
             if child.job is not None:
                 return None
+
+    def _rivals(self, population: list[str]) -> list[FitnessResult]:
+        """What a child must not be dominated by to earn more items (promotion, then a full
+        evaluation): everything evaluated exactly, and the population's members as estimated. A
+        child that one of them dominates cannot join the front it would change, so more items
+        spent on it buy nothing the search uses; it keeps its reduced estimate."""
+        members = [self.results[p] for p in population if self.results[p].ok]
+        return self.fitness.exact_front() + members
 
     def _distinct(self, pool: list[str]) -> list[str]:
         """Pool members with distinct values of the selection objectives (NSGA-II's duplicate

@@ -127,7 +127,9 @@ def _tanh_scores(models, base, bounds, n_tasks, scores: torch.Tensor, ws: Worksp
         size = stop - start
         taus, scratch, total = taus_buffer[:, :size], scratch_buffer[:size], total_buffer[:size]
         _clipped_taus(models, base, start, stop, bounds, taus, scratch)
-        torch.sum(taus, dim=0, out=total)
+        total.zero_()  # summed left to right, as the C kernel adds (torch.sum may pair them)
+        for tau in taus:
+            total.add_(tau)
         for i in range(n_tasks):
             intra = ieee_math.exp((taus[i] * taus[i] - low2[i]) * factors[i])
             torch.mul(intra, ieee_math.tanh(taus[i] * total), out=scores[i, start:stop])

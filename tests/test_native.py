@@ -46,6 +46,19 @@ def test_fused_kernels_equal_the_eager_path(method, params, monkeypatch):
         assert torch.equal(fused[name], eager[name]), name
 
 
+@needs_kernels
+@pytest.mark.parametrize("n_models", [6, 8])
+def test_pcb_sums_task_vectors_in_the_kernels_order(n_models, monkeypatch):
+    """Σₖτₖ is added left to right on both paths: a pairwise torch.sum once changed the last bit
+    of some entries with six or more models."""
+    base, models = make_family(n_models, seed=1 if n_models == 6 else 0)
+    fused = merge("pcb", base, models, density=0.3)
+    monkeypatch.setattr(native, "library", lambda: None)
+    eager = merge("pcb", base, models, density=0.3)
+    for name in fused:
+        assert torch.equal(fused[name], eager[name]), name
+
+
 def _merged_in_float32(method: str, base: dict, models: list[dict], **params) -> dict:
     """A merge in float32 (mergekit's `dtype: float32`), as recipes run it."""
     spec = MergeSpec.from_kwargs(method, len(models), seed=4, **params)
