@@ -14,12 +14,19 @@ from typing import Any
 
 import torch
 
-from operators import rng
+from operators import pcb_reference, rng
 from operators.chunks import Workspace, flat
 from operators.errors import MergeInputError, MergeParameterError, NonFiniteInput
-from operators.finite import nonfinite_count
+from operators.finite import nonfinite_count, require_finite
 from operators.interpolation import linear, slerp
-from operators.methods import Engine, Method, TrimScope, check_parameter_names, get_method
+from operators.methods import (
+    Engine,
+    Method,
+    PcbVariant,
+    TrimScope,
+    check_parameter_names,
+    get_method,
+)
 from operators.pcb import pcb_merge
 from operators.quantiles import kth_smallest_streaming
 from operators.settings import Setting, TensorSite, check_setting, count_layers, resolve_first
@@ -263,11 +270,21 @@ def _merge_tensor(method: Method, site: TensorSite, base: torch.Tensor | None,
                   models: list[torch.Tensor], shared: dict[str, Any],
                   per_model: list[dict[str, Any]], seed: int,
                   bounds: list[_ModelTrim | None] | None, ws: Workspace,
-                  out_dtype: torch.dtype | None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None,
+                  pcb_scope: pcb_reference.Constants | None = None) -> torch.Tensor:
     if method.engine is Engine.LINEAR:
         return linear(models, [p["weight"] for p in per_model], shared["normalize"], out_dtype)
     if method.engine is Engine.SLERP:
         return slerp(shared["t"], base, models[0], out_dtype=out_dtype)
+    if method.engine is Engine.PCB and shared["variant"] is PcbVariant.REFERENCE:
+        densities, weights = [p["density"] for p in per_model], [p["weight"] for p in per_model]
+        if pcb_scope is None:
+            return pcb_reference.pcb_reference_merge(base, models, densities=densities,
+                                                     weights=weights, lam=shared["lambda"],
+                                                     clip=shared["clip"], out_dtype=out_dtype)
+        require_finite(base, *models)
+        return pcb_reference.merge_with(base, models, pcb_scope, weights, shared["lambda"],
+                                        out_dtype)
     if method.engine is Engine.PCB:
         return pcb_merge(base, models, densities=[p["density"] for p in per_model],
                          weights=[p["weight"] for p in per_model], lam=shared["lambda"],
@@ -342,7 +359,10 @@ class MergeStream:
         self.num_layers = count_layers(self.names)
         self.resolver = _Resolver(spec, self.method, len(models))
         self.bounds = None
+        self.pcb_scope = None
         self.workspace = Workspace(device)
+        if self.method.engine is Engine.PCB:
+            self.pcb_scope = self._pcb_model_scope()
         if self.method.shared.get("trim_scope") is not None:
             first = TensorSite(self.names[0] if self.names else "", 0.0)
             shared = self.resolver.shared(first)
@@ -353,6 +373,35 @@ class MergeStream:
                         "no trim_scope: model. Use tie_break: index with trim_scope: model")
                 self.bounds = _model_scope_bounds(self.method, self.resolver, base, models,
                                                   self.names, self.num_layers, self.workspace)
+
+    def _pcb_model_scope(self) -> pcb_reference.Constants | None:
+        """`scope: model` (released PCB code): the whole model's per-task constants, found by
+        streaming over the floating tensors; None for `scope: tensor`."""
+        shared = self.resolver.shared(TensorSite(self.names[0] if self.names else "", 0.0))
+        if shared["scope"] is TrimScope.TENSOR:
+            return None
+        if shared["variant"] is not PcbVariant.REFERENCE:
+            raise MergeParameterError(
+                "pcb scope: model is the released code's whole-model balancing; it needs "
+                "variant: reference (our variant balances tensor by tensor)")
+        floating = [n for n in self.names if self.base.dtype(n).is_floating_point]
+        per_tensor = [self.resolver.per_model(TensorSite.of(n, self.num_layers))
+                      for n in floating]
+        densities = []
+        for index in range(len(self.sources) - 1):
+            settings = {params[index]["density"] for params in per_tensor}
+            if len(settings) != 1:
+                raise MergeParameterError(
+                    f"pcb scope: model needs one density per model (model #{index} has "
+                    f"{sorted(settings)} across tensors); use scope: tensor for layer-wise density")
+            densities.append(settings.pop())
+
+        def pairs():
+            for name in floating:
+                base, *models = [_load(s, name, self.device, self.dtype) for s in self.sources]
+                yield base, models
+        total = sum(int(torch.Size(self.base.shape(n)).numel()) for n in floating)
+        return pcb_reference.constants(pairs, total, densities, shared["clip"])
 
     def tensor(self, name: str) -> torch.Tensor:
         tensors = [_load(source, name, self.device, self.dtype) for source in self.sources]
@@ -372,7 +421,8 @@ class MergeStream:
         try:
             return _merge_tensor(self.method, site, base_tensor, model_tensors,
                                  self.resolver.shared(site), self.resolver.per_model(site),
-                                 self.spec.seed, self.bounds, self.workspace, self.dtype)
+                                 self.spec.seed, self.bounds, self.workspace, self.dtype,
+                                 self.pcb_scope)
         except NonFiniteInput:
             for tensor, source in zip(tensors, self.sources, strict=True):
                 _check_finite(tensor, name, source.label)

@@ -29,6 +29,11 @@ class TrimScope(StrEnum):
     MODEL = "model"  # TIES paper: one top-k over the whole flattened model
 
 
+class PcbVariant(StrEnum):
+    OURS = "ours"  # operators.pcb: our reading of the paper, streaming C kernels
+    REFERENCE = "reference"  # operators.pcb_reference: the authors' released code
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter: its type, default (None: required) and admissible range."""
@@ -140,7 +145,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                       "density": Param(float, 0.2, 0.0, 1.0, "density is PCB's kept ratio r.")},
            shared={"lambda": LAMBDA,
                    "clip": Param(float, 1e-4, -1e-12, 0.5, "clip is a quantile in [0, 0.5)."),
-                   "inter": Param(InterBalancing, InterBalancing.TANH.value)},
+                   "inter": Param(InterBalancing, InterBalancing.TANH.value),
+                   "variant": Param(PcbVariant, PcbVariant.OURS.value),
+                   "scope": Param(TrimScope, TrimScope.TENSOR.value)},
            summary="parameter competition balancing (intra + inter task), drop, weighted mean",
            checks_inputs=True),
 )}
