@@ -1,36 +1,46 @@
-"""`evoforge fitness check`: how good is reduced evaluation on the zoo, measured, not assumed.
+"""`evoforge fitness check [CONFIG]`: how good is reduced evaluation for a run's models and tasks,
+measured, not assumed (the built-in zoo when no config is given).
 
-1. A calibration population — the zoo's models, its default merges and random merge recipes
-   (some mutated) — is evaluated on every item of every task's search split; an IRT model is fitted
-   to those answers and the estimators' excess variance is calibrated by cross-fitting.
+1. A calibration population — the config's base and experts, its default merges and random merge
+   recipes from the run's own search space (some mutated) — is evaluated on every item of every
+   task's search split; an IRT model is fitted to those answers and the estimators' excess
+   variance is calibrated by cross-fitting.
 2. A separate held-out population of random merges and mutants is also evaluated fully.
 3. For each item selection, reduced-set size and estimator, every held-out candidate is estimated
    from its answers to the reduced set alone (the same items for all: paired), and compared with
    its full-split accuracy: the cost ratio, mean and 95th-percentile absolute error, coverage of
    the ±2·stderr interval, and rank correlations.
 
-Full answers are cached under `<cache>/fitness-check/`, so changing the table's options is fast.
+Full answers are cached under `<cache>/fitness-check/`, keyed by the sources (paths, and each
+file's size and modification time), the tasks, the dtype and the recipes, so changing the
+table's options is fast and a checkpoint rewritten in place is evaluated anew.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from evolve.zoo_landscape import zoo_scorer
+from evolve.engine import Setup, worker_spec
 from fitness.estimators import ESTIMATORS, ReducedEstimators, calibrate, task_accuracies
 from fitness.irt import fit_irt
+from fitness.pool import Job
 from fitness.reduced_sets import select_items
 from operators.cache import cache_dir
 from operators.recipes import Recipe, merged_sources
 from search_spaces.merge_space import MergeSpace, default_merge_recipes
 
 Progress = Callable[[str, int, int], None]
+ZOO_CONFIG = {"sources": {"base": "zoo/base",
+                          "experts": ["zoo/rev", "zoo/sort", "zoo/inc", "zoo/cnt"]},
+              "tasks": ["zoo/rev", "zoo/sort", "zoo/inc", "zoo/cnt"]}
 
 
 @dataclass(frozen=True)
@@ -41,17 +51,14 @@ class Population:
     tasks: tuple[str, ...]
 
 
-def zoo_populations(calibration: int, held_out: int, seed: int = 0
-                    ) -> tuple[list[Recipe], list[Recipe]]:
-    """Calibration recipes (zoo models, default merges, random merges) and held-out ones."""
-    from search_spaces.merge_zoo import DEFAULT_RECIPE
+def populations(space: MergeSpace, calibration: int, held_out: int, seed: int = 0
+                ) -> tuple[list[Recipe], list[Recipe]]:
+    """Calibration recipes (the sources, default merges, random merges) and held-out ones, all
+    points of the run's search space (30 % of the random ones with weight noise)."""
+    fixed: list[Recipe] = [{"model": name} for name in (space.base, *space.experts)]
+    fixed += default_merge_recipes(space.base, space.experts)
 
-    base, experts = "zoo/base", [f"zoo/{s}" for s in DEFAULT_RECIPE.skills]
-    fixed: list[Recipe] = [{"model": name} for name in (base, *experts)]
-    fixed += default_merge_recipes(base, experts)
-    space = MergeSpace(base, tuple(experts), DEFAULT_RECIPE.layers)
-
-    def draw(rng: random.Random) -> Recipe:  # a point of the run's search space, 30 % mutants
+    def draw(rng: random.Random) -> Recipe:
         recipe = space.random(rng)
         return space.mutate_weights(rng, recipe) if rng.random() < 0.3 else recipe
     rng = random.Random(f"calibration/{seed}")
@@ -60,32 +67,36 @@ def zoo_populations(calibration: int, held_out: int, seed: int = 0
     return calibration_set, [draw(rng) for _ in range(held_out)]
 
 
-def evaluate_fully(recipes: list[Recipe], progress: Progress | None = None,
-                   label: str = "candidates", batch_size: int = 256) -> Population:
-    """Every recipe's answers to every search-split item of the zoo's tasks (cached)."""
-    from search_spaces.merge_zoo import build_zoo, zoo_task
+def sources_fingerprint(config, base_dir: Path | None = None) -> list:
+    """What the answers depend on besides the recipes: each source's files (name, size, mtime),
+    the tasks and the dtype."""
+    files = []
+    for name, folder in worker_spec(config, base_dir).folders:
+        entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                         for f in os.scandir(folder) if f.is_file())
+        files.append([name, folder, entries])
+    return [files, list(config.tasks), config.dtype]
 
-    zoo = build_zoo()
-    tasks = [zoo_task(skill, zoo.recipe) for skill in zoo.recipe.skills]
-    task_of = torch.cat([torch.full((len(t.search),), i) for i, t in enumerate(tasks)])
-    key = hashlib.sha256(json.dumps([zoo.recipe.key(), recipes], sort_keys=True).encode())
+
+def evaluate_fully(recipes: list[Recipe], setup: Setup, fingerprint: list,
+                   progress: Progress | None = None, label: str = "candidates") -> Population:
+    """Every recipe's answers to every search-split item of the run's tasks (cached)."""
+    key = hashlib.sha256(json.dumps([fingerprint, recipes], sort_keys=True).encode())
     cached = cache_dir() / "fitness-check" / f"{key.hexdigest()[:16]}.pt"
-    names = tuple(t.name for t in tasks)
     if cached.is_file():
-        return Population(recipes, torch.load(cached), task_of, names)
-    scorer = zoo_scorer(zoo, tasks, batch_size)
-    every = torch.arange(len(task_of))
-    rows = []
-    for done, recipe in enumerate(recipes):
+        return Population(recipes, torch.load(cached), setup.task_of, setup.task_names)
+    every = tuple(range(len(setup.task_of)))
+    jobs = {setup.pool.submit(Job(f"{label}-{k}", recipe, every, stage="calibration")): k
+            for k, recipe in enumerate(recipes)}
+    rows: dict[int, torch.Tensor] = {}
+    for done, future in enumerate(setup.pool.completed(list(jobs)), start=1):
+        rows[jobs[future]] = torch.tensor(future.result().values)
         if progress:
             progress(f"evaluating {label} fully", done, len(recipes))
-        rows.append(scorer.answers(f"{label}-{done}", recipe, every))
-    if progress:
-        progress(f"evaluating {label} fully", len(recipes), len(recipes))
-    responses = torch.stack(rows)
+    responses = torch.stack([rows[k] for k in range(len(recipes))])
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(responses, cached)
-    return Population(recipes, responses, task_of, names)
+    return Population(recipes, responses, setup.task_of, setup.task_names)
 
 
 def _parent_rows(recipe: Recipe, calibration: list[Recipe]) -> list[int]:
