@@ -235,8 +235,11 @@ def main() -> None:
                     results[key] = {"hypervolume": list(curve(evaluate.order, checkpoints)
                                                         / exact),
                                     "seconds": time.perf_counter() - start}
-                    if args.results:
-                        args.results.write_text(json.dumps(results, indent=1))
+                    if args.results:  # merged into what is there: another process may share it
+                        saved = json.loads(args.results.read_text()) \
+                            if args.results.exists() else {}
+                        args.results.write_text(json.dumps(saved | {key: results[key]},
+                                                           indent=1))
                 seconds.setdefault(name, []).append(results[key]["seconds"])
                 curves.setdefault(name, []).append(np.array(results[key]["hypervolume"]))
         means = {name: np.mean(values, axis=0) for name, values in curves.items()}
