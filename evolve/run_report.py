@@ -80,6 +80,8 @@ def cost_line(data: dict) -> str:
     if not search:
         return "fitness cost: nothing asked yet"
     stages = ", ".join(f"{stage} {n:,}" for stage, n in asked.items())
+    if not data["items_if_full"]:  # a store from before the run recorded its pool's size
+        return f"fitness cost: {search:,} items asked on the search split; by stage: {stages}"
     return (f"fitness cost: {search:,} items asked on the search split, "
             f"{data['items_if_full'] / search:.1f}x fewer than evaluating every candidate fully "
             f"({data['items_if_full']:,}); by stage: {stages}")
