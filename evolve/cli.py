@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # outputs (measured: a 111M-parameter linear merge 0.30 s -> 0.23 s). Must precede torch's import.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from evolve.dashboard_cli import dashboard
 from evolve.eval_cli import eval_command
 from evolve.fitness_cli import fitness_app
 from evolve.run_cli import export, front, resume, run, runs, status
@@ -25,7 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(zoo_app, name="zoo")
 app.command("eval")(eval_command)
 app.add_typer(fitness_app, name="fitness")
-for command in (run, resume, status, front, runs, export):
+for command in (run, resume, status, front, runs, export, dashboard):
     app.command()(command)
 console = Console(stderr=True)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

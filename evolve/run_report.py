@@ -41,6 +41,14 @@ def _status(state: str) -> str:
     return state.split(":")[0].split(" ")[0]
 
 
+def plan(run_dir: Path) -> dict:
+    """What the run's config asks for, as the readers of a store need it: the objectives with
+    their directions, the generations planned, the strategy and mode."""
+    config = load_config(run_dir / "config.yaml")
+    return {"objectives": dict(config.objectives), "planned": len(config.generation_sizes()),
+            "strategy": config.strategy, "mode": config.mode}
+
+
 def summary(run_dir: Path) -> dict:
     """A run's progress: status, generations, counts, hypervolume per generation."""
     store = RunStore(run_dir)

@@ -104,6 +104,25 @@ class RunStore:
                              "writable --run-dir with free space") from None
         self._lock = None
 
+    @classmethod
+    def reader(cls, folder: Path) -> RunStore:
+        """The run opened read-only (the dashboard): SQLite `mode=ro` with `query_only`, so
+        nothing done through it can write the run, and a running driver is never disturbed (WAL
+        lets readers and the one writer go on side by side)."""
+        store = cls.__new__(cls)
+        store.folder = Path(folder)
+        path = store.folder / "run.db"
+        if not path.is_file():
+            raise StoreError(f"no run store at {path}")
+        try:
+            store.db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                       check_same_thread=False)
+            store.db.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot read the run store {path}: {error}") from None
+        store._lock = None
+        return store
+
     def begin(self, environment: dict[str, str], config_hash: str) -> list[str]:
         """Become the run's only writer (see the module docstring); returns what changed since
         the run's previous driver (versions, the config), one line each."""

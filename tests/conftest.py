@@ -105,3 +105,24 @@ def journal_only(run_dir: Path, copy: Path) -> Path:
             db.execute(f"DELETE FROM {table}")
     db.close()
     return copy
+
+
+HOSTILE = '<img src=x onerror="window.__pwned=1">'  # HTML in names a run stores and pages show
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_models, tmp_path_factory) -> Path:
+    """A real 3-generation run over the tiny models, for the dashboard's tests. Its task file and
+    its run folder are named with HTML, so every page that shows them is an injection test."""
+    from typer.testing import CliRunner
+
+    from evolve.cli import app
+
+    folder = tmp_path_factory.mktemp("dashboard")
+    task = pick_task(folder)
+    task = task.rename(task.with_name(f"pick{HOSTILE}.jsonl"))
+    config = small_run_config(tiny_models, task, folder, generations=3)
+    run_dir = folder / "runs" / f"run{HOSTILE}"
+    result = CliRunner().invoke(app, ["run", str(config), "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    return run_dir
