@@ -125,7 +125,9 @@ def create_app(target: Path, host: str = "127.0.0.1") -> Starlette:
         if name not in ASSETS:
             raise HTTPException(404, "no such file")
         kind = "text/css" if name.endswith(".css") else "text/javascript"
-        return FileResponse(ASSETS[name], media_type=kind, headers=HEADERS)
+        # cacheable for an hour: the browser then keeps plotly's compiled code between pages
+        return FileResponse(ASSETS[name], media_type=kind,
+                            headers=HEADERS | {"Cache-Control": "private, max-age=3600"})
 
     def api_runs(request: Request) -> Response:
         return _json({"runs": runs_payload(runs.all())})

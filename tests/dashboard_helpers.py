@@ -23,6 +23,7 @@ import uvicorn
 from dashboards.app import create_app
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
+VIEWPORT = {"width": 1280, "height": 1000}
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
@@ -94,8 +95,10 @@ def chromium() -> Iterator:
 
 
 def open_page(browser, url: str):
-    """A new page at `url`, once its script says it has drawn; collects the page's errors."""
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    """A new page at `url` (in a new context when given a browser, or in the given context),
+    once its script says it has drawn; collects the page's errors."""
+    page = (browser.new_page(viewport=VIEWPORT) if hasattr(browser, "new_context")
+            else browser.new_page())
     page.errors = []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
     page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)

@@ -4,6 +4,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const DOMINATED_SHOWN = 5000;
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -128,7 +129,9 @@ async function runPage() {
   const generations = () => data.generations.map((g) => g.generation);
   const names = data.objectives;
   const own = Object.keys(data.plan.objectives);
-  const state = {x: own[1] || "params", y: own[0], dominated: true, page: 0, sort: own[0],
+  // tens of thousands of grey points cost seconds to draw: past DOMINATED_SHOWN they start hidden
+  const state = {x: own[1] || "params", y: own[0], dominated: data.individuals <= DOMINATED_SHOWN,
+    page: 0, sort: own[0],
     descending: true, frontOnly: false, generation: Math.max(0, ...generations())};
 
   const select = (id, value, onchange) => el("select", {id, onchange},
@@ -138,7 +141,8 @@ async function runPage() {
       state.generation = Number(e.target.value); drawFront();
     }});
   const sliderLabel = el("span", {id: "generation-label"});
-  const dominated = el("input", {type: "checkbox", id: "show-dominated", checked: "",
+  const dominated = el("input", {type: "checkbox", id: "show-dominated",
+    ...(state.dominated ? {checked: ""} : {}),
     onchange: (e) => { state.dominated = e.target.checked; drawFront(); }});
   const header = el("section", {id: "summary"});
   const frontPlot = el("div", {id: "front-plot", class: "plot"});
@@ -154,7 +158,7 @@ async function runPage() {
       el("label", {}, "x ", select("x-objective", state.x, (e) => { state.x = e.target.value; drawFront(); })),
       el("label", {}, "y ", select("y-objective", state.y, (e) => { state.y = e.target.value; drawFront(); })),
       el("label", {}, "generation ", slider, " ", sliderLabel),
-      el("label", {}, dominated, " dominated points")),
+      el("label", {}, dominated, " dominated points ", el("span", {id: "dominated-count"}))),
     frontPlot,
     el("div", {class: "grid"},
       el("figure", {}, el("figcaption", {}, "hypervolume per generation"), hvPlot),
@@ -185,7 +189,7 @@ async function runPage() {
       `${esc(state.x)} ${esc(fmt(state.x, [cols.x[i], cols.x_err[i]]))}<br>` +
       `${esc(state.y)} ${esc(fmt(state.y, [cols.y[i], cols.y_err[i]]))}`);
     const trace = (cols, name, style) => Object.assign({
-      type: "scatter", name, x: cols.x, y: cols.y, customdata: cols.ids, text: hover(cols),
+      type: cols.ids.length > 2000 ? "scattergl" : "scatter", name, x: cols.x, y: cols.y, customdata: cols.ids, text: hover(cols),
       hoverinfo: "text",
       error_x: {type: "data", array: cols.x_err, visible: true, thickness: 1},
       error_y: {type: "data", array: cols.y_err, visible: true, thickness: 1},
@@ -204,6 +208,8 @@ async function runPage() {
     await Plotly.react(frontPlot, traces, Object.assign({}, LAYOUT, {
       xaxis: axis(state.x, points.directions[0]), yaxis: axis(state.y, points.directions[1]),
       legend: {orientation: "h"}, uirevision: `${state.x}|${state.y}`}), PLOT_CONFIG);
+    document.getElementById("dominated-count").textContent =
+      `(${points.dominated_count.toLocaleString("en")})`;
     frontPlot.dataset.generation = String(g);
     frontPlot.dataset.front = String(points.front.ids.length);
   }
@@ -281,7 +287,6 @@ async function runPage() {
   frontPlot.on("plotly_click", openPoint);
   drawSide();
   await drawTable();
-  document.body.dataset.ready = "1";
 
   let version = data.version;
   setInterval(async () => {
@@ -365,7 +370,6 @@ async function individualPage() {
       Object.assign({}, LAYOUT, {barmode: "group", yaxis: {title: {text: "accuracy"}, tickformat: ".0%"}}),
       PLOT_CONFIG);
   }
-  document.body.dataset.ready = "1";
 }
 
 // -- compare --------------------------------------------------------------------------------
@@ -397,10 +401,12 @@ async function comparePage() {
     x: r.hypervolume.map((g) => g.generation), y: r.hypervolume.map((g) => g.hypervolume)})),
   Object.assign({}, LAYOUT, {xaxis: {title: {text: "generation"}}, yaxis: {title: {text: "hypervolume"}}}),
   PLOT_CONFIG);
-  document.body.dataset.ready = "1";
 }
 
 const PAGES = {runs: runsPage, run: runPage, individual: individualPage, compare: comparePage};
 document.addEventListener("DOMContentLoaded", () => {
-  PAGES[document.body.dataset.page]().then(() => { document.body.dataset.ready = "1"; }).catch(fail);
+  PAGES[document.body.dataset.page]().then(() => {
+    document.body.dataset.drawnMs = String(Math.round(performance.now()));  // since navigation
+    document.body.dataset.ready = "1";
+  }).catch(fail);
 });
