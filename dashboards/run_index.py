@@ -71,6 +71,14 @@ class RunIndex:
         self._lock = threading.Lock()
         self._cache: dict = {}
 
+    def has(self, identifier: str) -> bool:
+        """Whether the run bred `identifier`, asked of SQLite (no need to load the run)."""
+        if identifier in self.individuals:
+            return True
+        with self._lock:
+            return self.store.db.execute("SELECT 1 FROM individuals WHERE id = ?",
+                                         (identifier,)).fetchone() is not None
+
     def refresh(self) -> None:
         with self._lock:
             version = self.store.db.execute("PRAGMA data_version").fetchone()[0]

@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shlex
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -15,12 +19,15 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
+import dashboards.__main__ as dashboard_main
 from dashboards.app import _finite, create_app
 from dashboards.run_index import pareto_front
 from evolve.cli import app as cli
 from evolve.store import RunStore
 from tests.conftest import HOSTILE
 from tests.dashboard_helpers import brute_front
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), max_size=40),
@@ -237,19 +244,31 @@ def test_the_host_header_is_checked_against_the_bound_address(finished_run):
     assert exposed.get("/api/runs").status_code == 200
 
 
-def test_the_cli_binds_loopback_and_warns_otherwise(finished_run, monkeypatch):
-    import uvicorn
-
+def test_the_cli_binds_loopback_and_warns_otherwise(finished_run, monkeypatch, capsys):
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_: served.append((host, port)))
-    quiet = CliRunner().invoke(cli, ["dashboard", str(finished_run.parent)])
-    assert quiet.exit_code == 0 and "warning" not in quiet.output
-    loud = CliRunner().invoke(cli, ["dashboard", str(finished_run.parent), "--host", "0.0.0.0",
-                                    "--port", "9000"])
-    assert loud.exit_code == 0 and "warning" in loud.output
+    monkeypatch.setattr(dashboard_main.uvicorn, "run",
+                        lambda app, host, port, **_: served.append((host, port)))
+    assert dashboard_main.main([str(finished_run.parent)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert dashboard_main.main([str(finished_run.parent), "--host", "0.0.0.0", "--port", "9000"]) == 0
+    assert "warning" in capsys.readouterr().err
     assert served == [("127.0.0.1", 8321), ("0.0.0.0", 9000)]
-    missing = CliRunner().invoke(cli, ["dashboard", str(finished_run.parent / "nothing")])
-    assert missing.exit_code == 2 and "no runs folder" in missing.output
+    assert dashboard_main.main([str(finished_run.parent / "nothing")]) == 2
+    assert "no runs folder" in capsys.readouterr().err
+
+
+def test_evoforge_dashboard_starts_the_dashboard_program(finished_run, monkeypatch):
+    started = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: started.append(argv))
+    result = CliRunner().invoke(cli, ["dashboard", str(finished_run.parent), "--port", "9001"])
+    assert result.exit_code == 0, result.output
+    (argv,) = started
+    assert argv[1:] == ["-m", "dashboards", str(finished_run.parent), "--port", "9001", "--host",
+                        "127.0.0.1"]
+    missing = subprocess.run([sys.executable, "-m", "evolve.cli", "dashboard",
+                              str(finished_run.parent / "nothing")], capture_output=True,
+                             text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "no runs folder" in missing.stderr
 
 
 def test_json_has_no_nan():

@@ -134,3 +134,34 @@ def test_compare_overlays_the_fronts_of_both_runs(site, finished_run):
     _safe(page)
     screenshot(page, "compare")
     page.close()
+
+
+def test_pages_move_without_reloading_and_a_left_page_stops(site, finished_run):
+    """Links move within one document (plotly is loaded once); back returns to the run; a page
+    that was left makes no more requests and cannot draw over the page on screen."""
+    url, browser = site
+    page = open_page(browser, url + "/")
+    page.evaluate("window.__kept = 'same document'")
+    page.locator("#runs tbody a.run-link", has_text=HOSTILE).click()
+    page.wait_for_selector("body[data-ready='1']")
+    page.locator("#individuals-table tbody a").first.click()
+    page.wait_for_url("**/individuals/**")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#export-command").count() == 1
+    assert page.evaluate("window.__kept") == "same document"
+    assert page.evaluate("document.querySelectorAll('script[src$=\"plotly.min.js\"]').length") == 1
+
+    page.go_back()
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("h1").inner_text() == finished_run.name
+    assert plotted(page, "front-plot")[-1] == len(population_front(_db(finished_run)))
+    page.go_back()
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("h1").inner_text() == "Runs"
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.wait_for_timeout(2500)  # longer than the run page's poll
+    assert not [r for r in requests if "/version" in r or "/api/runs/" in r], requests
+    assert page.locator("h1").inner_text() == "Runs"
+    _safe(page)
+    page.close()

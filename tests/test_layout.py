@@ -38,6 +38,15 @@ def test_the_check_sees_function_local_imports(tmp_path):
     assert _imports(module) == [(2, "evolve.engine")]
 
 
+def test_nothing_imports_the_dashboard():
+    """The dashboard reads the run store, so it sits above it: `evoforge dashboard` starts it as
+    a program (`python -m dashboards`) rather than importing it."""
+    found = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+             for folder in ORDER for path in sorted((ROOT / folder).glob("*.py"))
+             for line, module in _imports(path) if module.split(".")[0] == "dashboards"]
+    assert not found, found
+
+
 def test_dashboards_read_the_run_store_and_nothing_else():
     allowed = {"evolve.store", "evolve.run_report"}
     for path in sorted((ROOT / "dashboards").glob("*.py")):

@@ -1,6 +1,8 @@
 // evoforge dashboard: every page fetches JSON from /api and builds its DOM with textContent only,
 // so nothing a run stores (recipes, task names, errors) is ever parsed as HTML. Plot labels go
 // through esc(): plotly renders a subset of HTML in hover text.
+// One page for every address: links and clicks move between pages with the History API, so
+// plotly is compiled once per tab; it loads beside a page's data, never before it.
 "use strict";
 
 const POLL_MS = 2000;
@@ -25,8 +27,31 @@ function esc(text) {
     .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
 }
 
-async function getJSON(url) {
-  const response = await fetch(url, {cache: "no-store"});
+// -- pages and their lifetime ---------------------------------------------------------------
+
+let current = null;  // the page on screen (see render)
+
+function aborted(error) {
+  return error && error.name === "AbortError";
+}
+
+let plotlyLoading = null;
+
+function plotly() {
+  // the script tag is added on first use: the runs page draws without it, then preloads it
+  if (!plotlyLoading) {
+    plotlyLoading = new Promise((resolve, reject) => {
+      const script = el("script", {src: "/static/plotly.min.js"});
+      script.addEventListener("load", () => resolve(window.Plotly));
+      script.addEventListener("error", () => reject(new Error("could not load plotly.min.js")));
+      document.head.append(script);
+    });
+  }
+  return plotlyLoading;
+}
+
+async function getJSON(url, signal) {
+  const response = await fetch(url, {cache: "no-store", signal});
   const data = await response.json();
   if (!response.ok) throw new Error(data.error || response.statusText);
   return data;
@@ -69,6 +94,7 @@ function crumbs(...parts) {
 }
 
 function fail(error) {
+  if (aborted(error)) return;  // the page was left while it loaded
   document.getElementById("main").replaceChildren(el("p", {class: "error"}, `error: ${error.message}`));
 }
 
@@ -87,14 +113,15 @@ const LAYOUT = {margin: {l: 60, r: 20, t: 30, b: 50}, hovermode: "closest",
 
 // -- runs -----------------------------------------------------------------------------------
 
-async function runsPage() {
+async function runsPage(view) {
+  document.title = "evoforge runs";
   crumbs("runs");
   const main = document.getElementById("main");
   const selected = new Set();
   async function draw() {
-    const {runs} = await getJSON("/api/runs");
+    const {runs} = await view.get("/api/runs");
     const compare = el("button", {id: "compare", onclick: () => {
-      location.href = "/compare?" + [...selected].map((r) => `run=${enc(r)}`).join("&");
+      navigate("/compare?" + [...selected].map((r) => `run=${enc(r)}`).join("&"));
     }}, "compare selected");
     const rows = runs.map((r) => [
       el("input", {type: "checkbox", "aria-label": `select ${r.run}`, onchange: (e) => {
@@ -116,16 +143,20 @@ async function runsPage() {
       compare);
   }
   await draw();
-  setInterval(() => draw().catch(fail), 5 * POLL_MS);
+  view.every(5 * POLL_MS, () => draw().catch(fail));
+  const preload = () => plotly().catch(() => {});  // a run's page then opens without the wait
+  if (window.requestIdleCallback) requestIdleCallback(preload); else setTimeout(preload, 200);
 }
 
 // -- a run ----------------------------------------------------------------------------------
 
-async function runPage() {
+async function runPage(view) {
   const run = decodeURIComponent(location.pathname.split("/")[2]);
+  document.title = `${run} · evoforge`;
   crumbs(el("a", {href: runHref(run)}, run));
   const main = document.getElementById("main");
-  let data = await getJSON(`/api/runs/${enc(run)}`);
+  const loading = plotly();
+  let data = await view.get(`/api/runs/${enc(run)}`);
   const generations = () => data.generations.map((g) => g.generation);
   const names = data.objectives;
   const own = Object.keys(data.plan.objectives);
@@ -144,6 +175,7 @@ async function runPage() {
   const dominated = el("input", {type: "checkbox", id: "show-dominated",
     ...(state.dominated ? {checked: ""} : {}),
     onchange: (e) => { state.dominated = e.target.checked; drawFront(); }});
+  const dominatedCount = el("span", {id: "dominated-count"});
   const header = el("section", {id: "summary"});
   const frontPlot = el("div", {id: "front-plot", class: "plot"});
   const hvPlot = el("div", {id: "hv-plot", class: "plot small"});
@@ -158,7 +190,7 @@ async function runPage() {
       el("label", {}, "x ", select("x-objective", state.x, (e) => { state.x = e.target.value; drawFront(); })),
       el("label", {}, "y ", select("y-objective", state.y, (e) => { state.y = e.target.value; drawFront(); })),
       el("label", {}, "generation ", slider, " ", sliderLabel),
-      el("label", {}, dominated, " dominated points ", el("span", {id: "dominated-count"}))),
+      el("label", {}, dominated, " dominated points ", dominatedCount)),
     frontPlot,
     el("div", {class: "grid"},
       el("figure", {}, el("figcaption", {}, "hypervolume per generation"), hvPlot),
@@ -180,10 +212,11 @@ async function runPage() {
   }
 
   async function drawFront() {
+    await loading;
     const g = state.generation;
     const info = data.generations.find((x) => x.generation === g);
     sliderLabel.textContent = info ? `${g}${info.final ? " (final)" : ""}` : String(g);
-    const points = await getJSON(`/api/runs/${enc(run)}/points?generation=${g}&x=${enc(state.x)}` +
+    const points = await view.get(`/api/runs/${enc(run)}/points?generation=${g}&x=${enc(state.x)}` +
       `&y=${enc(state.y)}&dominated=${state.dominated ? 1 : 0}`);
     const hover = (cols) => cols.ids.map((id, i) => `${esc(id)} (${esc(cols.operator[i])})<br>` +
       `${esc(state.x)} ${esc(fmt(state.x, [cols.x[i], cols.x_err[i]]))}<br>` +
@@ -208,7 +241,7 @@ async function runPage() {
     await Plotly.react(frontPlot, traces, Object.assign({}, LAYOUT, {
       xaxis: axis(state.x, points.directions[0]), yaxis: axis(state.y, points.directions[1]),
       legend: {orientation: "h"}, uirevision: `${state.x}|${state.y}`}), PLOT_CONFIG);
-    document.getElementById("dominated-count").textContent =
+    dominatedCount.textContent =
       `(${points.dominated_count.toLocaleString("en")})`;
     frontPlot.dataset.generation = String(g);
     frontPlot.dataset.front = String(points.front.ids.length);
@@ -235,7 +268,6 @@ async function runPage() {
         line: {dash: "dot", color: "#888"}, name: "search = test"}],
       Object.assign({}, LAYOUT, {showlegend: false, xaxis: {title: {text: `search ${data.metric}`}},
         yaxis: {title: {text: `held-out ${data.metric}`}}}), PLOT_CONFIG);
-    svtPlot.on("plotly_click", openPoint);
     const ops = Object.entries(data.front_operators);
     Plotly.react(opsPlot, [{type: "bar", x: ops.map(([o]) => esc(o)), y: ops.map(([, n]) => n),
       hoverinfo: "x+y"}], Object.assign({}, LAYOUT, {yaxis: {title: {text: "front members"}}}),
@@ -247,7 +279,7 @@ async function runPage() {
   }
 
   async function drawTable() {
-    const page = await getJSON(`/api/runs/${enc(run)}/table?page=${state.page}&sort=${enc(state.sort)}` +
+    const page = await view.get(`/api/runs/${enc(run)}/table?page=${state.page}&sort=${enc(state.sort)}` +
       `&order=${state.descending ? "desc" : "asc"}&front=${state.frontOnly ? 1 : 0}`);
     const sortBy = (key) => () => {
       state.descending = state.sort === key ? !state.descending : true;
@@ -279,29 +311,32 @@ async function runPage() {
 
   function openPoint(event) {
     const id = event.points && event.points[0] && event.points[0].customdata;
-    if (id) location.href = individualHref(run, id);
+    if (id) navigate(individualHref(run, id));
   }
 
   drawSummary();
+  const table = drawTable();  // text first: the table does not wait for plotly
+  table.catch(() => {});  // (its error surfaces below, where it is awaited)
   await drawFront();
   frontPlot.on("plotly_click", openPoint);
   drawSide();
-  await drawTable();
+  svtPlot.on("plotly_click", openPoint);
+  await table;
 
   let version = data.version;
-  setInterval(async () => {
+  view.every(POLL_MS, async () => {
     try {
-      const now = await getJSON(`/api/runs/${enc(run)}/version`);
+      const now = await view.get(`/api/runs/${enc(run)}/version`);
       if (now.version === version) return;
       version = now.version;
       const atLatest = state.generation === Math.max(0, ...generations());
-      data = await getJSON(`/api/runs/${enc(run)}`);
+      data = await view.get(`/api/runs/${enc(run)}`);
       const latest = Math.max(0, ...generations());
       slider.max = latest;
       if (atLatest) { state.generation = latest; slider.value = latest; }
       drawSummary(); drawSide(); await drawFront(); await drawTable();
-    } catch (error) { console.error(error); }
-  }, POLL_MS);
+    } catch (error) { if (!aborted(error)) console.error(error); }
+  });
 }
 
 // -- an individual --------------------------------------------------------------------------
@@ -329,11 +364,13 @@ function ancestryTree(run, node) {
     el("ul", {}, node.parents.map((p) => el("li", {}, ancestryTree(run, p)))));
 }
 
-async function individualPage() {
+async function individualPage(view) {
   const parts = location.pathname.split("/");
   const run = decodeURIComponent(parts[2]), id = decodeURIComponent(parts[4]);
+  document.title = `${id} · ${run} · evoforge`;
   crumbs(el("a", {href: runHref(run)}, run), el("span", {}, id));
-  const d = await getJSON(`/api/runs/${enc(run)}/individuals/${enc(id)}`);
+  const loading = plotly();
+  const d = await view.get(`/api/runs/${enc(run)}/individuals/${enc(id)}`);
   const names = [...new Set([...Object.keys(d.objectives || {}), ...Object.keys(d.test || {})])];
   const copy = el("button", {id: "copy-export", onclick: () => navigator.clipboard.writeText(d.export)}, "copy");
   const taskPlot = el("div", {id: "task-plot", class: "plot small"});
@@ -366,6 +403,7 @@ async function individualPage() {
     y: tasks.map((t) => (t[key] ? t[key][0] : null)), marker: {color},
     error_y: {type: "data", array: tasks.map((t) => (t[key] ? t[key][1] : null)), visible: true}});
   if (tasks.length) {
+    await loading;
     await Plotly.react(taskPlot, [bar("search", "search estimate", "#1f6feb"), bar("test", "held-out test", "#f0883e")],
       Object.assign({}, LAYOUT, {barmode: "group", yaxis: {title: {text: "accuracy"}, tickformat: ".0%"}}),
       PLOT_CONFIG);
@@ -374,7 +412,8 @@ async function individualPage() {
 
 // -- compare --------------------------------------------------------------------------------
 
-async function comparePage() {
+async function comparePage(view) {
+  document.title = "compare runs · evoforge";
   crumbs("compare");
   const chosen = new URLSearchParams(location.search).getAll("run");
   const main = document.getElementById("main");
@@ -382,11 +421,13 @@ async function comparePage() {
     main.replaceChildren(el("p", {}, "Pick runs to compare on the ", el("a", {href: "/"}, "runs page"), "."));
     return;
   }
-  const {runs} = await getJSON("/api/compare?" + chosen.map((r) => `run=${enc(r)}`).join("&"));
+  const loading = plotly();
+  const {runs} = await view.get("/api/compare?" + chosen.map((r) => `run=${enc(r)}`).join("&"));
   const fronts = el("div", {id: "compare-fronts", class: "plot"});
   const curves = el("div", {id: "compare-hv", class: "plot small"});
   main.replaceChildren(el("h1", {}, `Compare ${runs.length} runs`),
     el("h2", {}, "Final fronts"), fronts, el("h2", {}, "Hypervolume per generation"), curves);
+  await loading;
   await Plotly.react(fronts, runs.map((r) => ({type: "scatter", mode: "lines+markers", name: esc(r.run),
     x: r.front.x, y: r.front.y, customdata: r.front.ids, line: {shape: "hv"},
     text: r.front.ids.map((id) => `${esc(r.run)}: ${esc(id)}`), hoverinfo: "text+x+y",
@@ -395,7 +436,7 @@ async function comparePage() {
     yaxis: {title: {text: runs[0] ? runs[0].y : ""}}}), PLOT_CONFIG);
   fronts.on("plotly_click", (event) => {
     const point = event.points[0];
-    location.href = individualHref(runs[point.curveNumber].run, point.customdata);
+    navigate(individualHref(runs[point.curveNumber].run, point.customdata));
   });
   await Plotly.react(curves, runs.map((r) => ({type: "scatter", mode: "lines+markers", name: esc(r.run),
     x: r.hypervolume.map((g) => g.generation), y: r.hypervolume.map((g) => g.hypervolume)})),
@@ -403,10 +444,55 @@ async function comparePage() {
   PLOT_CONFIG);
 }
 
-const PAGES = {runs: runsPage, run: runPage, individual: individualPage, compare: comparePage};
-document.addEventListener("DOMContentLoaded", () => {
-  PAGES[document.body.dataset.page]().then(() => {
-    document.body.dataset.drawnMs = String(Math.round(performance.now()));  // since navigation
+// -- routing ---------------------------------------------------------------------------------
+
+const ROUTES = [[/^\/$/, runsPage], [/^\/runs\/[^/]+$/, runPage],
+  [/^\/runs\/[^/]+\/individuals\/[^/]+$/, individualPage], [/^\/compare$/, comparePage]];
+
+function pageFor(path) {
+  const route = ROUTES.find(([pattern]) => pattern.test(path));
+  return route ? route[1] : null;
+}
+
+function render() {
+  // leave the old page: its requests aborted, its timers stopped, its plots freed
+  if (current) {
+    current.controller.abort();
+    current.timers.forEach(clearInterval);
+    if (window.Plotly) document.querySelectorAll(".js-plotly-plot").forEach((p) => Plotly.purge(p));
+  }
+  // a page's requests and timers are its own: once it is left, they stop and cannot draw
+  const controller = new AbortController();
+  const mine = {controller, timers: [], started: current ? performance.now() : 0,
+    get: (url) => getJSON(url, controller.signal),
+    every: (ms, task) => mine.timers.push(setInterval(task, ms))};
+  current = mine;
+  document.body.dataset.ready = "0";
+  document.getElementById("main").replaceChildren(el("p", {class: "muted", id: "loading"}, "loading…"));
+  const page = pageFor(location.pathname);
+  if (!page) { fail(new Error(`no page at ${location.pathname}`)); return; }
+  page(mine).then(() => {
+    if (current !== mine) return;
+    document.body.dataset.drawnMs = String(Math.round(performance.now() - mine.started));
     document.body.dataset.ready = "1";
   }).catch(fail);
+}
+
+function navigate(url) {
+  document.body.dataset.ready = "0";
+  history.pushState(null, "", url);
+  window.scrollTo(0, 0);
+  render();
+}
+
+document.addEventListener("click", (event) => {
+  const link = event.target.closest && event.target.closest("a[href]");
+  if (!link || event.defaultPrevented || event.button !== 0 || link.target ||
+      event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) return;
+  const url = new URL(link.href, location.href);
+  if (url.origin !== location.origin || !pageFor(url.pathname)) return;
+  event.preventDefault();
+  navigate(url.pathname + url.search);
 });
+window.addEventListener("popstate", render);
+document.addEventListener("DOMContentLoaded", render);
