@@ -4,10 +4,11 @@ A strategy proposes children; the breeder checks each before it is scored and ha
 draw again (from a stream named after the child and the attempt, so a resume redraws the same)
 when a proposal
 - is a genome the driver already holds, by its `key` (for recipes the canonical key, where the
-  seed of a merge that draws nothing random does not count; for architectures the isomorphism
-  class), whether scored or still being scored: its answers would be the same;
-- fails the driver's lineage check (a merge run: it merges an expert none of its parents merges;
-  an operator must never invent one).
+  seed of a merge that draws nothing random does not count; for code the program's syntax tree;
+  for architectures the isomorphism class), whether scored or still being scored: its answers
+  would be the same;
+- fails the space's lineage check (`MergeSpace.lineage_check`: it merges an expert none of its
+  parents merges; an operator must never invent one).
 Each redraw is reported (`on_redraw`; a run records it in its store's events as `redrawn`). A
 strategy that learns from results (optuna, CMA-ES) is told the refused proposal's known
 objectives, or a failure, so that it moves on.
@@ -15,31 +16,14 @@ objectives, or a failure, so that it moves on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
 from evolve.strategies import Proposal, Strategy
-from operators.recipes import Recipe, sources_of
 
 MAX_REDRAWS = 100  # then the proposal is kept, and the report says so
-
-
-def invented_experts(base: str, recipes: Mapping[str, Recipe]) -> Callable[[Proposal], str | None]:
-    """A merge run's lineage check: the proposal merges no expert that none of its parents (a
-    candidate id, or a source model's name) merges."""
-    def experts(recipe: Recipe) -> set[str]:
-        return {name for name in sources_of(recipe) if name != base}
-
-    def check(proposal: Proposal) -> str | None:
-        allowed: set[str] = set()
-        for parent in proposal.parents:
-            allowed |= experts(recipes[parent]) if parent in recipes else {parent} - {base}
-        invented = sorted(experts(proposal.genome) - allowed)
-        return f"merges {', '.join(invented)}, which none of its parents merges" if invented \
-            else None
-    return check
 
 
 class Breeder:

@@ -134,9 +134,36 @@ class Ray(_Strict):
                                    "threads)")
 
 
+class Sandbox(_Strict):
+    """Limits of the sandbox every code candidate is trained in (`operators.sandbox`)."""
+    cpu_seconds: int = Field(600, ge=1, description="CPU seconds one candidate may use")
+    wall_seconds: float = Field(900, gt=0, description="wall-clock seconds one candidate may take")
+    memory: int = Field(3 * 2**30, gt=0, description="address space of the sandboxed process "
+                        "('3GiB'; torch alone maps about 0.7 GB)")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _byte_size(cls, value):
+        return parse_bytes(value) if isinstance(value, str) else value
+
+
+class CodeSearch(_Strict):
+    """A code search (`search_space: mnist1d-code`): how each candidate is trained."""
+    steps: int = Field(6000, ge=1, description="training steps (batches of 100) per candidate; "
+                       "6,000 is how the MNIST-1D paper and the NAS zoo train the references")
+    sandbox: Sandbox = Sandbox()
+
+
+CODE_SPACES = ("mnist1d-code",)
+
+
 class RunConfig(_Strict):
-    sources: Sources
-    tasks: list[str] = Field(min_length=1)
+    search_space: Literal["merge", "mnist1d-code"] = Field(
+        "merge", description="merge: recipes over sources' checkpoints; mnist1d-code: PyTorch "
+        "module source for MNIST-1D, trained in a sandbox")
+    sources: Sources | None = None
+    tasks: list[str] = []
+    code: CodeSearch | None = None
     lm_eval: LmEval = LmEval()
     objectives: dict[str, Literal["max", "min"]] = {"accuracy": "max", "params": "min"}
     operators: Operators = Operators()
@@ -172,6 +199,47 @@ class RunConfig(_Strict):
         "is cancelled (the worker restarted) and the candidate marked failed")
     worker_retries: int = Field(2, ge=0, description="how many more times a job runs on a new "
                                 "worker after its Ray worker died under it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _code_defaults(cls, data):
+        """A code search evaluates every candidate on the whole search split (training is the
+        cost, not the items) and starts from its references alone unless told otherwise."""
+        if isinstance(data, dict) and data.get("search_space") in CODE_SPACES:
+            fitness = dict(data.get("fitness") or {})
+            if fitness.get("full_evaluation") is False:
+                raise ValueError("fitness.full_evaluation: a code search scores every candidate "
+                                 "on the whole search split; remove the key")
+            data = data | {"fitness": {"calibration": 0} | fitness | {"full_evaluation": True},
+                           "code": data.get("code") or {}}
+        return data
+
+    @model_validator(mode="after")
+    def _space_keys(self) -> RunConfig:
+        """The keys each search space reads, and no others."""
+        if self.search_space == "merge":
+            if self.sources is None:
+                raise ValueError("sources: a merge run needs sources (base and experts)")
+            if not self.tasks:
+                raise ValueError("tasks: a merge run needs at least one task")
+            if self.code is not None:
+                raise ValueError("code: only a code search (search_space: mnist1d-code) reads it")
+            return self
+        unread = [key for key in ("sources", "dtype", "memory_budget", "lm_eval", "ray",
+                                  "candidate_timeout") if key in self.model_fields_set]
+        unread += [f"operators.{key}" for key in self.operators.model_fields_set
+                   if key != "crossover"]
+        if unread:
+            raise ValueError(f"{', '.join(unread)}: not read by a code search; remove them "
+                             "(its children come from crossover, and mutation takes the rest)")
+        if self.tasks not in ([], ["nas/mnist1d"]):
+            raise ValueError(f"tasks: {self.search_space} is scored on nas/mnist1d; remove the key")
+        if self.strategy != "ga" or self.workers != 1 or self.uses_ray or self.device != "cpu":
+            raise ValueError("a code search runs the GA with one local worker on the CPU "
+                             "(strategy: ga, workers: 1, device: cpu): its candidates train one "
+                             "at a time in the sandbox")
+        self.tasks = ["nas/mnist1d"]
+        return self
 
     @model_validator(mode="after")
     def _one_local_worker(self) -> RunConfig:

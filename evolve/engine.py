@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evolve.breeder import Breeder, invented_experts
+from evolve.breeder import Breeder
 from evolve.config import RunConfig
 from evolve.selection import hypervolume, minimization_matrix, rank_and_crowding, survivors
 from evolve.store import RunStore
 from evolve.strategies import Proposal, recipe_strategy
+from fitness.code_worker import CodeWorker
 from fitness.estimators import Conventions
 from fitness.items import item_pool
 from fitness.journal import JournalPool
@@ -52,8 +53,10 @@ from fitness.reduced_fitness import (
     finalist,
     promotable,
 )
-from operators.recipes import Recipe, canonical_key
-from search_spaces.merge_space import MergeSpace, default_merge_recipes
+from operators.recipes import Recipe
+from operators.sandbox import Limits
+from search_spaces.merge_space import MergeSpace
+from search_spaces.mnist1d_code import CodeSpace
 
 Progress = Callable[[str, int, int], None]
 Activity = Callable[[list[str | None]], None]  # per worker: the candidate it runs, or None
@@ -94,11 +97,12 @@ class Timings:
 
 @dataclass
 class Setup:
-    """Everything a run needs besides its config: the merge space, the sources (mapped by the
-    driver for checks, metadata and export: it scores nothing), the worker pool that evaluates (in
-    this process or on Ray actors) and the item pool's task of each item."""
+    """Everything a run needs besides its config: the search space, the sources (a merge run's,
+    mapped by the driver for checks, metadata and export: it scores nothing; None in a code
+    search), the worker pool that evaluates (in this process or on Ray actors) and the item
+    pool's task of each item."""
 
-    space: MergeSpace
+    space: MergeSpace | CodeSpace
     sources: object
     pool: Pool
     task_of: torch.Tensor
@@ -142,11 +146,11 @@ class Evolution:
         self.recipes: dict[str, Recipe] = {}
         space = setup.space
         # a source model enters the run as its seed candidate: lineage names that id
-        self.seed_of = {name: f"seed-{short(name)}" for name in (space.base, *space.experts)}
+        self.seed_of = {name: f"seed-{short(name)}" for name in space.sources}
         self.strategy = recipe_strategy(config, setup.space, self.recipes)
-        self.breeder = Breeder(self.strategy, canonical_key,
+        self.breeder = Breeder(self.strategy, space.key,
                                lambda child, reason: store.event("redrawn", f"{child}: {reason}"),
-                               invented_experts(setup.space.base, self.recipes))
+                               space.lineage_check(self.recipes))
         self.timings = Timings()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -211,14 +215,10 @@ class Evolution:
 
     def calibrate(self) -> list[str]:
         space, rng = self.setup.space, random.Random(f"{self.config.seed}/calibration")
-        candidates = [Candidate(self.seed_of[m], {"model": m}) for m in (space.base,
-                                                                          *space.experts)]
-        experts = self._lineage(space.experts)
-        candidates += [Candidate(f"default-{r['method']}", r, experts)
-                       for r in default_merge_recipes(space.base, space.experts)]
-        candidates += [Candidate(f"cal-{k}", recipe, experts)
-                       for k, recipe in enumerate(space.random(rng) for _ in range(
-                           self.config.fitness.calibration))]
+        candidates = [Candidate(self.seed_of[m], space.seed_recipe(m)) for m in space.sources]
+        candidates += [Candidate(identifier, recipe, self._lineage(parents))
+                       for identifier, recipe, parents in space.calibration(
+                           rng, self.config.fitness.calibration)]
         self.progress("calibration (full evaluations)", 0, len(candidates))
         self._timed_fitness(lambda: self.fitness.add_full(candidates, "calibration", lambda
                                                           done, total: (
@@ -435,6 +435,8 @@ def prepare(config: RunConfig, base_dir: Path | None = None,
     """Resolve sources and tasks, check they fit together, and build the workers: the local one,
     or (`backend: ray`) the Ray actors, each of which builds its own. Every check happens here,
     before any candidate is merged or scored."""
+    if config.search_space == "mnist1d-code":
+        return _prepare_code(config)
     spec = worker_spec(config, base_dir)
     tasks = spec.load_tasks()
     if config.uses_ray:
@@ -456,3 +458,15 @@ def prepare(config: RunConfig, base_dir: Path | None = None,
                        config.operators.crossover.compose)
     task_of = torch.tensor([t for t, _ in item_pool(tasks)])
     return Setup(space, sources, pool, task_of, tuple(t.name for t in tasks))
+
+
+def _prepare_code(config: RunConfig) -> Setup:
+    """A code search: its space, and a worker that trains each candidate in the sandbox."""
+    space = CodeSpace()
+    harness, arguments, files = space.harness(config.code.steps, config.seed)
+    sandbox = config.code.sandbox
+    limits = Limits(cpu_seconds=sandbox.cpu_seconds, wall_seconds=sandbox.wall_seconds,
+                    memory_bytes=sandbox.memory)
+    worker = CodeWorker(space.task, harness, arguments, files, limits)
+    task_of = torch.zeros(len(space.task.search), dtype=torch.long)
+    return Setup(space, None, LocalPool(worker), task_of, (space.task.name,))

@@ -151,6 +151,8 @@ def _build_zoo_if_needed(config) -> None:
     from evolve.zoo_cli import build_with_progress
     from search_spaces.merge_zoo import is_built
 
+    if config.sources is None:  # a code search: nothing to build
+        return
     names = [config.sources.base, *config.sources.experts, *config.tasks]
     if any(str(name).startswith("zoo/") for name in names) and not is_built():
         console.print("building the built-in zoo first (once, about 4 minutes on 2 cores)")
@@ -188,18 +190,31 @@ def run(
                               "continues it, or choose another --run-dir"))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        data = validated.model_dump()
-        data.pop("generations" if data["evaluations"] is not None else "evaluations")
-        data["sources"] = {k: _absolute(v, config.parent) for k, v in data["sources"].items()}
-        data["tasks"] = [_absolute(t, config.parent) for t in data["tasks"]]
-        data["lm_eval"]["include_path"] = [_absolute(p, config.parent)
-                                           for p in data["lm_eval"]["include_path"]]
+        data = _as_saved(validated, config.parent)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     except OSError as error:
         _fail(OSError(f"cannot write the run directory {run_dir}: {error.strerror}; choose a "
                       "writable --run-dir with free space"))
     console.print(f"run directory: {run_dir}")
     _execute(run_dir)
+
+
+def _as_saved(config, folder: Path) -> dict:
+    """The run's config.yaml: every setting spelled out (defaults too, so a later evoforge with
+    other defaults resumes the same run), local paths made absolute, and only the keys the run's
+    search space reads."""
+    if config.search_space != "merge":
+        data = config.model_dump(exclude={"sources", "dtype", "memory_budget", "lm_eval", "ray",
+                                          "candidate_timeout"})
+        data["operators"] = {"crossover": data["operators"]["crossover"]}
+    else:
+        data = config.model_dump(exclude={"code"})
+        data["sources"] = {k: _absolute(v, folder) for k, v in data["sources"].items()}
+        data["lm_eval"]["include_path"] = [_absolute(p, folder)
+                                           for p in data["lm_eval"]["include_path"]]
+    data.pop("generations" if data["evaluations"] is not None else "evaluations")
+    data["tasks"] = [_absolute(t, folder) for t in data["tasks"]]
+    return data
 
 
 def _absolute(value, relative_to: Path):
@@ -312,11 +327,13 @@ def export(
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
 ) -> None:
     """Write an individual as a Hugging Face checkpoint with its recipe and model card."""
+    from evolve.code_export import export_code_individual
     from evolve.config import load_config
     from evolve.engine import worker_spec
     from evolve.export import staged_output
     from evolve.recipe_export import export_individual
     from evolve.store import RunStore
+    from fitness.errors import FitnessError
     from operators.errors import MergeError
 
     run_dir = _run_dir(run)
@@ -326,12 +343,18 @@ def export(
         _fail(KeyError(f"no individual {individual!r} in {run_dir}; `evoforge front "
                        f"{run}` lists the front's ids"))
     config = load_config(run_dir / "config.yaml")
-    sources = worker_spec(config, run_dir).sources()
+    objectives = (store.evaluation(individual) or {}).get("objectives", {})
     try:
-        with staged_output(out, force) as staging:
-            export_individual(record, sources, config, staging, store.report(individual),
-                              (store.evaluation(individual) or {}).get("objectives", {}),
-                              max_shard_bytes=int(max_shard_gb * 2**30))
-    except MergeError as error:
+        if config.search_space != "merge":
+            answers = [r for r in store.results() if r.candidate == individual and r.error is None]
+            with staged_output(out, force) as staging:
+                export_code_individual(record, config, staging, answers,
+                                       store.report(individual), objectives)
+        else:
+            sources = worker_spec(config, run_dir).sources()
+            with staged_output(out, force) as staging:
+                export_individual(record, sources, config, staging, store.report(individual),
+                                  objectives, max_shard_bytes=int(max_shard_gb * 2**30))
+    except (MergeError, FitnessError) as error:
         _fail(error)
     console.print(f"exported {individual} -> {out}")

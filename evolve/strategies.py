@@ -200,7 +200,11 @@ class MergeGeneStrategy:
 
 def recipe_strategy(config: RunConfig, space: MergeSpace,
                     recipes: Mapping[str, Recipe]) -> Strategy:
-    """The strategy a run config names (`strategy:`), over the run's merge space."""
+    """The strategy a run config names (`strategy:`), over the run's space (a code search: the
+    GA, crossover by its rate and mutation the rest)."""
+    if config.search_space != "merge":
+        return GeneticStrategy(space, recipes, {"crossover": config.operators.crossover.rate},
+                               config.seed)
     if config.strategy == "ga":
         operators = config.operators
         return GeneticStrategy(space, recipes, {"crossover": operators.crossover.rate,

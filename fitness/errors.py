@@ -38,3 +38,8 @@ class WorkerDied(FitnessError):
 class RecordedFailure(FitnessError):
     """A candidate failure an earlier session of this run recorded (its text is the original
     reason), served again when the run is resumed instead of evaluating the candidate anew."""
+
+
+class CandidateCodeError(FitnessError):
+    """A generated candidate's code was rejected by the sandbox's check, or failed, was blocked or
+    ran out of its limits in the sandbox; the message is what the proposer is told."""

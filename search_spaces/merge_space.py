@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from operators.recipes import Recipe
+from operators.recipes import Recipe, canonical_key, sources_of
 
 # The default merges, with the parameters their papers and mergekit's examples use. DARE-TIES gets
 # lambda 0.5 like task arithmetic: its rescaled task vectors sum to the same scale.
@@ -61,6 +61,42 @@ class MergeSpace:
     compose: float = 0.2
     min_layers: int = 1
     groups: int = 2  # weight anchors per expert, spread over layer depth (mergekit gradients)
+
+    # -- what a run asks of its space --------------------------------------------------------
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The source models, each of which enters a run as its seed candidate."""
+        return (self.base, *self.experts)
+
+    @staticmethod
+    def seed_recipe(name: str) -> Recipe:
+        return {"model": name}
+
+    def calibration(self, rng: random.Random, count: int) -> list[tuple[str, Recipe,
+                                                                        tuple[str, ...]]]:
+        """The default merges, then `count` random recipes: (id, recipe, parent sources)."""
+        return ([(f"default-{r['method']}", r, self.experts)
+                 for r in default_merge_recipes(self.base, self.experts)]
+                + [(f"cal-{k}", self.random(rng), self.experts) for k in range(count)])
+
+    key = staticmethod(canonical_key)  # a recipe's identity, for the breeder's duplicate check
+
+    def lineage_check(self, recipes: dict[str, Recipe]):
+        """The breeder's lineage rule: a proposal merges no expert that none of its parents (a
+        candidate id, or a source model's name) merges."""
+        def experts(recipe: Recipe) -> set[str]:
+            return {name for name in sources_of(recipe) if name != self.base}
+
+        def check(proposal) -> str | None:
+            allowed: set[str] = set()
+            for parent in proposal.parents:
+                allowed |= experts(recipes[parent]) if parent in recipes \
+                    else {parent} - {self.base}
+            invented = sorted(experts(proposal.genome) - allowed)
+            return f"merges {', '.join(invented)}, which none of its parents merges" \
+                if invented else None
+        return check
 
     # -- genes <-> recipes -------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from evolve.breeder import Breeder, invented_experts
+from evolve.breeder import Breeder
 from evolve.selection import survivors
 from evolve.strategies import GeneticStrategy, MergeGeneStrategy, Proposal
 from operators.recipes import canonical_key, sources_of
@@ -28,7 +28,7 @@ def _breed(strategy_of, children: int, population: int = 16):
     recipes, rows, redraws = {}, {}, []
     strategy = strategy_of(recipes)
     breeder = Breeder(strategy, canonical_key, lambda child, why: redraws.append(why),
-                      invented_experts(SPACE.base, recipes))
+                      SPACE.lineage_check(recipes))
     rng, scores = random.Random(0), random.Random(1)
     calibration = {f"seed-{e}": {"model": e} for e in (SPACE.base, *EXPERTS)}
     calibration |= {f"default-{r['method']}": r for r in default_merge_recipes(SPACE.base,
@@ -98,7 +98,7 @@ def test_seeds_of_deterministic_merges_do_not_make_a_new_recipe():
 def test_a_child_merging_an_expert_no_parent_merges_is_refused():
     recipes = {"a": SPACE.merge_recipe("ties", {"zoo/rev": 1.0, "zoo/sort": 0.5}, 0.5, 1.0,
                                        seed=1)}
-    check = invented_experts(SPACE.base, recipes)
+    check = SPACE.lineage_check(recipes)
     child = SPACE.merge_recipe("ties", {"zoo/rev": 1.0, "zoo/cnt": 0.5}, 0.5, 1.0, seed=1)
     assert check(Proposal(child, ("a",), "mutation")) == \
         "merges zoo/cnt, which none of its parents merges"

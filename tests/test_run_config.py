@@ -41,7 +41,7 @@ def test_the_default_run_config_is_valid():
      "fitness.calibration: 10 is too few. A 2-dimensional IRT model (one per task) needs 19 "
      "fully evaluated candidates; the base, the experts and the default merges give 7, so set "
      "fitness.calibration to at least 12"),
-    ("tasks: [t]", "sources: Field required"),
+    ("tasks: [t]", "a merge run needs sources"),
     ("- a\n- b", "must be a mapping"),
     ("sources: {base: [", "not valid YAML"),
 ])

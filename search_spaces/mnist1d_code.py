@@ -1,0 +1,188 @@
+"""Code-level architecture search on MNIST-1D (EvoPrompting's setting): a genome is the source of
+a PyTorch module, `class Net(nn.Module)`, that maps a batch of 40-sample signals to 10 logits.
+
+The seeds are the MNIST-1D paper's reference CNN (5,210 parameters, about 94 % on the test split)
+and MLP, written as code. Children come from the heuristic code mutator
+(`operators.code_edits.CodeMutator`: SEARCH/REPLACE edits of the layer list) or from an LLM, and
+every candidate is trained and scored inside the sandbox (`operators.sandbox`), never in the
+driver: `train_and_predict` is the sandbox harness. It trains the candidate exactly as the NAS zoo
+trains its references (Adam, learning rate 1e-2, batches of 100 drawn by a seeded
+`random.Random`, one thread), then predicts the task's 1,000 signals; the driver keeps the first
+500 (the search split) for selection and the last 500 (the held-out test split) for the final
+report only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save, save_file
+
+from operators.code_edits import CodeMutator, source_key
+from search_spaces.mnist1d_nets import SIGNAL_LENGTH
+from search_spaces.nas_zoo import BATCH, LEARNING_RATE, mnist1d_arrays, mnist1d_task
+
+HARNESS = "search_spaces.mnist1d_code:train_and_predict"
+DATA_FILE = "mnist1d.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+
+REFERENCE_CNN = '''import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """The MNIST-1D paper's CNN: three convolutions of 25 channels, then 10 logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.LazyConv1d(25, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.LazyConv1d(25, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.LazyConv1d(25, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.LazyLinear(10),
+        )
+
+    def forward(self, x):
+        return self.layers(x.unsqueeze(1))
+'''
+
+REFERENCE_MLP = '''import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """The MNIST-1D paper's MLP: two hidden layers of 100, then 10 logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.LazyLinear(100),
+            nn.ReLU(),
+            nn.LazyLinear(100),
+            nn.ReLU(),
+            nn.LazyLinear(10),
+        )
+
+    def forward(self, x):
+        return self.layers(x.unsqueeze(1))
+'''
+
+REFERENCES = {"reference-cnn": REFERENCE_CNN, "reference-mlp": REFERENCE_MLP}
+
+
+def code_recipe(source: str, change: str = "") -> dict:
+    """A code candidate's recipe: its source, and what changed from its first parent."""
+    return {"op": "code", "source": source} | ({"change": change} if change else {})
+
+
+@cache
+def training_data() -> bytes:
+    """MNIST-1D's training signals and the task's 1,000 signals, as the file the sandbox reads."""
+    data = mnist1d_arrays()
+    return save({"x": torch.tensor(data["x"], dtype=torch.float32),
+                 "y": torch.tensor(data["y"], dtype=torch.long),
+                 "signals": torch.tensor(data["x_test"], dtype=torch.float32)})
+
+
+def train_and_predict(names: dict, steps: int, seed: int, learning_rate: float = LEARNING_RATE,
+                      batch: int = BATCH, save_weights: bool = False) -> dict:
+    """The sandbox harness: build the candidate's `Net`, train it, predict the task's signals
+    (and, for an export, save the trained weights in the sandbox's folder)."""
+    torch.set_num_threads(1)
+    data = load_file(DATA_FILE)
+    signals, labels = data["x"], data["y"]
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    net = names["Net"]()
+    with torch.no_grad():
+        net(signals[:2])  # lazy layers take their shapes
+    parameters = list(net.parameters())
+    if not parameters:
+        raise ValueError("the network has no parameters to train")
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    net.train()
+    for _ in range(steps):
+        chosen = torch.tensor(rng.sample(range(len(labels)), batch))
+        logits = net(signals[chosen])
+        if tuple(logits.shape) != (batch, 10):
+            raise ValueError(f"Net returned shape {tuple(logits.shape)} for {batch} signals; "
+                             f"it must return ({batch}, 10) logits")
+        loss = torch.nn.functional.cross_entropy(logits, labels[chosen])
+        if not torch.isfinite(loss):
+            raise ValueError("the training loss became NaN or infinite")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    net.eval()
+    with torch.no_grad():
+        predictions = net(data["signals"]).argmax(dim=1)
+    if save_weights:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, WEIGHTS_FILE)
+    return {"params": sum(p.numel() for p in parameters),
+            "bytes": sum(p.numel() * p.element_size() for p in parameters),
+            "nonzero": int(sum((p != 0).sum() for p in parameters)),
+            "predictions": predictions.tolist()}
+
+
+@dataclass
+class CodeSpace:
+    """The search space a code run breeds in: seeds, random starts, mutation and crossover, the
+    duplicate key; what the engine asks of a space."""
+
+    calibration_mutations: int = 3  # changes that make one random starting point
+
+    def __post_init__(self) -> None:
+        self.mutator = CodeMutator(SIGNAL_LENGTH)
+        self.task = mnist1d_task()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(REFERENCES)
+
+    def seed_recipe(self, name: str) -> dict:
+        return code_recipe(REFERENCES[name])
+
+    def calibration(self, rng: random.Random, count: int) -> list[tuple[str, dict, tuple[str, ...]]]:
+        """`count` random starting points: each reference changed a few times."""
+        starts = []
+        for k in range(count):
+            parent = rng.choice(self.sources)
+            source, changes = REFERENCES[parent], []
+            for _ in range(self.calibration_mutations):
+                child = self.mutator.mutate(rng, source)
+                source = child.source
+                changes.append(child.change)
+            starts.append((f"cal-{k}", code_recipe(source, "; ".join(changes)), (parent,)))
+        return starts
+
+    @staticmethod
+    def key(recipe: dict) -> str:
+        return source_key(recipe["source"])
+
+    @staticmethod
+    def lineage_check(recipes: dict[str, dict]) -> None:
+        """No lineage rule: any code may come from any parents."""
+        return None
+
+    def mutate(self, rng: random.Random, recipe: dict) -> dict:
+        child = self.mutator.mutate(rng, recipe["source"])
+        return code_recipe(child.source, child.change)
+
+    def crossover(self, rng: random.Random, first: dict, second: dict) -> dict:
+        child = self.mutator.crossover(rng, first["source"], second["source"])
+        return code_recipe(child.source, child.change)
+
+    def harness(self, steps: int, seed: int, save_weights: bool = False
+                ) -> tuple[str, dict[str, Any], dict[str, bytes]]:
+        """What the sandbox runs for a candidate: the harness, its arguments, its data file."""
+        return (HARNESS, {"steps": steps, "seed": seed, "save_weights": save_weights},
+                {DATA_FILE: training_data()})
