@@ -231,3 +231,16 @@ def test_the_dashboard_shows_a_code_run(code_run):
 def test_the_example_config_is_valid():
     config = load_config(ROOT / "examples" / "mnist1d.yaml")
     assert config.search_space == "mnist1d-code" and config.code.steps == 6000
+
+
+def test_the_individual_page_shows_the_program(code_run):
+    from tests.dashboard_helpers import chromium, open_page, serving
+
+    member = last_front(code_run)[0][0]
+    with serving(code_run.parent) as url, chromium() as browser:
+        page = open_page(browser, f"{url}/runs/{code_run.name}/individuals/{member}")
+        source = json.loads(sqlite3.connect(code_run / "run.db").execute(
+            "SELECT recipe FROM individuals WHERE id = ?", (member,)).fetchone()[0])["source"]
+        assert page.locator("#source").inner_text().strip() == source.strip()
+        assert not page.errors, page.errors
+        page.close()

@@ -355,6 +355,13 @@ function recipeTree(node) {
   return el("span", {class: "leaf"}, JSON.stringify(node));
 }
 
+function codeRecipe(recipe) {
+  // a code search's genome: the program, and what changed from its first parent
+  return el("div", {id: "recipe"},
+    recipe.change ? el("p", {id: "change"}, `changed: ${recipe.change}`) : "",
+    el("pre", {id: "source", class: "source"}, recipe.source));
+}
+
 function ancestryTree(run, node) {
   const label = el("span", {}, el("a", {href: individualHref(run, node.id)}, node.id),
     node.operator ? ` · ${node.operator}, generation ${node.generation}` : " (not in this run)",
@@ -397,7 +404,8 @@ async function individualPage(view) {
     d.children.length ? el("p", {id: "children"}, d.children.flatMap((c, i) =>
       [i ? ", " : "", el("a", {href: individualHref(run, c)}, c)])) : el("p", {class: "muted"}, "none"),
     el("h2", {}, "Lineage"), el("div", {id: "ancestry", class: "tree"}, ancestryTree(run, d.ancestry)),
-    el("h2", {}, "Recipe"), el("div", {id: "recipe", class: "tree"}, recipeTree(d.recipe)));
+    el("h2", {}, "Recipe"), d.recipe.op === "code" ? codeRecipe(d.recipe)
+      : el("div", {id: "recipe", class: "tree"}, recipeTree(d.recipe)));
   const tasks = d.tasks;
   const bar = (key, name, color) => ({type: "bar", name, x: tasks.map((t) => esc(t.task)),
     y: tasks.map((t) => (t[key] ? t[key][0] : null)), marker: {color},
