@@ -147,11 +147,35 @@ class Sandbox(_Strict):
         return parse_bytes(value) if isinstance(value, str) else value
 
 
+class LLM(_Strict):
+    """An OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's server, Ollama, a
+    hosted API). The key is read from the environment variable named here, never stored."""
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str
+    api_key_env: str | None = Field(None, description="environment variable holding the API "
+                                    "key (none for a local server)")
+    timeout: float = Field(120, gt=0, description="seconds to wait for one reply")
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(2048, ge=1)
+
+
 class CodeSearch(_Strict):
-    """A code search (`search_space: mnist1d-code`): how each candidate is trained."""
+    """A code search (`search_space: mnist1d-code`): how children are written and trained."""
     steps: int = Field(6000, ge=1, description="training steps (batches of 100) per candidate; "
                        "6,000 is how the MNIST-1D paper and the NAS zoo train the references")
     sandbox: Sandbox = Sandbox()
+    proposer: Literal["heuristic", "llm"] = Field(
+        "heuristic", description="who writes children: the heuristic code mutator, or an LLM "
+        "(with one repair round, then the heuristic as fallback)")
+    llm: LLM | None = None
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> CodeSearch:
+        if self.proposer == "llm" and self.llm is None:
+            raise ValueError("code.proposer: llm needs code.llm (base_url and model)")
+        if self.proposer == "heuristic" and self.llm is not None:
+            raise ValueError("code.llm is read only with code.proposer: llm")
+        return self
 
 
 CODE_SPACES = ("mnist1d-code",)

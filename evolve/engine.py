@@ -53,6 +53,8 @@ from fitness.reduced_fitness import (
     finalist,
     promotable,
 )
+from operators.llm_client import Endpoint
+from operators.llm_proposer import Scored
 from operators.recipes import Recipe
 from operators.sandbox import Limits
 from search_spaces.merge_space import MergeSpace
@@ -152,6 +154,8 @@ class Evolution:
                                lambda child, reason: store.event("redrawn", f"{child}: {reason}"),
                                space.lineage_check(self.recipes))
         self.timings = Timings()
+        self.front_now: list[str] = []  # the last saved generation's front
+        space.observe(_RunView(self), store, store.event)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -378,6 +382,7 @@ class Evolution:
 
     def _save_generation(self, generation: int, population: list[str]) -> None:
         front = self._front(population)
+        self.front_now = front
         matrix = self._matrix(front, caution=0.0)
         reference = np.array([0.0 if s == "max" else 1.05 for s in self.config.objectives.values()])
         self.store.add_generation(generation, population, front, hypervolume(matrix, reference))
@@ -400,6 +405,33 @@ class Evolution:
         front = self._front(self._distinct(front))  # full results may now coincide
         self._save_generation(len(self.sizes) + 1, front)
         return front
+
+
+class _RunView:
+    """What a proposer that reads scores (the LLM) is shown of the run: a parent's scores, the
+    front as last saved, and the latest failed children with their reasons."""
+
+    FAILURES = 5
+
+    def __init__(self, evolution: Evolution):
+        self.evolution = evolution
+
+    def _scored(self, identifier: str) -> Scored:
+        result = self.evolution.results.get(identifier)
+        return Scored(identifier, self.evolution.recipes[identifier]["source"],
+                      dict(result.objectives) if result is not None and result.ok else {})
+
+    def scored(self, recipe: dict) -> Scored:
+        identifier = self.evolution.breeder.keys.get(self.evolution.setup.space.key(recipe))
+        return self._scored(identifier) if identifier in self.evolution.recipes \
+            else Scored("parent", recipe["source"], {})
+
+    def front(self) -> list[Scored]:
+        return [self._scored(i) for i in self.evolution.front_now]
+
+    def failures(self) -> list[str]:
+        failed = [(i, r.error) for i, r in self.evolution.results.items() if not r.ok]
+        return [f"{i}: {error}" for i, error in failed[-self.FAILURES:]]
 
 
 def _test_report(results) -> dict:
@@ -462,7 +494,9 @@ def prepare(config: RunConfig, base_dir: Path | None = None,
 
 def _prepare_code(config: RunConfig) -> Setup:
     """A code search: its space, and a worker that trains each candidate in the sandbox."""
-    space = CodeSpace()
+    llm = config.code.llm
+    space = CodeSpace(Endpoint(llm.base_url, llm.model, llm.api_key_env, llm.timeout,
+                               llm.temperature, llm.max_tokens) if llm else None)
     harness, arguments, files = space.harness(config.code.steps, config.seed)
     sandbox = config.code.sandbox
     limits = Limits(cpu_seconds=sandbox.cpu_seconds, wall_seconds=sandbox.wall_seconds,

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS generations (generation INTEGER PRIMARY KEY, populati
 CREATE TABLE IF NOT EXISTS reports (id TEXT PRIMARY KEY, split TEXT NOT NULL,
                                     objectives TEXT NOT NULL, items INTEGER);
 CREATE TABLE IF NOT EXISTS events (at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replies (prompt TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL);
 """
 
 
@@ -222,11 +223,19 @@ class RunStore:
     def event(self, kind: str, detail: str = "") -> None:
         self._write("INSERT INTO events VALUES (?, ?, ?)", (time.time(), kind, detail))
 
+    def add_reply(self, prompt: str, reply: str) -> None:
+        """An LLM's reply to a prompt (by its hash): a resumed run is answered the same."""
+        self._write("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", (prompt, reply, time.time()))
+
     # -- reads ------------------------------------------------------------------------------
 
     def meta(self, key: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
+
+    def reply(self, prompt: str) -> str | None:
+        row = self.db.execute("SELECT reply FROM replies WHERE prompt = ?", (prompt,)).fetchone()
+        return row[0] if row else None
 
     def results(self) -> list[Recorded]:
         """The journal: every consumed job result, in the order the driver consumed it (rows

@@ -82,6 +82,9 @@ class MergeSpace:
 
     key = staticmethod(canonical_key)  # a recipe's identity, for the breeder's duplicate check
 
+    def observe(self, context, memo, on_event) -> None:
+        """The merge operators need no view of the run (an LLM writes code children only)."""
+
     def lineage_check(self, recipes: dict[str, Recipe]):
         """The breeder's lineage rule: a proposal merges no expert that none of its parents (a
         candidate id, or a source model's name) merges."""

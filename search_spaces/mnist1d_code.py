@@ -15,14 +15,17 @@ report only.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from operators.code_edits import CodeMutator, source_key
+from operators.code_edits import CodeChild, CodeMutator, source_key
+from operators.llm_client import Endpoint
+from operators.llm_proposer import LLMCodeProposer, ReplyMemo, Scored
 from search_spaces.mnist1d_nets import SIGNAL_LENGTH
 from search_spaces.nas_zoo import BATCH, LEARNING_RATE, mnist1d_arrays, mnist1d_task
 
@@ -79,9 +82,21 @@ class Net(nn.Module):
 REFERENCES = {"reference-cnn": REFERENCE_CNN, "reference-mlp": REFERENCE_MLP}
 
 
-def code_recipe(source: str, change: str = "") -> dict:
-    """A code candidate's recipe: its source, and what changed from its first parent."""
-    return {"op": "code", "source": source} | ({"change": change} if change else {})
+def code_recipe(source: str, change: str = "", proposal: dict | None = None) -> dict:
+    """A code candidate's recipe: its source, what changed from its first parent, and who wrote
+    it (the proposer, and for an LLM the prompt's hash and its replies)."""
+    return ({"op": "code", "source": source} | ({"change": change} if change else {})
+            | ({"proposal": proposal} if proposal else {}))
+
+
+class ProposalContext(Protocol):
+    """What the run tells an LLM proposer: how a parent scored, the front, recent failures."""
+
+    def scored(self, recipe: dict) -> Scored: ...
+
+    def front(self) -> list[Scored]: ...
+
+    def failures(self) -> list[str]: ...
 
 
 @cache
@@ -136,13 +151,24 @@ def train_and_predict(names: dict, steps: int, seed: int, learning_rate: float =
 @dataclass
 class CodeSpace:
     """The search space a code run breeds in: seeds, random starts, mutation and crossover, the
-    duplicate key; what the engine asks of a space."""
+    duplicate key; what the engine asks of a space. With an `endpoint`, an LLM writes the
+    children (`operators.llm_proposer`) once the run has given its context (`observe`)."""
 
+    endpoint: Endpoint | None = None
     calibration_mutations: int = 3  # changes that make one random starting point
 
     def __post_init__(self) -> None:
         self.mutator = CodeMutator(SIGNAL_LENGTH)
         self.task = mnist1d_task()
+        self.context: ProposalContext | None = None
+        self.llm: LLMCodeProposer | None = None
+
+    def observe(self, context: ProposalContext, memo: ReplyMemo,
+                on_event: Callable[[str, str], None]) -> None:
+        """The run's view for the LLM proposer, its reply memo and its event log."""
+        self.context = context
+        if self.endpoint is not None:
+            self.llm = LLMCodeProposer(self.endpoint, self.mutator, memo, on_event)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -173,13 +199,21 @@ class CodeSpace:
         """No lineage rule: any code may come from any parents."""
         return None
 
+    def _written(self, rng: random.Random, parents: list[dict],
+                 heuristic: Callable[[], CodeChild]) -> dict:
+        if self.llm is None:
+            child = heuristic()
+            return code_recipe(child.source, child.change, {"proposer": "heuristic"})
+        child, proposal = self.llm.child(rng, [self.context.scored(p) for p in parents],
+                                         self.context.front(), self.context.failures())
+        return code_recipe(child.source, child.change, proposal)
+
     def mutate(self, rng: random.Random, recipe: dict) -> dict:
-        child = self.mutator.mutate(rng, recipe["source"])
-        return code_recipe(child.source, child.change)
+        return self._written(rng, [recipe], lambda: self.mutator.mutate(rng, recipe["source"]))
 
     def crossover(self, rng: random.Random, first: dict, second: dict) -> dict:
-        child = self.mutator.crossover(rng, first["source"], second["source"])
-        return code_recipe(child.source, child.change)
+        return self._written(rng, [first, second], lambda: self.mutator.crossover(
+            rng, first["source"], second["source"]))
 
     def harness(self, steps: int, seed: int, save_weights: bool = False
                 ) -> tuple[str, dict[str, Any], dict[str, bytes]]:
