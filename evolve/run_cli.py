@@ -84,7 +84,9 @@ def _execute(run_dir: Path) -> None:
         _close(setup)
         store.close()  # releases the driver lock
     timings = evolution.timings
-    console.print(f"run finished in {timings.wall:.0f}s: worker (merging + evaluating) "
+    work = "merging + evaluating" if config.search_space == "merge" else \
+        "training + evaluating in the sandbox"
+    console.print(f"run finished in {timings.wall:.0f}s: worker ({work}) "
                   f"{timings.worker:.0f}s, IRT statistics {timings.fitness - timings.worker:.0f}s,"
                   f" engine {timings.engine:.1f}s ({timings.engine / timings.wall:.1%} of the run)")
     console.print(cost_line(summary(run_dir)))
