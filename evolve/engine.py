@@ -422,9 +422,8 @@ class _RunView:
                       dict(result.objectives) if result is not None and result.ok else {})
 
     def scored(self, recipe: dict) -> Scored:
-        identifier = self.evolution.breeder.keys.get(self.evolution.setup.space.key(recipe))
-        return self._scored(identifier) if identifier in self.evolution.recipes \
-            else Scored("parent", recipe["source"], {})
+        """A parent (a member of the run, found by its program) with its scores."""
+        return self._scored(self.evolution.breeder.keys[self.evolution.setup.space.key(recipe)])
 
     def front(self) -> list[Scored]:
         return [self._scored(i) for i in self.evolution.front_now]
