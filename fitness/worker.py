@@ -24,6 +24,7 @@ population size or the run's length.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,14 @@ from fitness.results import ItemResults
 from fitness.size import Size
 from operators.architecture import Architecture, check_compatible, edited_config
 from operators.errors import CheckpointError
-from operators.recipes import Recipe, inner_recipes, layer_plan, recipe_key, recipe_source
+from operators.recipes import (
+    Recipe,
+    inner_recipes,
+    layer_plan,
+    mlp_width,
+    recipe_key,
+    recipe_source,
+)
 from operators.safetensors_io import TensorSpec, tensor_bytes
 from operators.sources import CheckpointSource, StateDictSource, TensorSource
 
@@ -261,11 +269,16 @@ class RunSources:
                              naming=self.architecture, cached=cached, device=self.device)
 
     def candidate_config(self, recipe: Recipe):
-        """The transformers config of the recipe's model: edits applied to per-layer lists."""
+        """The transformers config of the recipe's model: edits applied to per-layer lists, a
+        pruned MLP's width."""
         plan = layer_plan(recipe, self.architecture.num_layers)
-        if plan == list(range(self.architecture.num_layers)):
-            return self.config
-        return edited_config(self.config, plan, self.architecture)
+        config = self.config if plan == list(range(self.architecture.num_layers)) else \
+            edited_config(self.config, plan, self.architecture)
+        width = mlp_width(recipe)
+        if width is not None:
+            config = copy.deepcopy(config)
+            config.intermediate_size = width
+        return config
 
     def export_specs(self, recipe: Recipe) -> tuple[list[TensorSpec], TensorSource]:
         """The recipe's tensor specs in the run's dtype, and the source that streams exactly the

@@ -28,7 +28,8 @@ class PruneError(ValueError):
     """The model or the requested width cannot be pruned (the message says why)."""
 
 
-def _layers(names: list[str]) -> dict[int, dict[tuple[str, str], str]]:
+def mlp_layers(names: list[str]) -> dict[int, dict[tuple[str, str], str]]:
+    """Per decoder layer, its gated-MLP tensors by (part, kind): ('down_proj', 'weight')…"""
     found: dict[int, dict[tuple[str, str], str]] = {}
     for name in names:
         match = MLP_TENSOR.match(name)
@@ -60,28 +61,44 @@ def kept_neurons(importance: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:keep]), dtype=torch.long)
 
 
-def prune_mlp(state: Mapping[str, torch.Tensor], intermediate_size: int, keep: int
-              ) -> dict[str, torch.Tensor]:
-    """The state dict with every layer's MLP cut to its `keep` most important neurons."""
-    if not 1 <= keep <= intermediate_size:
-        raise PruneError(f"keep {keep}: an MLP of {intermediate_size} neurons keeps between 1 and "
-                         f"{intermediate_size}")
-    layers = _layers(list(state))
+def check_width(layers: dict, intermediate_size: int, keep: int) -> None:
     if not layers:
         raise PruneError("no gated MLP tensors (layers.N.mlp.gate_proj/up_proj/down_proj or "
                          "gate_up_proj) in this model: its MLP width cannot be pruned")
+    if not isinstance(keep, int) or not 1 <= keep <= intermediate_size:
+        raise PruneError(f"keep {keep}: an MLP of {intermediate_size} neurons keeps between 1 and "
+                         f"{intermediate_size}")
+
+
+def pruned_shape(part: str, kind: str, shape: tuple[int, ...], keep: int) -> tuple[int, ...]:
+    """A tensor's shape once its layer keeps `keep` neurons."""
+    if part == "down_proj":
+        return (shape[0], keep) if kind == "weight" else shape
+    rows = 2 * keep if part == "gate_up_proj" else keep
+    return (rows, *shape[1:])
+
+
+def prune_tensor(part: str, kind: str, tensor: torch.Tensor, index: torch.Tensor,
+                 intermediate_size: int) -> torch.Tensor:
+    """One MLP tensor cut to the kept neurons `index` of its layer."""
+    if part == "down_proj":
+        return tensor.index_select(1, index) if kind == "weight" else tensor
+    if part == "gate_up_proj":
+        return torch.cat([tensor.index_select(0, index),
+                          tensor.index_select(0, index + intermediate_size)])
+    return tensor.index_select(0, index)
+
+
+def prune_mlp(state: Mapping[str, torch.Tensor], intermediate_size: int, keep: int
+              ) -> dict[str, torch.Tensor]:
+    """The state dict with every layer's MLP cut to its `keep` most important neurons."""
+    layers = mlp_layers(list(state))
+    check_width(layers, intermediate_size, keep)
     out = dict(state)
     for parts in layers.values():
         index = kept_neurons(neuron_importance(state, parts, intermediate_size), keep)
         for (part, kind), name in parts.items():
-            tensor = state[name]
-            if part == "down_proj":
-                out[name] = tensor.index_select(1, index) if kind == "weight" else tensor
-            elif part == "gate_up_proj":
-                out[name] = torch.cat([tensor.index_select(0, index),
-                                       tensor.index_select(0, index + intermediate_size)])
-            else:
-                out[name] = tensor.index_select(0, index)
+            out[name] = prune_tensor(part, kind, state[name], index, intermediate_size)
     return out
 
 

@@ -8,9 +8,12 @@ parameters and seeds:
      "params": {"weight": [0.7, 0.4], "density": 0.35, "lambda": 1.1}}
     {"op": "mutate", "seed": 9137, "sigma": 0.01, "rate": 0.05, "input": {...}}
     {"op": "edit", "layers": [0, 1, 1, 3], "input": {...}}  (decoder layers, by input index)
+    {"op": "prune", "mlp": 96, "input": {...}}  (every layer's MLP keeps its 96 best neurons)
 
 An edit is mergekit's passthrough slicing: the output's decoder layers, in order, as indices into
 the input's; leaving one out makes the model smaller, repeating one stacks it (depth up-scaling).
+A prune cuts every layer's MLP to its most important neurons by weight magnitude
+(`operators.prune`); the model keeps its architecture at a smaller `intermediate_size`.
 
 A recipe is materialized as a `TensorSource` (`recipe_source`): names, shapes and dtypes come
 from the leaves' metadata, and each tensor is computed when asked, by asking the children for that
@@ -36,6 +39,15 @@ from operators.engine import MergeSpec, MergeStream
 from operators.errors import MergeParameterError
 from operators.methods import get_method
 from operators.mutation import mutate_tensor
+from operators.prune import (
+    PruneError,
+    check_width,
+    kept_neurons,
+    mlp_layers,
+    neuron_importance,
+    prune_tensor,
+    pruned_shape,
+)
 from operators.settings import split_layer_name
 from operators.sources import StateDictSource, TensorSource
 from operators.sparsify import Sparsifier
@@ -262,6 +274,59 @@ class _Edit(_Node):
         return self._rounded(self.source.get(self.origin[name]))
 
 
+class _Prune(_Node):
+    """The input with every decoder layer's MLP cut to its `keep` most important neurons. A
+    layer's kept neurons are found from its gate, up and down tensors when one of them is first
+    asked for, so the stream holds one layer's MLP at a time."""
+
+    def __init__(self, keep: int, source: TensorSource, dtype: torch.dtype | None):
+        super().__init__("prune", source, dtype)
+        self.keep, self.source = keep, source
+        self.layers = mlp_layers(source.names())
+        self.part_of = {name: (layer, part, kind) for layer, parts in self.layers.items()
+                        for (part, kind), name in parts.items()}
+        self.width = next((source.shape(parts[("down_proj", "weight")])[1]
+                           for parts in self.layers.values()), 0)
+        try:
+            check_width(self.layers, self.width, keep)
+        except PruneError as error:
+            raise RecipeError(f"prune: {error}") from None
+        self._index: tuple[int, torch.Tensor] | None = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(self.source.shape(name))
+        if name not in self.part_of:
+            return shape
+        _, part, kind = self.part_of[name]
+        return pruned_shape(part, kind, shape, self.keep)
+
+    def _kept(self, layer: int) -> torch.Tensor:
+        if self._index is None or self._index[0] != layer:
+            parts = self.layers[layer]
+            tensors = {name: self.source.get(name) for name in parts.values()}
+            importance = neuron_importance(tensors, parts, self.width)
+            self._index = (layer, kept_neurons(importance, self.keep))
+        return self._index[1]
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.source.get(name)
+        if name in self.part_of:
+            layer, part, kind = self.part_of[name]
+            tensor = prune_tensor(part, kind, tensor, self._kept(layer), self.width)
+        return self._rounded(tensor)
+
+
+def mlp_width(recipe: Recipe) -> int | None:
+    """The MLP width a recipe's model has after its prunes (None: the sources' own)."""
+    if not isinstance(recipe, Mapping) or "model" in recipe:
+        return None
+    inner = [w for child in [recipe.get("input"), recipe.get("base"), *recipe.get("inputs", [])]
+             if child and (w := mlp_width(child)) is not None]
+    if recipe.get("op") == "prune":
+        return min([recipe["mlp"], *inner])
+    return min(inner) if inner else None
+
+
 def recipe_source(recipe: Recipe, leaf: Callable[[str], TensorSource], *,
                   dtype: torch.dtype | None = None, naming: LayerNaming | None = None,
                   cached: Callable[[str], TensorSource | None] | None = None,
@@ -291,10 +356,12 @@ def recipe_source(recipe: Recipe, leaf: Callable[[str], TensorSource], *,
                 return _Mutate(node, build(node["input"]), base, dtype)
             if op == "edit":
                 return _Edit(list(node["layers"]), build(node["input"]), naming, dtype)
+            if op == "prune":
+                return _Prune(node["mlp"], build(node["input"]), dtype)
         except KeyError as error:
             raise RecipeError(f"{op} recipe without {error}: {node}") from None
-        raise RecipeError(f"unknown recipe op {op!r} in {node}; expected model, merge, mutate "
-                          "or edit")
+        raise RecipeError(f"unknown recipe op {op!r} in {node}; expected model, merge, mutate, "
+                          "edit or prune")
     return build(recipe)
 
 

@@ -6,6 +6,7 @@ exactly what the unpruned model computes."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -81,3 +82,63 @@ def test_a_width_out_of_range_or_a_model_without_gated_mlp_is_refused():
         prune_mlp(model.state_dict(), config.intermediate_size, 0)
     with pytest.raises(PruneError, match="no gated MLP"):
         prune_mlp({"model.embed_tokens.weight": torch.zeros(4, 4)}, 128, 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2"])
+def test_a_prune_recipe_streams_scores_and_exports(family, tmp_path_factory, tmp_path):
+    """`{"op": "prune"}` around a merge of real bf16 sharded checkpoints: the stream equals the
+    whole-state prune of the merge, the worker's resident model is built at the new width with
+    the exact parameter count, and the export loads in transformers at that width (no mergekit
+    YAML: mergekit has no prune)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from evolve.recipe_export import export_individual
+    from fitness.worker_spec import WorkerSpec
+    from search_spaces.families import build_family
+
+    folders = build_family(family, tmp_path_factory.mktemp(family), experts=2)
+    names = tuple((name, str(folder)) for name, folder in folders.items())
+    task = tmp_path / "t.jsonl"
+    task.write_text("\n".join(json.dumps({"prompt": "a:", "choices": ["x", "y"], "answer": 0,
+                                           "split": split}) for split in ("search", "test")))
+    spec = WorkerSpec(names, "base", (str(task),))
+    worker = spec.build(tasks=spec.load_tasks())
+    sources = worker.sources
+    merge = {"op": "merge", "method": "ties", "seed": 0, "base": {"model": "base"},
+             "inputs": [{"model": n} for n in folders if n != "base"],
+             "params": {"weight": 1.0, "density": 0.5}}
+    width = sources.config.intermediate_size
+    keep = width * 3 // 4
+    recipe = {"op": "prune", "mlp": keep, "input": merge}
+
+    merged = {name: sources.source(merge).get(name) for name in sources.source(merge).names()}
+    streamed = sources.source(recipe)
+    expected = prune_mlp(merged, width, keep)
+    assert set(streamed.names()) == set(expected)
+    for name in streamed.names():
+        assert tuple(streamed.shape(name)) == tuple(expected[name].shape), name
+        assert torch.equal(streamed.get(name), expected[name]), name
+
+    full = worker.size("merge", merge).params
+    pruned = worker.size("pruned", recipe).params
+    config = sources.config
+    assert full - pruned == removed_parameters(config.hidden_size, config.num_hidden_layers,
+                                               width, keep, bool(getattr(config, "mlp_bias", 0)))
+    assert worker.resident.model.config.intermediate_size == keep
+
+    out = tmp_path / "export"
+    out.mkdir()
+    run_config = SimpleNamespace(sources=SimpleNamespace(
+        base=str(folders["base"]), experts=[str(folders[n]) for n in folders if n != "base"]))
+    record = {"id": "pruned", "recipe": recipe, "parents": [], "operator": "edit",
+              "generation": 1}
+    export_individual(record, sources, run_config, out, None, {})
+    assert not (out / "mergekit_config.yml").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == keep and _count(model) == pruned
+    shards = {}
+    for shard in out.glob("*.safetensors"):
+        shards |= load_file(shard)
+    assert all(torch.equal(shards[name], expected[name]) for name in shards)
