@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,11 @@ def _limit(limits: Limits) -> None:
     libc.unshare(flags)  # refused where namespaces are off: the audit hook still refuses sockets
 
 
+def _drain(descriptor: int) -> bytes:
+    with os.fdopen(descriptor, "rb") as pipe:
+        return pipe.read()
+
+
 def spawn(source: str, harness: str, arguments: dict | None = None,
           limits: Limits = Limits(), files: dict[str, bytes] | None = None,
           path: list[str] | None = None, collect: tuple[str, ...] = ()) -> SandboxResult:
@@ -194,6 +200,9 @@ def spawn(source: str, harness: str, arguments: dict | None = None,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             pass_fds=(write,), preexec_fn=lambda: _limit(limits))
         os.close(write)
+        replies: list[bytes] = []  # read while the child runs: a reply over the pipe's
+        reader = threading.Thread(target=lambda: replies.append(_drain(read)), daemon=True)
+        reader.start()  # buffer would otherwise block it before it exits
         try:
             output, _ = process.communicate(job.encode(), timeout=limits.wall_seconds)
             timed_out = False
@@ -201,8 +210,8 @@ def spawn(source: str, harness: str, arguments: dict | None = None,
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
             timed_out = True
-        with os.fdopen(read, "rb") as pipe:
-            reply = pipe.read()
+        reader.join()
+        reply = replies[0]
         written = {name: (workdir / name).read_bytes() for name in collect
                    if (workdir / name).is_file()}
     seconds = time.perf_counter() - started

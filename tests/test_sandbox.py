@@ -182,3 +182,9 @@ def test_a_crash_comes_back_with_the_candidate_line():
                            path=[ROOT])
     assert result.kind == "error" and "candidate line 15: x = torch.zeros(3)" in result.error, \
         result
+
+
+def test_a_reply_larger_than_a_pipe_buffer_comes_back():
+    result = run_untrusted(net(), "tests.sandbox_harness:large", {"size": 300_000}, QUICK,
+                           path=[ROOT])
+    assert result.ok and len(result.value["blob"]) == 300_000, result.kind
