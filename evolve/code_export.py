@@ -14,7 +14,7 @@ from pathlib import Path
 from evolve.config import RunConfig
 from fitness.errors import FitnessError
 from fitness.journal import Recorded
-from operators.sandbox import Limits, run_untrusted
+from operators.sandbox import run_untrusted
 from search_spaces.mnist1d_code import WEIGHTS_FILE, CodeSpace
 
 LOADING = '''```python
@@ -34,12 +34,8 @@ def export_code_individual(record: dict, config: RunConfig, out: Path, answers: 
     """Write the individual into `out` (see the module docstring)."""
     space = CodeSpace()
     harness, arguments, files = space.harness(config.code.steps, config.seed, save_weights=True)
-    sandbox = config.code.sandbox
     result = run_untrusted(record["recipe"]["source"], harness, arguments,
-                           Limits(cpu_seconds=sandbox.cpu_seconds,
-                                  wall_seconds=sandbox.wall_seconds,
-                                  memory_bytes=sandbox.memory), files,
-                           collect=(WEIGHTS_FILE,))
+                           config.code.sandbox.limits(), files, collect=(WEIGHTS_FILE,))
     if not result.ok or WEIGHTS_FILE not in result.files:
         raise FitnessError(f"{record['id']} could not be trained again for the export: "
                            f"{result.kind}: {result.error}")

@@ -19,6 +19,7 @@ from pydantic import (
 from fitness.estimators import BLEND_RULES, ESTIMATORS, ONE_PARENT_RULES
 from fitness.reduced_fitness import minimum_calibration
 from fitness.reduced_sets import SELECTIONS
+from operators.sandbox import Limits
 from search_spaces.merge_space import DEFAULT_MERGES, METHODS
 
 
@@ -145,6 +146,10 @@ class Sandbox(_Strict):
     @classmethod
     def _byte_size(cls, value):
         return parse_bytes(value) if isinstance(value, str) else value
+
+    def limits(self) -> Limits:
+        return Limits(cpu_seconds=self.cpu_seconds, wall_seconds=self.wall_seconds,
+                      memory_bytes=self.memory)
 
 
 class LLM(_Strict):

@@ -56,7 +56,6 @@ from fitness.reduced_fitness import (
 from operators.llm_client import Endpoint
 from operators.llm_proposer import Scored
 from operators.recipes import Recipe
-from operators.sandbox import Limits
 from search_spaces.merge_space import MergeSpace
 from search_spaces.mnist1d_code import CodeSpace
 
@@ -497,9 +496,6 @@ def _prepare_code(config: RunConfig) -> Setup:
     space = CodeSpace(Endpoint(llm.base_url, llm.model, llm.api_key_env, llm.timeout,
                                llm.temperature, llm.max_tokens) if llm else None)
     harness, arguments, files = space.harness(config.code.steps, config.seed)
-    sandbox = config.code.sandbox
-    limits = Limits(cpu_seconds=sandbox.cpu_seconds, wall_seconds=sandbox.wall_seconds,
-                    memory_bytes=sandbox.memory)
-    worker = CodeWorker(space.task, harness, arguments, files, limits)
+    worker = CodeWorker(space.task, harness, arguments, files, config.code.sandbox.limits())
     task_of = torch.zeros(len(space.task.search), dtype=torch.long)
     return Setup(space, None, LocalPool(worker), task_of, (space.task.name,))

@@ -277,7 +277,8 @@ class _Edit(_Node):
 class _Prune(_Node):
     """The input with every decoder layer's MLP cut to its `keep` most important neurons. A
     layer's kept neurons are found from its gate, up and down tensors when one of them is first
-    asked for, so the stream holds one layer's MLP at a time."""
+    asked for; those tensors are kept until asked for, so the input (a merge, say) computes each
+    once, and the stream holds one layer's MLP at a time."""
 
     def __init__(self, keep: int, source: TensorSource, dtype: torch.dtype | None):
         super().__init__("prune", source, dtype)
@@ -292,6 +293,7 @@ class _Prune(_Node):
         except PruneError as error:
             raise RecipeError(f"prune: {error}") from None
         self._index: tuple[int, torch.Tensor] | None = None
+        self._read: dict[str, torch.Tensor] = {}  # the current layer's MLP tensors, unserved
 
     def shape(self, name: str) -> tuple[int, ...]:
         shape = tuple(self.source.shape(name))
@@ -303,17 +305,20 @@ class _Prune(_Node):
     def _kept(self, layer: int) -> torch.Tensor:
         if self._index is None or self._index[0] != layer:
             parts = self.layers[layer]
-            tensors = {name: self.source.get(name) for name in parts.values()}
-            importance = neuron_importance(tensors, parts, self.width)
+            self._read = {name: self.source.get(name) for name in parts.values()}
+            importance = neuron_importance(self._read, parts, self.width)
             self._index = (layer, kept_neurons(importance, self.keep))
         return self._index[1]
 
     def get(self, name: str) -> torch.Tensor:
-        tensor = self.source.get(name)
-        if name in self.part_of:
-            layer, part, kind = self.part_of[name]
-            tensor = prune_tensor(part, kind, tensor, self._kept(layer), self.width)
-        return self._rounded(tensor)
+        if name not in self.part_of:
+            return self._rounded(self.source.get(name))
+        layer, part, kind = self.part_of[name]
+        index = self._kept(layer)
+        tensor = self._read.pop(name, None)
+        if tensor is None:  # asked again, or after another layer's
+            tensor = self.source.get(name)
+        return self._rounded(prune_tensor(part, kind, tensor, index, self.width))
 
 
 def mlp_width(recipe: Recipe) -> int | None:

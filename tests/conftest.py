@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,18 @@ def small_run_config(tiny_models, task: Path, folder: Path, generations: int) ->
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def wait_for_row(run_dir: Path, count_sql: str, timeout: float = 300) -> None:
+    """Until `count_sql` counts a row in the run's store (a run started in another process)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if sqlite3.connect(run_dir / "run.db").execute(count_sql).fetchone()[0]:
+                return
+        except sqlite3.Error:  # not created yet
+            pass
+        time.sleep(0.05)
 
 
 def last_front(run_dir: Path) -> list[tuple[str, str]]:

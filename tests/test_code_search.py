@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from operators.code_edits import CodeMutator, EditError, apply_edits, edit_text,
 from operators.sandbox import Limits, check_source
 from search_spaces.mnist1d_code import REFERENCE_CNN, REFERENCE_MLP, CodeSpace
 from search_spaces.nas_zoo import mnist1d_arrays
-from tests.conftest import last_front
+from tests.conftest import last_front, wait_for_row
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("width", "kernel", "stride", "dropped", "inserted", "crossover", "LU ->")
@@ -196,15 +195,8 @@ def test_the_export_is_the_network_the_run_scored(code_run, tmp_path):
 def test_a_killed_code_run_resumes_to_the_same_front(code_config, code_run):
     killed = code_config.parent / "killed"
     process = _evoforge("run", str(code_config), "--run-dir", str(killed))
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once the first generation is under way
-        try:
-            db = sqlite3.connect(killed / "run.db")
-            if db.execute("SELECT COUNT(*) FROM answers WHERE stage = 'full'").fetchone()[0]:
-                break
-        except sqlite3.Error:
-            pass
-        time.sleep(0.05)
+    # kill once the first generation is under way
+    wait_for_row(killed, "SELECT COUNT(*) FROM answers WHERE stage = 'full'")
     process.send_signal(signal.SIGKILL)
     process.wait(60)
     resumed = _evoforge("resume", str(killed))

@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evolve.cli import app
-from tests.conftest import last_front, pick_task, small_run_config
+from tests.conftest import last_front, pick_task, small_run_config, wait_for_row
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +128,8 @@ def test_kill_and_resume_gives_the_same_front(config_path, tmp_path, stop):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _evoforge("run", str(config_path), "--run-dir", str(straight)).wait(300) == 0
     process = _evoforge("run", str(config_path), "--run-dir", str(killed))
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once the first generation is under way
-        try:
-            db = sqlite3.connect(killed / "run.db")
-            if db.execute("SELECT COUNT(*) FROM evaluations WHERE generation = 1").fetchone()[0]:
-                break
-        except sqlite3.Error:
-            pass
-        time.sleep(0.05)
+    # kill once the first generation is under way
+    wait_for_row(killed, "SELECT COUNT(*) FROM evaluations WHERE generation = 1")
     if stop == signal.SIGKILL:  # while it runs, a second driver is refused, naming the holder
         second = CliRunner().invoke(app, ["resume", str(killed)])
         assert second.exit_code == 2
