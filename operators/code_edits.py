@@ -15,10 +15,13 @@ which block and why, so the proposer can be told and try again (or rewrite the w
 
 The heuristic mutator works on the network's trunk, the first `nn.Sequential(...)` assigned in
 `__init__`, as a list of layer constructor calls: change a width, a kernel or a stride, drop or
-insert a block, swap an activation; crossover joins one parent's convolutions before a cut with
-the other's after it. Layers it writes are lazy (`LazyConv1d`, `LazyLinear`, `LazyBatchNorm1d`),
-so a change of width never leaves a later layer with the wrong input size. Source it cannot read
-that way (free-form code an LLM wrote) gets an integer of a layer constructor changed instead.
+insert a block, swap an activation, or scale every width by one factor (the width multiplier of
+MobileNet and EfficientNet: it moves a good network along the size axis while keeping its shape,
+which is how a front gets filled in between a big accurate member and a small one); crossover joins
+one parent's convolutions before a cut with the other's after it. Layers it writes are lazy
+(`LazyConv1d`, `LazyLinear`, `LazyBatchNorm1d`), so a change of width never leaves a later layer
+with the wrong input size. Source it cannot read that way (free-form code an LLM wrote) gets an
+integer of a layer constructor changed instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 EDIT_BLOCK = re.compile(r"<<<<<<< SEARCH\n(.*?)\n?=======\n(.*?)\n?>>>>>>> REPLACE", re.DOTALL)
 ACTIVATIONS = ("ReLU", "GELU", "SiLU", "Tanh", "ELU")
 WIDTH_FACTORS = (0.5, 0.67, 0.8, 1.25, 1.5, 2.0)
+SCALE_FACTORS = (0.7, 0.8, 0.9, 1.1, 1.25)  # every width at once: a step along the size axis
 KERNELS = (1, 3, 5, 7, 9)
 MAX_TRIES = 50
 
@@ -200,7 +204,8 @@ class CodeMutator:
         activations = [i for i, c in enumerate(layers) if _layer_name(c) in ACTIVATIONS]
         flatten = next((i for i, c in enumerate(layers) if _layer_name(c) == "Flatten"),
                        len(layers))
-        move = rng.choice(["width", "width", "kernel", "stride", "drop", "insert", "activation"])
+        move = rng.choice(["width", "width", "scale", "kernel", "stride", "drop", "insert",
+                           "activation"])
         if move == "width" and convs + hidden:
             i = rng.choice(convs + hidden)
             conv = _conv(layers[i])
@@ -209,6 +214,15 @@ class CodeMutator:
             layers[i] = _lazy_conv(new, conv["kernel"], conv["stride"], conv["padding"]) \
                 if conv else _call("LazyLinear", new)
             return layers, f"layer {i}: width {old} -> {new}"
+        if move == "scale" and convs + hidden:
+            factor = rng.choice(SCALE_FACTORS)
+            for i in convs + hidden:
+                conv = _conv(layers[i])
+                old = conv["out"] if conv else _hidden(layers[i])
+                new = max(1, round(old * factor))
+                layers[i] = _lazy_conv(new, conv["kernel"], conv["stride"], conv["padding"]) \
+                    if conv else _call("LazyLinear", new)
+            return layers, f"every width scaled by {factor}"
         if move == "kernel" and convs:
             i = rng.choice(convs)
             conv = _conv(layers[i])

@@ -31,7 +31,7 @@ from search_spaces.nas_zoo import mnist1d_arrays
 from tests.conftest import last_front, wait_for_row
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("width", "kernel", "stride", "dropped", "inserted", "crossover", "LU ->")
+KINDS = ("width", "scaled", "kernel", "stride", "dropped", "inserted", "crossover", "LU ->")
 
 
 def _net(source: str) -> torch.nn.Module:
@@ -67,6 +67,22 @@ def test_every_mutation_and_crossover_is_a_valid_applied_edit():
         changes |= {kind for kind in KINDS if kind in child.change}
         parents.append(child.source)
     assert changes == set(KINDS), changes
+
+
+def test_a_scaled_child_keeps_its_parents_shape():
+    """Every width times one factor, the output layer's 10 logits untouched, nothing else moved."""
+    mutator, rng = CodeMutator(40), random.Random(0)
+    scaled = next(child for child in (mutator.mutate(rng, REFERENCE_CNN) for _ in range(200))
+                  if "scaled" in child.change)
+    factor = float(scaled.change.rsplit(" ", 1)[1])
+    parent, child = _net(REFERENCE_CNN).layers, _net(scaled.source).layers
+    assert [type(m) for m in parent] == [type(m) for m in child]
+    for old, new in zip(parent, child, strict=True):
+        if isinstance(old, torch.nn.Conv1d):
+            assert new.out_channels == max(1, round(old.out_channels * factor))
+            assert (new.kernel_size, new.stride, new.padding) == \
+                (old.kernel_size, old.stride, old.padding)
+    assert child[-1].out_features == 10
 
 
 def test_free_form_source_gets_a_literal_mutated():
