@@ -59,13 +59,20 @@ class Crossover(Rate):
                            "parents' recipes (children of children) instead of mixing genes")
 
 
+class Edit(Rate):
+    rate: float = Field(0.15, ge=0, le=1)
+    prune: float = Field(0.5, ge=0, le=1, description="share of edits that prune MLP width or "
+                         "key/value head groups (where the model has them) instead of changing "
+                         "depth")
+
+
 class Operators(_Strict):
     """Each child comes from one operator: crossover, an edit or weight noise by their rates, and
     otherwise mutation of the merge genes, which takes the share the three leave."""
 
     crossover: Crossover = Crossover()
     weight_noise: Rate = Rate(rate=0.1)
-    edit: Rate = Rate(rate=0.15)
+    edit: Edit = Edit()
     methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
 
     @model_validator(mode="before")

@@ -55,6 +55,7 @@ from fitness.reduced_fitness import (
 )
 from operators.llm_client import Endpoint
 from operators.llm_proposer import Scored
+from operators.prune import HeadShape, prunable_units
 from operators.recipes import Recipe
 from search_spaces.merge_space import MergeSpace
 from search_spaces.mnist1d_code import CodeSpace
@@ -483,9 +484,12 @@ def prepare(config: RunConfig, base_dir: Path | None = None,
     else:
         worker = spec.build(tasks=tasks)
         sources, pool = worker.sources, LocalPool(worker)
+    widths = prunable_units(sources.reference.names(), sources.reference.shape,
+                            HeadShape.of(sources.config))
     space = MergeSpace(config.sources.base, tuple(config.sources.experts),
                        sources.architecture.num_layers, tuple(config.operators.methods),
-                       config.operators.crossover.compose)
+                       config.operators.crossover.compose, mlp_width=widths.get("mlp"),
+                       kv_heads=widths.get("kv_heads"), prune=config.operators.edit.prune)
     task_of = torch.tensor([t for t, _ in item_pool(tasks)])
     return Setup(space, sources, pool, task_of, tuple(t.name for t in tasks))
 

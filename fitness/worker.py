@@ -39,11 +39,12 @@ from fitness.results import ItemResults
 from fitness.size import Size
 from operators.architecture import Architecture, check_compatible, edited_config
 from operators.errors import CheckpointError
+from operators.prune import HeadShape
 from operators.recipes import (
     Recipe,
     inner_recipes,
     layer_plan,
-    mlp_width,
+    pruned_widths,
     recipe_key,
     recipe_source,
 )
@@ -266,18 +267,26 @@ class RunSources:
         """`recipe` as a stream of tensors in the run's dtype (`cached`: materialized sub-recipes
         by key, reused)."""
         return recipe_source(recipe, self.bank.source, dtype=self.dtype,
-                             naming=self.architecture, cached=cached, device=self.device)
+                             naming=self.architecture, cached=cached, device=self.device,
+                             heads=HeadShape.of(self.config))
 
     def candidate_config(self, recipe: Recipe):
         """The transformers config of the recipe's model: edits applied to per-layer lists, a
-        pruned MLP's width."""
+        pruned MLP's width, pruned heads (whose size is then written out, as configs that
+        derive it from hidden_size / heads would get it wrong)."""
         plan = layer_plan(recipe, self.architecture.num_layers)
         config = self.config if plan == list(range(self.architecture.num_layers)) else \
             edited_config(self.config, plan, self.architecture)
-        width = mlp_width(recipe)
-        if width is not None:
+        widths = pruned_widths(recipe)
+        if widths:
+            heads = HeadShape.of(self.config)
             config = copy.deepcopy(config)
-            config.intermediate_size = width
+            if "mlp" in widths:
+                config.intermediate_size = widths["mlp"]
+            if "kv_heads" in widths:
+                config.head_dim = heads.head_dim
+                config.num_key_value_heads = widths["kv_heads"]
+                config.num_attention_heads = widths["kv_heads"] * heads.group
         return config
 
     def export_specs(self, recipe: Recipe) -> tuple[list[TensorSpec], TensorSource]:

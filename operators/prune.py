@@ -1,109 +1,264 @@
-"""Structured pruning of a decoder's MLP width: every layer keeps its `keep` most important
-intermediate neurons, so the model shrinks in fine steps (LLaMA-NAS's sub-network space) and stays
-a model of its own architecture, which `transformers` loads with `intermediate_size = keep`.
+"""Structured pruning of a decoder: every layer keeps its most important MLP neurons, or its most
+important key/value head groups, so the model shrinks in fine steps (LLaMA-NAS's sub-network
+space) and stays a model of its own architecture, which `transformers` loads with a smaller
+`intermediate_size`, or fewer `num_key_value_heads` and `num_attention_heads` at the same
+`head_dim`.
 
-A neuron j of a gated MLP reads the hidden state through row j of `gate_proj` and `up_proj` and
-writes it through column j of `down_proj` (Phi-3 fuses gate and up in `gate_up_proj`: gate rows
-first, then up rows). Its importance by weight magnitude is the product of those three L2 norms:
-a neuron that cannot write (a zero column of `down_proj`) or cannot read matters not at all, and
-removing it leaves the model's outputs as they were. Ties keep the lower index, and kept neurons
-stay in their order, so pruning is a deterministic function of the weights.
+**MLP width.** A neuron j of a gated MLP reads the hidden state through row j of `gate_proj` and
+`up_proj` and writes it through column j of `down_proj` (Phi-3 fuses gate and up in
+`gate_up_proj`: gate rows first, then up rows). Its importance by weight magnitude is the product
+of those three L2 norms: a neuron that cannot write (a zero column of `down_proj`) or cannot read
+matters not at all, and removing it leaves the model's outputs as they were. Removed, exactly:
+per layer, (intermediate_size − keep) × 3 × hidden_size, plus one per removed MLP bias entry.
 
-Parameters removed, exactly: for every layer, (intermediate_size − keep) × 3 × hidden_size, plus
-one per removed entry of any MLP bias.
+**Attention heads, grouped-query aware.** With grouped-query attention, query head h reads key
+and value head h // group (`transformers`' `repeat_kv`), so heads go in whole groups: one key
+head, one value head and the `group` query heads that read them. A group writes to the residual
+stream only through its value rows and the `o_proj` columns of its query heads, so its importance
+is ‖value rows‖ · ‖o_proj columns‖: a group whose values or output columns are zero changes
+nothing, and removing it leaves the outputs as they were. The ratio `group` and `head_dim` do not
+change, so the pruned config stays valid for every architecture (Phi-3's fused `qkv_proj` holds
+the query rows, then the key rows, then the value rows). Removed, exactly: per layer and group,
+head_dim × hidden_size × (2·group + 2), plus head_dim × (group + 2) where q/k/v have biases.
+
+Ties keep the lower index and kept units stay in their order, so pruning is a deterministic
+function of the weights.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
-MLP_TENSOR = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.mlp\.)"
+MLP_TENSOR = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.mlp\."
                         r"(?P<part>gate_proj|up_proj|down_proj|gate_up_proj)\.(?P<kind>weight|bias)$")
+ATTENTION_TENSOR = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.self_attn\."
+                              r"(?P<part>q_proj|k_proj|v_proj|o_proj|qkv_proj)\."
+                              r"(?P<kind>weight|bias)$")
+
+PRUNE_FIELDS = ("mlp", "kv_heads")  # a prune recipe's cuts, applied in this order
+Parts = dict[tuple[str, str], str]  # (part, kind) -> tensor name, for one layer
 
 
 class PruneError(ValueError):
     """The model or the requested width cannot be pruned (the message says why)."""
 
 
-def mlp_layers(names: list[str]) -> dict[int, dict[tuple[str, str], str]]:
-    """Per decoder layer, its gated-MLP tensors by (part, kind): ('down_proj', 'weight')…"""
-    found: dict[int, dict[tuple[str, str], str]] = {}
+def kept_units(importance: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` most important units, ties to the lower index, in their original order."""
+    order = sorted(range(len(importance)), key=lambda j: (-float(importance[j]), j))
+    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+
+
+def _by_layer(names: list[str], pattern: re.Pattern) -> dict[int, Parts]:
+    found: dict[int, Parts] = {}
     for name in names:
-        match = MLP_TENSOR.match(name)
+        match = pattern.match(name)
         if match:
             found.setdefault(int(match["layer"]), {})[(match["part"], match["kind"])] = name
     return found
 
 
-def _rows(state: Mapping[str, torch.Tensor], parts: dict, width: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate and up rows of one layer (split or fused)."""
-    if ("gate_up_proj", "weight") in parts:
-        fused = state[parts[("gate_up_proj", "weight")]]
-        return fused[:width], fused[width:]
-    return state[parts[("gate_proj", "weight")]], state[parts[("up_proj", "weight")]]
+def _rows(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Row indices of the kept units when each unit owns `size` consecutive rows."""
+    return (index[:, None] * size + torch.arange(size)).reshape(-1)
 
 
-def neuron_importance(state: Mapping[str, torch.Tensor], parts: dict, width: int
-                      ) -> torch.Tensor:
-    """Per intermediate neuron of one layer: |gate row| · |up row| · |down column|."""
-    gate, up = _rows(state, parts, width)
-    down = state[parts[("down_proj", "weight")]]
-    return (gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0))
+@dataclass(frozen=True)
+class HeadShape:
+    """What a pruning keeps fixed in attention: each head's size and query heads per group."""
+
+    head_dim: int
+    group: int
+
+    @classmethod
+    def of(cls, config) -> HeadShape:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(head_dim, heads // kv_heads)
 
 
-def kept_neurons(importance: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` most important neurons, ties to the lower index, in their original order."""
-    order = sorted(range(len(importance)), key=lambda j: (-float(importance[j]), j))
-    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+class Cut(ABC):
+    """One kind of structured pruning over a model's tensor names: which tensors each layer
+    prunes, how many units a layer has, each unit's importance, and the pruned tensors."""
+
+    kind: str
+    layers: dict[int, Parts]
+
+    @abstractmethod
+    def units(self, shape: Callable[[str], tuple[int, ...]]) -> int:
+        """Units per layer of the model whose tensor shapes `shape` gives."""
+
+    @abstractmethod
+    def importance(self, tensors: Mapping[str, torch.Tensor], parts: Parts, units: int
+                   ) -> torch.Tensor:
+        """Each unit's importance in one layer, from that layer's tensors."""
+
+    @abstractmethod
+    def shape(self, part: str, kind: str, shape: tuple[int, ...], units: int, keep: int
+              ) -> tuple[int, ...]:
+        """A tensor's shape once its layer keeps `keep` of its `units`."""
+
+    @abstractmethod
+    def cut(self, part: str, kind: str, tensor: torch.Tensor, index: torch.Tensor, units: int
+            ) -> torch.Tensor:
+        """One tensor cut to its layer's kept units `index`."""
+
+    def check(self, units: int, keep: int) -> None:
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= units:
+            raise PruneError(f"{self.kind} {keep!r}: this model has {units} per layer; keep "
+                             f"between 1 and {units}")
 
 
-def check_width(layers: dict, intermediate_size: int, keep: int) -> None:
-    if not layers:
-        raise PruneError("no gated MLP tensors (layers.N.mlp.gate_proj/up_proj/down_proj or "
-                         "gate_up_proj) in this model: its MLP width cannot be pruned")
-    if not isinstance(keep, int) or not 1 <= keep <= intermediate_size:
-        raise PruneError(f"keep {keep}: an MLP of {intermediate_size} neurons keeps between 1 and "
-                         f"{intermediate_size}")
+class MlpWidth(Cut):
+    """A gated MLP's intermediate neurons (see the module docstring)."""
+
+    kind = "mlp"
+
+    def __init__(self, names: list[str]):
+        self.layers = _by_layer(names, MLP_TENSOR)
+        if not self.layers:
+            raise PruneError("no gated MLP tensors (layers.N.mlp.gate_proj/up_proj/down_proj or "
+                             "gate_up_proj) in this model: its MLP width cannot be pruned")
+
+    def units(self, shape: Callable[[str], tuple[int, ...]]) -> int:
+        return shape(next(iter(self.layers.values()))[("down_proj", "weight")])[1]
+
+    def importance(self, tensors: Mapping[str, torch.Tensor], parts: Parts, units: int
+                   ) -> torch.Tensor:
+        if ("gate_up_proj", "weight") in parts:
+            fused = tensors[parts[("gate_up_proj", "weight")]]
+            gate, up = fused[:units], fused[units:]
+        else:
+            gate, up = tensors[parts[("gate_proj", "weight")]], tensors[parts[("up_proj", "weight")]]
+        down = tensors[parts[("down_proj", "weight")]]
+        return gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
+
+    def shape(self, part: str, kind: str, shape: tuple[int, ...], units: int, keep: int
+              ) -> tuple[int, ...]:
+        if part == "down_proj":
+            return (shape[0], keep) if kind == "weight" else shape
+        return (2 * keep if part == "gate_up_proj" else keep, *shape[1:])
+
+    def cut(self, part: str, kind: str, tensor: torch.Tensor, index: torch.Tensor, units: int
+            ) -> torch.Tensor:
+        if part == "down_proj":
+            return tensor.index_select(1, index) if kind == "weight" else tensor
+        if part == "gate_up_proj":
+            return tensor.index_select(0, torch.cat([index, index + units]))
+        return tensor.index_select(0, index)
 
 
-def pruned_shape(part: str, kind: str, shape: tuple[int, ...], keep: int) -> tuple[int, ...]:
-    """A tensor's shape once its layer keeps `keep` neurons."""
-    if part == "down_proj":
-        return (shape[0], keep) if kind == "weight" else shape
-    rows = 2 * keep if part == "gate_up_proj" else keep
-    return (rows, *shape[1:])
+class AttentionHeads(Cut):
+    """Key/value head groups with their query heads (see the module docstring)."""
+
+    kind = "kv_heads"
+
+    def __init__(self, names: list[str], heads: HeadShape | None):
+        self.layers = _by_layer(names, ATTENTION_TENSOR)
+        if not self.layers or not any(("o_proj", "weight") in p for p in self.layers.values()):
+            raise PruneError("no attention projections (layers.N.self_attn.q_proj/k_proj/v_proj/"
+                             "o_proj or qkv_proj) in this model: its heads cannot be pruned")
+        if heads is None:
+            raise PruneError("pruning heads needs the model's head_dim and query heads per "
+                             "key/value head (HeadShape.of(config)); none was given")
+        self.heads = heads
+
+    def units(self, shape: Callable[[str], tuple[int, ...]]) -> int:
+        parts = next(iter(self.layers.values()))
+        if ("qkv_proj", "weight") in parts:
+            rows = shape(parts[("qkv_proj", "weight")])[0]
+            return rows // ((self.heads.group + 2) * self.heads.head_dim)
+        return shape(parts[("k_proj", "weight")])[0] // self.heads.head_dim
+
+    def _split(self, tensor: torch.Tensor, units: int) -> list[torch.Tensor]:
+        """A fused qkv tensor as its query, key and value rows."""
+        dim, group = self.heads.head_dim, self.heads.group
+        return list(tensor.split([units * group * dim, units * dim, units * dim]))
+
+    def importance(self, tensors: Mapping[str, torch.Tensor], parts: Parts, units: int
+                   ) -> torch.Tensor:
+        if ("qkv_proj", "weight") in parts:
+            values = self._split(tensors[parts[("qkv_proj", "weight")]], units)[2]
+        else:
+            values = tensors[parts[("v_proj", "weight")]]
+        output = tensors[parts[("o_proj", "weight")]]
+        value_norm = values.float().reshape(units, -1).norm(dim=1)
+        output_norm = output.float().t().reshape(units, -1).norm(dim=1)
+        return value_norm * output_norm
+
+    def shape(self, part: str, kind: str, shape: tuple[int, ...], units: int, keep: int
+              ) -> tuple[int, ...]:
+        if part == "o_proj":
+            return (shape[0], shape[1] // units * keep) if kind == "weight" else shape
+        return (shape[0] // units * keep, *shape[1:])
+
+    def cut(self, part: str, kind: str, tensor: torch.Tensor, index: torch.Tensor, units: int
+            ) -> torch.Tensor:
+        dim, group = self.heads.head_dim, self.heads.group
+        if part == "o_proj":
+            return tensor.index_select(1, _rows(index, group * dim)) if kind == "weight" \
+                else tensor
+        if part == "q_proj":
+            return tensor.index_select(0, _rows(index, group * dim))
+        if part in ("k_proj", "v_proj"):
+            return tensor.index_select(0, _rows(index, dim))
+        query, key, value = self._split(tensor, units)
+        return torch.cat([query.index_select(0, _rows(index, group * dim)),
+                          key.index_select(0, _rows(index, dim)),
+                          value.index_select(0, _rows(index, dim))])
 
 
-def prune_tensor(part: str, kind: str, tensor: torch.Tensor, index: torch.Tensor,
-                 intermediate_size: int) -> torch.Tensor:
-    """One MLP tensor cut to the kept neurons `index` of its layer."""
-    if part == "down_proj":
-        return tensor.index_select(1, index) if kind == "weight" else tensor
-    if part == "gate_up_proj":
-        return torch.cat([tensor.index_select(0, index),
-                          tensor.index_select(0, index + intermediate_size)])
-    return tensor.index_select(0, index)
+def cut_for(kind: str, names: list[str], heads: HeadShape | None = None) -> Cut:
+    """The cut a prune's field names: `mlp` (neurons) or `kv_heads` (head groups)."""
+    if kind == "mlp":
+        return MlpWidth(names)
+    if kind == "kv_heads":
+        return AttentionHeads(names, heads)
+    raise PruneError(f"unknown prune field {kind!r}; expected mlp or kv_heads")
 
 
-def prune_mlp(state: Mapping[str, torch.Tensor], intermediate_size: int, keep: int
-              ) -> dict[str, torch.Tensor]:
-    """The state dict with every layer's MLP cut to its `keep` most important neurons."""
-    layers = mlp_layers(list(state))
-    check_width(layers, intermediate_size, keep)
+def prunable_units(names: list[str], shape: Callable[[str], tuple[int, ...]],
+                   heads: HeadShape) -> dict[str, int]:
+    """Per cut this model allows (`mlp`, `kv_heads`), its units per layer; a cut whose tensors
+    the model does not have is left out."""
+    units = {}
+    for kind in PRUNE_FIELDS:
+        try:
+            units[kind] = cut_for(kind, names, heads).units(shape)
+        except PruneError:
+            continue
+    return units
+
+
+def prune_state(state: Mapping[str, torch.Tensor], cut: Cut, keep: int
+                ) -> dict[str, torch.Tensor]:
+    """The state dict with every layer cut to its `keep` most important units (a whole model in
+    memory: the reference for the streaming prune in `operators.recipes`)."""
+    units = cut.units(lambda name: tuple(state[name].shape))
+    cut.check(units, keep)
     out = dict(state)
-    for parts in layers.values():
-        index = kept_neurons(neuron_importance(state, parts, intermediate_size), keep)
+    for parts in cut.layers.values():
+        index = kept_units(cut.importance(state, parts, units), keep)
         for (part, kind), name in parts.items():
-            out[name] = prune_tensor(part, kind, state[name], index, intermediate_size)
+            out[name] = cut.cut(part, kind, state[name], index, units)
     return out
 
 
-def removed_parameters(hidden_size: int, layers: int, intermediate_size: int, keep: int,
-                       mlp_bias: bool = False) -> int:
-    """Parameters that `prune_mlp` removes (see the module docstring)."""
-    per_neuron = 3 * hidden_size + (2 if mlp_bias else 0)
-    return layers * (intermediate_size - keep) * per_neuron
+def removed_mlp_parameters(hidden_size: int, layers: int, intermediate_size: int, keep: int,
+                           mlp_bias: bool = False) -> int:
+    """Parameters that pruning the MLP to `keep` neurons removes (see the module docstring)."""
+    return layers * (intermediate_size - keep) * (3 * hidden_size + (2 if mlp_bias else 0))
+
+
+def removed_head_parameters(hidden_size: int, layers: int, heads: HeadShape, kv_heads: int,
+                            keep: int, qkv_bias: bool = False) -> int:
+    """Parameters that pruning attention to `keep` key/value groups removes (module docstring)."""
+    per_group = heads.head_dim * hidden_size * (2 * heads.group + 2) \
+        + (heads.head_dim * (heads.group + 2) if qkv_bias else 0)
+    return layers * (kv_heads - keep) * per_group

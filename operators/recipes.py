@@ -8,12 +8,14 @@ parameters and seeds:
      "params": {"weight": [0.7, 0.4], "density": 0.35, "lambda": 1.1}}
     {"op": "mutate", "seed": 9137, "sigma": 0.01, "rate": 0.05, "input": {...}}
     {"op": "edit", "layers": [0, 1, 1, 3], "input": {...}}  (decoder layers, by input index)
-    {"op": "prune", "mlp": 96, "input": {...}}  (every layer's MLP keeps its 96 best neurons)
+    {"op": "prune", "mlp": 96, "kv_heads": 2, "input": {...}}  (every layer keeps its 96 best MLP
+        neurons and its 2 best key/value head groups; either field alone is a prune too)
 
 An edit is mergekit's passthrough slicing: the output's decoder layers, in order, as indices into
 the input's; leaving one out makes the model smaller, repeating one stacks it (depth up-scaling).
-A prune cuts every layer's MLP to its most important neurons by weight magnitude
-(`operators.prune`); the model keeps its architecture at a smaller `intermediate_size`.
+A prune cuts every layer's MLP to its most important neurons and its attention to its most
+important key/value head groups, by weight magnitude (`operators.prune`); the model keeps its
+architecture at a smaller `intermediate_size` or with fewer heads of the same size.
 
 A recipe is materialized as a `TensorSource` (`recipe_source`): names, shapes and dtypes come
 from the leaves' metadata, and each tensor is computed when asked, by asking the children for that
@@ -39,15 +41,7 @@ from operators.engine import MergeSpec, MergeStream
 from operators.errors import MergeParameterError
 from operators.methods import get_method
 from operators.mutation import mutate_tensor
-from operators.prune import (
-    PruneError,
-    check_width,
-    kept_neurons,
-    mlp_layers,
-    neuron_importance,
-    prune_tensor,
-    pruned_shape,
-)
+from operators.prune import PRUNE_FIELDS, Cut, HeadShape, PruneError, cut_for, kept_units
 from operators.settings import split_layer_name
 from operators.sources import StateDictSource, TensorSource
 from operators.sparsify import Sparsifier
@@ -275,71 +269,88 @@ class _Edit(_Node):
 
 
 class _Prune(_Node):
-    """The input with every decoder layer's MLP cut to its `keep` most important neurons. A
-    layer's kept neurons are found from its gate, up and down tensors when one of them is first
-    asked for; those tensors are kept until asked for, so the input (a merge, say) computes each
-    once, and the stream holds one layer's MLP at a time."""
+    """The input with every decoder layer cut to its most important units: `keep` maps a cut
+    (`mlp`, `kv_heads`) to the units each layer keeps. A layer's kept units are found from its
+    tensors of that cut when one of them is first asked for; those tensors are kept until asked
+    for, so the input (a merge, say) computes each once, and the stream holds one layer's
+    tensors of one cut at a time."""
 
-    def __init__(self, keep: int, source: TensorSource, dtype: torch.dtype | None):
+    def __init__(self, keep: dict[str, int], source: TensorSource, heads: HeadShape | None,
+                 dtype: torch.dtype | None):
         super().__init__("prune", source, dtype)
-        self.keep, self.source = keep, source
-        self.layers = mlp_layers(source.names())
-        self.part_of = {name: (layer, part, kind) for layer, parts in self.layers.items()
-                        for (part, kind), name in parts.items()}
-        self.width = next((source.shape(parts[("down_proj", "weight")])[1]
-                           for parts in self.layers.values()), 0)
+        self.source = source
+        self.cuts: list[tuple[Cut, int, int]] = []  # (cut, units per layer, kept)
+        self.part_of: dict[str, tuple[int, int, str, str]] = {}  # name -> (cut, layer, part, kind)
         try:
-            check_width(self.layers, self.width, keep)
+            for kind, kept in keep.items():
+                cut = cut_for(kind, source.names(), heads)
+                units = cut.units(source.shape)
+                cut.check(units, kept)
+                for layer, parts in cut.layers.items():
+                    for (part, tensor_kind), name in parts.items():
+                        self.part_of[name] = (len(self.cuts), layer, part, tensor_kind)
+                self.cuts.append((cut, units, kept))
         except PruneError as error:
             raise RecipeError(f"prune: {error}") from None
-        self._index: tuple[int, torch.Tensor] | None = None
-        self._read: dict[str, torch.Tensor] = {}  # the current layer's MLP tensors, unserved
+        self._index: tuple[int, int, torch.Tensor] | None = None  # (cut, layer, kept units)
+        self._read: dict[str, torch.Tensor] = {}  # that layer's tensors of that cut, unserved
 
     def shape(self, name: str) -> tuple[int, ...]:
         shape = tuple(self.source.shape(name))
         if name not in self.part_of:
             return shape
-        _, part, kind = self.part_of[name]
-        return pruned_shape(part, kind, shape, self.keep)
+        which, _, part, kind = self.part_of[name]
+        cut, units, kept = self.cuts[which]
+        return cut.shape(part, kind, shape, units, kept)
 
-    def _kept(self, layer: int) -> torch.Tensor:
-        if self._index is None or self._index[0] != layer:
-            parts = self.layers[layer]
+    def _kept(self, which: int, layer: int) -> torch.Tensor:
+        if self._index is None or self._index[:2] != (which, layer):
+            cut, units, kept = self.cuts[which]
+            parts = cut.layers[layer]
             self._read = {name: self.source.get(name) for name in parts.values()}
-            importance = neuron_importance(self._read, parts, self.width)
-            self._index = (layer, kept_neurons(importance, self.keep))
-        return self._index[1]
+            self._index = (which, layer, kept_units(cut.importance(self._read, parts, units),
+                                                    kept))
+        return self._index[2]
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.part_of:
             return self._rounded(self.source.get(name))
-        layer, part, kind = self.part_of[name]
-        index = self._kept(layer)
+        which, layer, part, kind = self.part_of[name]
+        index = self._kept(which, layer)
         tensor = self._read.pop(name, None)
         if tensor is None:  # asked again, or after another layer's
             tensor = self.source.get(name)
-        return self._rounded(prune_tensor(part, kind, tensor, index, self.width))
+        cut, units, _ = self.cuts[which]
+        return self._rounded(cut.cut(part, kind, tensor, index, units))
 
 
-def mlp_width(recipe: Recipe) -> int | None:
-    """The MLP width a recipe's model has after its prunes (None: the sources' own)."""
+def pruned_widths(recipe: Recipe) -> dict[str, int]:
+    """The units per layer a recipe's model keeps after its prunes (`mlp`, `kv_heads`; a cut
+    absent: the sources' own)."""
     if not isinstance(recipe, Mapping) or "model" in recipe:
-        return None
-    inner = [w for child in [recipe.get("input"), recipe.get("base"), *recipe.get("inputs", [])]
-             if child and (w := mlp_width(child)) is not None]
+        return {}
+    widths: dict[str, int] = {}
+    for child in [recipe.get("input"), recipe.get("base"), *recipe.get("inputs", [])]:
+        if child:
+            for kind, kept in pruned_widths(child).items():
+                widths[kind] = min(kept, widths.get(kind, kept))
     if recipe.get("op") == "prune":
-        return min([recipe["mlp"], *inner])
-    return min(inner) if inner else None
+        for kind in PRUNE_FIELDS:
+            if kind in recipe:
+                widths[kind] = min(recipe[kind], widths.get(kind, recipe[kind]))
+    return widths
 
 
 def recipe_source(recipe: Recipe, leaf: Callable[[str], TensorSource], *,
                   dtype: torch.dtype | None = None, naming: LayerNaming | None = None,
                   cached: Callable[[str], TensorSource | None] | None = None,
-                  device: torch.device | str = "cpu") -> TensorSource:
+                  device: torch.device | str = "cpu",
+                  heads: HeadShape | None = None) -> TensorSource:
     """`recipe` as a TensorSource whose tensors are computed on demand (see the module doc).
 
     `leaf(name)` gives a source model; `cached(key)` a materialized sub-recipe, if any (by
-    `recipe_key`); `dtype` is every operation's output dtype (None: the inputs' own).
+    `recipe_key`); `dtype` is every operation's output dtype (None: the inputs' own); `heads`
+    the sources' attention shape, which a prune of `kv_heads` needs (`HeadShape.of(config)`).
     """
     naming = naming or NamePattern()
 
@@ -362,7 +373,10 @@ def recipe_source(recipe: Recipe, leaf: Callable[[str], TensorSource], *,
             if op == "edit":
                 return _Edit(list(node["layers"]), build(node["input"]), naming, dtype)
             if op == "prune":
-                return _Prune(node["mlp"], build(node["input"]), dtype)
+                keep = {kind: node[kind] for kind in PRUNE_FIELDS if kind in node}
+                if not keep:
+                    raise RecipeError(f"prune recipe without {' or '.join(PRUNE_FIELDS)}: {node}")
+                return _Prune(keep, build(node["input"]), heads, dtype)
         except KeyError as error:
             raise RecipeError(f"{op} recipe without {error}: {node}") from None
         raise RecipeError(f"unknown recipe op {op!r} in {node}; expected model, merge, mutate, "
@@ -371,10 +385,11 @@ def recipe_source(recipe: Recipe, leaf: Callable[[str], TensorSource], *,
 
 
 def materialize(recipe: Recipe, load: Callable[[str], Mapping[str, torch.Tensor]],
-                dtype: torch.dtype | None = None) -> StateDict:
+                dtype: torch.dtype | None = None, heads: HeadShape | None = None) -> StateDict:
     """The weights of `recipe` as a state dict, from in-memory source state dicts
     (`load(name)`); the Python-API form of `recipe_source`."""
-    source = recipe_source(recipe, lambda name: StateDictSource(load(name), name), dtype=dtype)
+    source = recipe_source(recipe, lambda name: StateDictSource(load(name), name), dtype=dtype,
+                           heads=heads)
     return {name: source.get(name) for name in source.names()}
 
 

@@ -5,8 +5,10 @@ source model itself (an expert is the merge base + 1·τ of that expert). The ge
 are the method, per expert a weight and a density for each layer group (`groups` anchors spread
 over depth, as mergekit gradients; weights all 0 leave the expert out) and λ: the genome of
 mergekit-evolve and of Sakana's parameter-space merging, plus PCB and the method choice.
-Around the core, a recipe may carry weight noise (`mutate`) and a layer plan (`edit`: mergekit
-passthrough slices, layers left out or stacked twice), which is how the size objective varies.
+Around the core, a recipe may carry weight noise (`mutate`), a structured prune (`prune`: every
+layer's MLP width or key/value head groups cut to its most important ones) and a layer plan
+(`edit`: mergekit passthrough slices, layers left out or stacked twice), outermost in that order:
+the shape wrappers, which are how the size objective varies.
 
 Operators, all seeded by the `random.Random` they are given, never invent an expert: a child
 merges only experts its parents merge (a merge left with no expert is the base itself):
@@ -16,9 +18,13 @@ merges only experts its parents merge (a merge left with no expert is the base i
 - `mutate(a)`: Gaussian noise on weights, density and λ, sometimes a new method;
 - `mutate_weights(a)`: seeded weight noise on the materialized model (σ relative to the task
   vector, a gene rate);
-- `edit(a)`: the heuristic architecture proposer: drop a decoder layer (the one nearest the middle,
-  where layers are most redundant), restore a dropped one, or stack a middle layer twice (depth
-  up-scaling, as SOLAR's); between `min_layers` and 1.5× the sources' depth.
+- `edit(a)`: the heuristic architecture proposer. With probability `prune` (where the model has
+  a gated MLP or attention heads to cut) it narrows or widens the MLP by a sixteenth of the
+  sources' width or two, or removes or restores a key/value head group; the units cut are the
+  least important by weight magnitude (`operators.prune`). Otherwise it drops a decoder layer
+  (the one nearest the middle, where layers are most redundant), restores a dropped one, or
+  stacks a middle layer twice (depth up-scaling, as SOLAR's); between `min_layers` and 1.5× the
+  sources' depth.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from operators.prune import PRUNE_FIELDS
 from operators.recipes import Recipe, canonical_key, sources_of
 
 # The default merges, with the parameters their papers and mergekit's examples use. DARE-TIES gets
@@ -43,6 +50,8 @@ DEFAULT_MERGES: dict[str, tuple[str, dict]] = {
 METHODS = ("task_arithmetic", "ties", "dare_ties", "pcb")
 SPARSE = ("ties", "dare_ties", "pcb")
 MIN_DENSITY = 0.05
+WRAPPERS = ("mutate", "prune", "edit")  # around the core, innermost first
+MLP_STEPS = 16  # an MLP prune moves in sixteenths of the sources' width
 
 
 def default_merge_recipes(base: str, experts: list[str] | tuple[str, ...]) -> list[dict]:
@@ -61,6 +70,9 @@ class MergeSpace:
     compose: float = 0.2
     min_layers: int = 1
     groups: int = 2  # weight anchors per expert, spread over layer depth (mergekit gradients)
+    mlp_width: int | None = None  # the sources' MLP width, where it can be pruned
+    kv_heads: int | None = None  # the sources' key/value heads, where they can be pruned
+    prune: float = 0.0  # share of edits that prune width or heads instead of changing depth
 
     # -- what a run asks of its space --------------------------------------------------------
 
@@ -140,8 +152,8 @@ class MergeSpace:
 
     @staticmethod
     def core(recipe: Recipe) -> Recipe:
-        """The innermost flat merge of the experts (through mutate/edit wrappers)."""
-        while recipe.get("op") in ("mutate", "edit"):
+        """The innermost flat merge of the experts (through mutate/prune/edit wrappers)."""
+        while recipe.get("op") in WRAPPERS:
             recipe = recipe["input"]
         return recipe
 
@@ -174,9 +186,15 @@ class MergeSpace:
         """The decoder layers of `recipe`, as indices into its core's (all, if unedited)."""
         return list(recipe["layers"]) if recipe.get("op") == "edit" else list(range(self.layers))
 
+    def widths(self, recipe: Recipe) -> dict[str, int]:
+        """The units each layer keeps (`mlp`, `kv_heads`) where `recipe` prunes them."""
+        pruned = recipe["input"] if recipe.get("op") == "edit" else recipe
+        return {kind: pruned[kind] for kind in PRUNE_FIELDS if kind in pruned} \
+            if pruned.get("op") == "prune" else {}
+
     def _rewrap(self, template: Recipe, core: Recipe) -> Recipe:
-        """`core` wrapped in the same mutate/edit layers as `template` (edits outermost)."""
-        if template.get("op") in ("mutate", "edit"):
+        """`core` wrapped in the same wrappers as `template` (edits outermost)."""
+        if template.get("op") in WRAPPERS:
             return {**template, "input": self._rewrap(template["input"], core)}
         return core
 
@@ -203,13 +221,13 @@ class MergeSpace:
 
     def crossover(self, rng: random.Random, a: Recipe, b: Recipe) -> Recipe:
         genes_a, genes_b = self.genes(a), self.genes(b)
-        same_shape = self.layer_plan(a) == self.layer_plan(b)
+        same_shape = self.layer_plan(a) == self.layer_plan(b) and self.widths(a) == self.widths(b)
         if same_shape and (genes_a is None or genes_b is None or rng.random() < self.compose):
             share = rng.uniform(0.3, 0.7)
             composed = {"op": "merge", "method": "linear", "seed": rng.randrange(2**31),
-                        "inputs": [self._unedited(a), self._unedited(b)],
+                        "inputs": [self._unshaped(a), self._unshaped(b)],
                         "params": {"weight": [round(share, 4), round(1 - share, 4)]}}
-            return self._edited(composed, self.layer_plan(a))
+            return self._shaped(composed, self.layer_plan(a), self.widths(a))
         if genes_a is None or genes_b is None:
             return self.mutate(rng, a if genes_a is not None else b)
         if not genes_a["weights"] and not genes_b["weights"]:  # two bases: nothing to mix
@@ -245,20 +263,62 @@ class MergeSpace:
         noisy = {"op": "mutate", "seed": rng.randrange(2**31),
                  "sigma": round(rng.uniform(0.02, 0.1), 4),
                  "rate": round(rng.uniform(0.05, 0.3), 4),
-                 "base": {"model": self.base}, "input": copy.deepcopy(self._unedited(recipe))}
-        return self._edited(noisy, self.layer_plan(recipe))  # edits stay outermost
+                 "base": {"model": self.base}, "input": copy.deepcopy(self._unshaped(recipe))}
+        return self._shaped(noisy, self.layer_plan(recipe), self.widths(recipe))
 
     @staticmethod
-    def _unedited(recipe: Recipe) -> Recipe:
-        return recipe["input"] if recipe.get("op") == "edit" else recipe
+    def _unshaped(recipe: Recipe) -> Recipe:
+        """`recipe` without its shape wrappers (edit, then prune)."""
+        for op in ("edit", "prune"):
+            if recipe.get("op") == op:
+                recipe = recipe["input"]
+        return recipe
 
-    def _edited(self, recipe: Recipe, layers: list[int]) -> Recipe:
-        if layers == list(range(self.layers)):
-            return recipe
-        return {"op": "edit", "layers": layers, "input": recipe}
+    def _shaped(self, recipe: Recipe, layers: list[int], widths: dict[str, int]) -> Recipe:
+        """`recipe` pruned to `widths` and edited to `layers`; a wrapper that would change
+        nothing (the sources' own widths, all layers in order) is left out."""
+        sources = {"mlp": self.mlp_width, "kv_heads": self.kv_heads}
+        kept = {kind: widths[kind] for kind in PRUNE_FIELDS
+                if kind in widths and widths[kind] != sources[kind]}
+        if kept:
+            recipe = {"op": "prune", **kept, "input": recipe}
+        if layers != list(range(self.layers)):
+            recipe = {"op": "edit", "layers": layers, "input": recipe}
+        return recipe
+
+    def _full(self, cut: str) -> int | None:
+        """A cut's units per layer in the sources (None: this model cannot be cut so)."""
+        return self.mlp_width if cut == "mlp" else self.kv_heads
+
+    def _step(self, cut: str) -> int:
+        """The units one prune move takes or gives back."""
+        return max(1, self.mlp_width // MLP_STEPS) if cut == "mlp" else 1
+
+    def _prune_moves(self, widths: dict[str, int]) -> dict[tuple[str, int], float]:
+        """The prune moves open from `widths`: (cut, direction) -> weight."""
+        moves = {}
+        for cut in PRUNE_FIELDS:
+            if full := self._full(cut):
+                if widths.get(cut, full) > self._step(cut):
+                    moves[(cut, -1)] = 0.35
+                if widths.get(cut, full) < full:
+                    moves[(cut, +1)] = 0.15
+        return moves
 
     def edit(self, rng: random.Random, recipe: Recipe) -> Recipe:
-        layers, inner = self.layer_plan(recipe), self._unedited(recipe)
+        layers, widths = self.layer_plan(recipe), self.widths(recipe)
+        moves = self._prune_moves(widths)
+        if self.prune and moves and rng.random() < self.prune:
+            cut, direction = rng.choices(list(moves), weights=list(moves.values()))[0]
+            full, step = self._full(cut), self._step(cut)
+            steps = rng.choice((1, 2)) if cut == "mlp" else 1
+            kept = min(full, max(step, widths.get(cut, full) + direction * steps * step))
+            return self._shaped(self._unshaped(recipe), layers, {**widths, cut: kept})
+        return self._depth_edit(rng, recipe, layers, widths)
+
+    def _depth_edit(self, rng: random.Random, recipe: Recipe, layers: list[int],
+                    widths: dict[str, int]) -> Recipe:
+        inner = self._unshaped(recipe)
         missing = [i for i in range(self.layers) if i not in layers]
         moves = {"drop": 0.6 if len(layers) > self.min_layers else 0.0,
                  "restore": 0.25 if missing else 0.0,
@@ -274,4 +334,4 @@ class MergeSpace:
             bisect.insort(layers, rng.choice(missing))
         else:
             layers.insert(central + 1, layers[central])
-        return self._edited(inner, layers)
+        return self._shaped(inner, layers, widths)

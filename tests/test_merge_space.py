@@ -109,3 +109,50 @@ def test_genes_round_trip_through_recipes(world):
     shared = space.merge_recipe("pcb", {"add": 1.0, "sort": 0.5}, 0.3, 0.8, seed=1)
     assert shared["params"]["density"] == 0.3  # one density for all stays a scalar
     assert space.from_genes(space.genes(shared), 1) == shared
+
+
+def test_prune_edits_narrow_and_restore_width_and_heads_within_bounds(world, tiny_models):
+    """With every edit a prune, widths move by sixteenths of the MLP and by one head group, stay
+    within 1..the sources' own, and materialize at exactly those shapes; the other operators keep
+    a parent's shape wrappers (prune under edit) around their new merge."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from operators.prune import HeadShape
+
+    space, states = world
+    config = LlamaConfig(**json.loads((tiny_models["base"] / "config.json").read_text()))
+    heads = HeadShape.of(config)
+    pruning = MergeSpace(space.base, space.experts, layers=4, mlp_width=config.intermediate_size,
+                         kv_heads=config.num_key_value_heads, prune=1.0)
+    rng = random.Random(3)
+    recipe, seen = pruning.random(rng), {"mlp": set(), "kv_heads": set()}
+    step = config.intermediate_size // 16
+    for _ in range(60):
+        before = pruning.widths(recipe)
+        recipe = pruning.edit(rng, recipe)
+        widths = pruning.widths(recipe)
+        changed = [k for k in seen if widths.get(k) != before.get(k)]
+        assert len(changed) == 1 and pruning.layer_plan(recipe) == [0, 1, 2, 3]
+        mlp = widths.get("mlp", config.intermediate_size)
+        assert 0 < mlp <= config.intermediate_size and mlp % step == 0
+        assert 1 <= widths.get("kv_heads", config.num_key_value_heads) <= 4
+        for kind, value in widths.items():
+            seen[kind].add(value)
+    assert all(len(values) >= 3 for values in seen.values()), seen
+
+    widths = pruning.widths(recipe)
+    state = materialize(recipe, states.__getitem__, heads=heads)
+    assert state["model.layers.2.mlp.gate_proj.weight"].shape[0] == widths.get(
+        "mlp", config.intermediate_size)
+    assert state["model.layers.2.self_attn.k_proj.weight"].shape[0] == heads.head_dim * widths.get(
+        "kv_heads", config.num_key_value_heads)
+    edited = space.edit(random.Random(0), recipe)  # a depth edit wraps the prune
+    assert edited["op"] == "edit" and edited["input"]["op"] == "prune"
+    for child in (pruning.mutate(rng, edited), pruning.mutate_weights(rng, edited),
+                  pruning.crossover(rng, edited, edited)):
+        assert pruning.widths(child) == widths and pruning.layer_plan(child) == \
+            space.layer_plan(edited), child
+        materialize(child, states.__getitem__, heads=heads)
+    assert MergeSpace(space.base, space.experts, layers=4).edit(rng, recipe)["op"] == "edit"

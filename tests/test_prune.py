@@ -1,7 +1,8 @@
-"""MLP-width pruning on the eight real architectures (random weights from their transformers
-configs): the pruned model loads in `transformers` at its new width, loses exactly the computed
-parameters, and, where the pruned neurons could not write (zero `down_proj` columns), computes
-exactly what the unpruned model computes."""
+"""MLP-width and attention-head pruning on the eight real architectures (random weights from
+their transformers configs, grouped-query attention in all of them): the pruned model loads in
+`transformers` at its new width or head count, loses exactly the computed parameters, and, where
+the pruned units could not write (zero `down_proj` columns, zero `o_proj` columns of a head
+group), computes exactly what the unpruned model computes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from operators.prune import PruneError, kept_neurons, prune_mlp, removed_parameters
+from operators.prune import (
+    AttentionHeads,
+    HeadShape,
+    MlpWidth,
+    PruneError,
+    kept_units,
+    prune_state,
+    removed_head_parameters,
+    removed_mlp_parameters,
+)
 from search_spaces.families import FAMILIES
 
 KEEP = 96  # of 128
@@ -41,10 +51,10 @@ def test_pruned_model_loads_counts_and_computes_the_same(family, tmp_path):
             state[name][:, columns] = 0
             silenced[name] = set(columns.tolist())
     model.load_state_dict(state)
-    pruned_state = prune_mlp(state, width, KEEP)
+    pruned_state = prune_state(state, MlpWidth(list(state)), KEEP)
     for name, columns in silenced.items():  # exactly the silent neurons went
         assert pruned_state[name].shape[1] == KEEP
-        kept = kept_neurons(torch.tensor([0.0 if j in columns else 1.0 for j in range(width)]),
+        kept = kept_units(torch.tensor([0.0 if j in columns else 1.0 for j in range(width)]),
                             KEEP)
         assert not set(kept.tolist()) & columns
 
@@ -53,7 +63,7 @@ def test_pruned_model_loads_counts_and_computes_the_same(family, tmp_path):
     pruned = AutoModelForCausalLM.from_config(pruned_config).eval()
     pruned.load_state_dict(pruned_state, strict=True)
     bias = bool(getattr(config, "mlp_bias", False))
-    assert _count(model) - _count(pruned) == removed_parameters(
+    assert _count(model) - _count(pruned) == removed_mlp_parameters(
         config.hidden_size, config.num_hidden_layers, width, KEEP, bias)
 
     tokens = torch.randint(0, 128, (2, 16), generator=generator)
@@ -65,12 +75,50 @@ def test_pruned_model_loads_counts_and_computes_the_same(family, tmp_path):
     assert again.config.intermediate_size == KEEP and _count(again) == _count(pruned)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pruned_heads_load_count_and_compute_the_same(family, tmp_path):
+    """Key/value group 1 of every layer silenced (the o_proj columns of its query heads zeroed):
+    pruning to one group keeps group 0, in every layer, at the same logits."""
+    config, model = _model(family)
+    heads = HeadShape.of(config)
+    kv_heads = config.num_key_value_heads
+    assert heads.group > 1 and kv_heads == 2  # grouped-query attention, as the real models
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    silent = slice(heads.group * heads.head_dim, 2 * heads.group * heads.head_dim)
+    for name in state:
+        if name.endswith("self_attn.o_proj.weight"):
+            state[name][:, silent] = 0
+    model.load_state_dict(state)
+    cut = AttentionHeads(list(state), heads)
+    pruned_state = prune_state(state, cut, 1)
+    for parts in cut.layers.values():
+        output = parts[("o_proj", "weight")]
+        assert torch.equal(pruned_state[output], state[output][:, :silent.start])
+
+    pruned_config = copy.deepcopy(config)
+    pruned_config.head_dim = heads.head_dim
+    pruned_config.num_key_value_heads, pruned_config.num_attention_heads = 1, heads.group
+    pruned = AutoModelForCausalLM.from_config(pruned_config).eval()
+    pruned.load_state_dict(pruned_state, strict=True)
+    qkv_bias = any(name.endswith(("q_proj.bias", "qkv_proj.bias")) for name in state)
+    assert _count(model) - _count(pruned) == removed_head_parameters(
+        config.hidden_size, config.num_hidden_layers, heads, kv_heads, 1, qkv_bias)
+
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(tokens).logits, model(tokens).logits, rtol=1e-5,
+                                   atol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.num_key_value_heads == 1 and _count(again) == _count(pruned)
+
+
 def test_the_least_important_neurons_go_first():
     config, model = _model("llama")
     state = model.state_dict()
     down = "model.layers.0.mlp.down_proj.weight"
     state[down][:, 5] *= 1e-3  # neuron 5 barely writes
-    pruned = prune_mlp(state, config.intermediate_size, config.intermediate_size - 1)
+    pruned = prune_state(state, MlpWidth(list(state)), config.intermediate_size - 1)
     kept_columns = pruned[down]
     assert torch.equal(kept_columns[:, :5], state[down][:, :5])
     assert torch.equal(kept_columns[:, 5:], state[down][:, 6:])
@@ -78,18 +126,23 @@ def test_the_least_important_neurons_go_first():
 
 def test_a_width_out_of_range_or_a_model_without_gated_mlp_is_refused():
     config, model = _model("llama")
-    with pytest.raises(PruneError, match="keeps between 1 and 128"):
-        prune_mlp(model.state_dict(), config.intermediate_size, 0)
+    state = model.state_dict()
+    with pytest.raises(PruneError, match="mlp 0: this model has 128 per layer; keep between"):
+        prune_state(state, MlpWidth(list(state)), 0)
+    with pytest.raises(PruneError, match="kv_heads 3: this model has 2 per layer"):
+        prune_state(state, AttentionHeads(list(state), HeadShape.of(config)), 3)
     with pytest.raises(PruneError, match="no gated MLP"):
-        prune_mlp({"model.embed_tokens.weight": torch.zeros(4, 4)}, 128, 64)
+        MlpWidth(["model.embed_tokens.weight"])
+    with pytest.raises(PruneError, match="no attention projections"):
+        AttentionHeads(["model.embed_tokens.weight"], HeadShape(16, 2))
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2", "qwen2"])
 def test_a_prune_recipe_streams_scores_and_exports(family, tmp_path_factory, tmp_path):
-    """`{"op": "prune"}` around a merge of real bf16 sharded checkpoints: the stream equals the
-    whole-state prune of the merge, the worker's resident model is built at the new width with
-    the exact parameter count, and the export loads in transformers at that width (no mergekit
-    YAML: mergekit has no prune)."""
+    """`{"op": "prune", "mlp": …, "kv_heads": 1}` around a merge of real bf16 sharded
+    checkpoints: the stream equals the whole-state prunes of the merge, the worker's resident
+    model is built at the new width and head count with the exact parameter count, and the
+    export loads in transformers at that shape (no mergekit YAML: mergekit has no prune)."""
     from types import SimpleNamespace
 
     from safetensors.torch import load_file
@@ -111,11 +164,13 @@ def test_a_prune_recipe_streams_scores_and_exports(family, tmp_path_factory, tmp
              "params": {"weight": 1.0, "density": 0.5}}
     width = sources.config.intermediate_size
     keep = width * 3 // 4
-    recipe = {"op": "prune", "mlp": keep, "input": merge}
+    recipe = {"op": "prune", "mlp": keep, "kv_heads": 1, "input": merge}
+    heads = HeadShape.of(sources.config)
 
     merged = {name: sources.source(merge).get(name) for name in sources.source(merge).names()}
     streamed = sources.source(recipe)
-    expected = prune_mlp(merged, width, keep)
+    expected = prune_state(prune_state(merged, MlpWidth(list(merged)), keep),
+                           AttentionHeads(list(merged), heads), 1)
     assert set(streamed.names()) == set(expected)
     for name in streamed.names():
         assert tuple(streamed.shape(name)) == tuple(expected[name].shape), name
@@ -124,9 +179,15 @@ def test_a_prune_recipe_streams_scores_and_exports(family, tmp_path_factory, tmp
     full = worker.size("merge", merge).params
     pruned = worker.size("pruned", recipe).params
     config = sources.config
-    assert full - pruned == removed_parameters(config.hidden_size, config.num_hidden_layers,
-                                               width, keep, bool(getattr(config, "mlp_bias", 0)))
-    assert worker.resident.model.config.intermediate_size == keep
+    qkv_bias = any(name.endswith(("q_proj.bias", "qkv_proj.bias")) for name in merged)
+    assert full - pruned == removed_mlp_parameters(
+        config.hidden_size, config.num_hidden_layers, width, keep,
+        bool(getattr(config, "mlp_bias", 0))) + removed_head_parameters(
+        config.hidden_size, config.num_hidden_layers, heads, config.num_key_value_heads, 1,
+        qkv_bias)
+    resident = worker.resident.model.config
+    assert (resident.intermediate_size, resident.num_key_value_heads,
+            resident.num_attention_heads) == (keep, 1, heads.group)
 
     out = tmp_path / "export"
     out.mkdir()
@@ -137,8 +198,62 @@ def test_a_prune_recipe_streams_scores_and_exports(family, tmp_path_factory, tmp
     export_individual(record, sources, run_config, out, None, {})
     assert not (out / "mergekit_config.yml").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.intermediate_size == keep and _count(model) == pruned
+    assert (model.config.intermediate_size, model.config.num_key_value_heads) == (keep, 1)
+    assert _count(model) == pruned
     shards = {}
     for shard in out.glob("*.safetensors"):
         shards |= load_file(shard)
     assert all(torch.equal(shards[name], expected[name]) for name in shards)
+
+
+def test_a_run_proposes_prunes_whose_sizes_follow(tmp_path_factory, tmp_path):
+    """A GA run over real bf16 sharded Qwen2 checkpoints (grouped-query attention, q/k/v biases)
+    whose edits all prune (`operators.edit.prune: 1`): children with narrower MLPs and fewer
+    head groups are bred, scored and stored, and each one's size objective is the parameter
+    count computed from its layer plan and widths with the formulas above, independently of the
+    worker that built it."""
+    import sqlite3
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from evolve.cli import app
+    from operators.recipes import layer_plan, pruned_widths
+    from search_spaces.families import build_family
+    from tests.conftest import pick_task
+
+    folders = build_family("qwen2", tmp_path_factory.mktemp("qwen2"), experts=2)
+    base = AutoModelForCausalLM.from_pretrained(folders["base"])
+    config, heads = base.config, HeadShape.of(base.config)
+    layer = _count(base.model.layers[0])
+    run = {"sources": {"base": str(folders["base"]),
+                       "experts": [str(folders[n]) for n in folders if n != "base"]},
+           "tasks": [str(pick_task(tmp_path))], "population": 4, "generations": 3, "seed": 3,
+           "operators": {"crossover": {"rate": 0.3}, "weight_noise": {"rate": 0.0},
+                         "edit": {"rate": 0.6, "prune": 1.0}},
+           "fitness": {"calibration": 6, "items_per_task": 5, "promote_items_per_task": 12,
+                       "max_full_per_generation": 1, "dims": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "run.yaml"), "--run-dir",
+                                      str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+
+    db = sqlite3.connect(tmp_path / "run" / "run.db")
+    sizes = {i: json.loads(o)["params"][0] for i, o in
+             db.execute("SELECT id, objectives FROM evaluations")}
+    seen = set()
+    for identifier, recipe in db.execute("SELECT id, recipe FROM individuals"):
+        recipe = json.loads(recipe)
+        widths = pruned_widths(recipe)
+        if not widths or identifier not in sizes:
+            continue
+        seen |= set(widths)
+        kept = len(layer_plan(recipe, config.num_hidden_layers))
+        removed = removed_mlp_parameters(config.hidden_size, 1, config.intermediate_size,
+                                         widths.get("mlp", config.intermediate_size)) \
+            + removed_head_parameters(config.hidden_size, 1, heads, config.num_key_value_heads,
+                                      widths.get("kv_heads", config.num_key_value_heads),
+                                      qkv_bias=True)
+        expected = _count(base) - (config.num_hidden_layers - kept) * layer - kept * removed
+        assert sizes[identifier] == expected, (identifier, recipe)
+    assert seen == {"mlp", "kv_heads"}
