@@ -19,6 +19,7 @@ from pydantic import (
 from fitness.estimators import BLEND_RULES, ESTIMATORS, ONE_PARENT_RULES
 from fitness.reduced_fitness import minimum_calibration
 from fitness.reduced_sets import SELECTIONS
+from operators.llm_client import Endpoint
 from operators.sandbox import Limits
 from search_spaces.merge_space import DEFAULT_MERGES, METHODS
 
@@ -59,11 +60,48 @@ class Crossover(Rate):
                            "parents' recipes (children of children) instead of mixing genes")
 
 
+class LLM(_Strict):
+    """An OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's server, Ollama, a
+    hosted API). The key is read from the environment variable named here, never stored."""
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str
+    api_key_env: str | None = Field(None, description="environment variable holding the API "
+                                    "key (none for a local server)")
+    timeout: float = Field(120, gt=0, description="seconds to wait for one reply")
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(2048, ge=1)
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.base_url, self.model, self.api_key_env, self.timeout,
+                        self.temperature, self.max_tokens)
+
+
+PROPOSERS = ("heuristic", "llm")
+
+
+def _check_proposer(section: str, proposer: str, llm: LLM | None) -> None:
+    """`llm` is given exactly when the proposer is the LLM (a key nothing would read is an
+    error, not a silent default)."""
+    if proposer == "llm" and llm is None:
+        raise ValueError(f"{section}.proposer: llm needs {section}.llm (base_url and model)")
+    if proposer == "heuristic" and llm is not None:
+        raise ValueError(f"{section}.llm is read only with {section}.proposer: llm")
+
+
 class Edit(Rate):
     rate: float = Field(0.15, ge=0, le=1)
-    prune: float = Field(0.5, ge=0, le=1, description="share of edits that prune MLP width or "
-                         "key/value head groups (where the model has them) instead of changing "
-                         "depth")
+    prune: float = Field(0.5, ge=0, le=1, description="share of the heuristic's edits that prune "
+                         "MLP width or key/value head groups (where the model has them) instead "
+                         "of changing depth")
+    proposer: Literal[PROPOSERS] = Field(  # type: ignore[valid-type]
+        "heuristic", description="who proposes architectures: the heuristic, or an LLM replying "
+        "JSON (one repair round, then the heuristic as fallback)")
+    llm: LLM | None = None
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> Edit:
+        _check_proposer("operators.edit", self.proposer, self.llm)
+        return self
 
 
 class Operators(_Strict):
@@ -159,34 +197,19 @@ class Sandbox(_Strict):
                       memory_bytes=self.memory)
 
 
-class LLM(_Strict):
-    """An OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's server, Ollama, a
-    hosted API). The key is read from the environment variable named here, never stored."""
-    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
-    model: str
-    api_key_env: str | None = Field(None, description="environment variable holding the API "
-                                    "key (none for a local server)")
-    timeout: float = Field(120, gt=0, description="seconds to wait for one reply")
-    temperature: float = Field(0.7, ge=0)
-    max_tokens: int = Field(2048, ge=1)
-
-
 class CodeSearch(_Strict):
     """A code search (`search_space: mnist1d-code`): how children are written and trained."""
     steps: int = Field(6000, ge=1, description="training steps (batches of 100) per candidate; "
                        "6,000 is how the MNIST-1D paper and the NAS zoo train the references")
     sandbox: Sandbox = Sandbox()
-    proposer: Literal["heuristic", "llm"] = Field(
+    proposer: Literal[PROPOSERS] = Field(  # type: ignore[valid-type]
         "heuristic", description="who writes children: the heuristic code mutator, or an LLM "
         "(with one repair round, then the heuristic as fallback)")
     llm: LLM | None = None
 
     @model_validator(mode="after")
     def _endpoint(self) -> CodeSearch:
-        if self.proposer == "llm" and self.llm is None:
-            raise ValueError("code.proposer: llm needs code.llm (base_url and model)")
-        if self.proposer == "heuristic" and self.llm is not None:
-            raise ValueError("code.llm is read only with code.proposer: llm")
+        _check_proposer("code", self.proposer, self.llm)
         return self
 
 

@@ -53,7 +53,6 @@ from fitness.reduced_fitness import (
     finalist,
     promotable,
 )
-from operators.llm_client import Endpoint
 from operators.llm_proposer import Scored
 from operators.prune import HeadShape, prunable_units
 from operators.recipes import Recipe
@@ -418,7 +417,8 @@ class _RunView:
 
     def _scored(self, identifier: str) -> Scored:
         result = self.evolution.results.get(identifier)
-        return Scored(identifier, self.evolution.recipes[identifier]["source"],
+        recipe = self.evolution.recipes[identifier]
+        return Scored(identifier, self.evolution.setup.space.describe(recipe),
                       dict(result.objectives) if result is not None and result.ok else {})
 
     def scored(self, recipe: dict) -> Scored:
@@ -484,21 +484,21 @@ def prepare(config: RunConfig, base_dir: Path | None = None,
     else:
         worker = spec.build(tasks=tasks)
         sources, pool = worker.sources, LocalPool(worker)
-    widths = prunable_units(sources.reference.names(), sources.reference.shape,
-                            HeadShape.of(sources.config))
+    heads = HeadShape.of(sources.config)
+    widths = prunable_units(sources.reference.names(), sources.reference.shape, heads)
+    edit = config.operators.edit
     space = MergeSpace(config.sources.base, tuple(config.sources.experts),
                        sources.architecture.num_layers, tuple(config.operators.methods),
                        config.operators.crossover.compose, mlp_width=widths.get("mlp"),
-                       kv_heads=widths.get("kv_heads"), prune=config.operators.edit.prune)
+                       kv_heads=widths.get("kv_heads"), prune=edit.prune, group=heads.group,
+                       endpoint=edit.llm.endpoint() if edit.llm else None)
     task_of = torch.tensor([t for t, _ in item_pool(tasks)])
     return Setup(space, sources, pool, task_of, tuple(t.name for t in tasks))
 
 
 def _prepare_code(config: RunConfig) -> Setup:
     """A code search: its space, and a worker that trains each candidate in the sandbox."""
-    llm = config.code.llm
-    space = CodeSpace(Endpoint(llm.base_url, llm.model, llm.api_key_env, llm.timeout,
-                               llm.temperature, llm.max_tokens) if llm else None)
+    space = CodeSpace(config.code.llm.endpoint() if config.code.llm else None)
     harness, arguments, files = space.harness(config.code.steps, config.seed)
     worker = CodeWorker(space.task, harness, arguments, files, config.code.sandbox.limits())
     task_of = torch.zeros(len(space.task.search), dtype=torch.long)

@@ -23,7 +23,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from operators.code_edits import (
     CodeChild,
@@ -38,6 +38,8 @@ from operators.sandbox import SandboxViolation, check_source
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
 REPLY_KEPT = 8000  # characters of a reply kept in the recipe
+UNUSABLE = (ValueError, EditError, SandboxViolation)  # a reply that cannot be used, and why
+T = TypeVar("T")
 
 SYSTEM = """You design PyTorch networks for MNIST-1D: 40-sample signals, 10 classes.
 A program defines `class Net(nn.Module)`; `Net()(x)` takes a float tensor of shape (batch, 40)
@@ -67,13 +69,15 @@ class ReplyMemo(Protocol):
 
 @dataclass(frozen=True)
 class Scored:
-    """A program of the run and how it scored (objectives as [value, stderr])."""
+    """A member of the run as a proposer reads it (a program's source, or a decoder's
+    architecture as JSON) and how it scored (objectives as [value, stderr])."""
     id: str
     source: str
     objectives: dict
 
 
-def _score(scored: Scored) -> str:
+def score_text(scored: Scored) -> str:
+    """How a member scored, as the prompt says it."""
     accuracy = scored.objectives.get("accuracy")
     params = scored.objectives.get("params")
     parts = []
@@ -89,21 +93,27 @@ def prompt_messages(parents: Sequence[Scored], front: Sequence[Scored],
     """The chat messages for one child (see the module docstring)."""
     lines = []
     for number, parent in enumerate(parents, start=1):
-        lines += [f"Parent {number} ({parent.id}): {_score(parent)}", "```python",
+        lines += [f"Parent {number} ({parent.id}): {score_text(parent)}", "```python",
                   parent.source.rstrip(), "```", ""]
     if front:
         lines.append("The current Pareto front (accuracy against parameters):")
-        lines += [f"- {member.id}: {_score(member)}" for member in front]
+        lines += [f"- {member.id}: {score_text(member)}" for member in front]
         lines.append("")
     if failures:
         lines.append("Recent children that failed, and why:")
         lines += [f"- {failure}" for failure in failures]
         lines.append("")
+    lines.append(f"{target_text(parents)} Write one child program.")
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def target_text(parents: Sequence[Scored]) -> str:
+    """The target, slightly better than the best parent (EvoPrompting, OPRO): a point more
+    accurate at no more parameters than the smallest parent."""
     best = max((p.objectives.get("accuracy", [0, 0])[0] for p in parents), default=0.0)
     smallest = min((p.objectives.get("params", [0, 0])[0] for p in parents), default=0)
-    lines.append(f"Target: accuracy above {100 * min(best + 0.01, 1.0):.1f} % with at most "
-                 f"{int(smallest):,} parameters. Write one child program.")
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    return (f"Target: accuracy above {100 * min(best + 0.01, 1.0):.1f} % with at most "
+            f"{int(smallest):,} parameters.")
 
 
 def prompt_hash(messages: list[dict], endpoint: Endpoint, draw: int) -> str:
@@ -131,12 +141,12 @@ def read_reply(reply: str, parents: Sequence[Scored]) -> tuple[str, str]:
     return source, edit
 
 
-class LLMCodeProposer:
-    """Children from an OpenAI-compatible endpoint (see the module docstring)."""
+class LLMProposer:
+    """What every LLM proposer shares: replies memoized by prompt hash, one repair round with
+    the reason the first reply could not be used, and a logged fallback."""
 
-    def __init__(self, endpoint: Endpoint, fallback: CodeMutator, memo: ReplyMemo,
-                 on_event: Callable[[str, str], None]):
-        self.endpoint, self.fallback, self.memo, self.on_event = endpoint, fallback, memo, on_event
+    def __init__(self, endpoint: Endpoint, memo: ReplyMemo, on_event: Callable[[str, str], None]):
+        self.endpoint, self.memo, self.on_event = endpoint, memo, on_event
 
     def _ask(self, messages: list[dict], draw: int) -> str:
         """The reply to `messages`: the run store's, or the endpoint's (then stored)."""
@@ -147,22 +157,38 @@ class LLMCodeProposer:
             self.memo.add_reply(key, reply)
         return reply
 
-    def _usable(self, messages: list[dict], draw: int, parents: Sequence[Scored],
-                replies: list[str]) -> tuple[str, str, bool]:
-        """A usable child's source and edit, and whether the repair round gave it; raises why
-        neither reply could be used."""
+    def usable(self, messages: list[dict], draw: int, read: Callable[[str], T],
+               replies: list[str]) -> tuple[T, bool]:
+        """What `read` makes of the reply, and whether the repair round gave it; raises why
+        neither reply could be used (`read` raises ValueError and its kin for an unusable one)."""
         reply = self._ask(messages, draw)
         replies.append(reply[:REPLY_KEPT])
         try:
-            return (*read_reply(reply, parents), False)
-        except (ValueError, EditError, SandboxViolation) as error:
+            return read(reply), False
+        except UNUSABLE as error:
             messages = [
                 *messages, {"role": "assistant", "content": reply},
                 {"role": "user", "content": f"That reply could not be used: {error}. Reply "
                  "again, following the format exactly."}]
         reply = self._ask(messages, draw)
         replies.append(reply[:REPLY_KEPT])
-        return (*read_reply(reply, parents), True)
+        return read(reply), True
+
+    def fallback(self, error: Exception, prompt: str, replies: list[str]) -> dict:
+        """Report why the LLM's child was not used; the proposal record of the fallback child."""
+        reason = f"{type(error).__name__}: {error}"
+        self.on_event("llm-fallback", reason)
+        return {"proposer": "heuristic", "fallback_from": "llm", "reason": reason,
+                "prompt": prompt, "replies": replies}
+
+
+class LLMCodeProposer(LLMProposer):
+    """Children from an OpenAI-compatible endpoint (see the module docstring)."""
+
+    def __init__(self, endpoint: Endpoint, fallback: CodeMutator, memo: ReplyMemo,
+                 on_event: Callable[[str, str], None]):
+        super().__init__(endpoint, memo, on_event)
+        self.mutator = fallback
 
     def child(self, rng: random.Random, parents: Sequence[Scored], front: Sequence[Scored],
               failures: Sequence[str]) -> tuple[CodeChild, dict]:
@@ -170,14 +196,13 @@ class LLMCodeProposer:
         messages, draw = prompt_messages(parents, front, failures), rng.randrange(2**31)
         prompt, replies = prompt_hash(messages, self.endpoint, draw), []
         try:
-            source, edit, repaired = self._usable(messages, draw, parents, replies)
-        except (ValueError, EditError, SandboxViolation, LLMError) as error:
-            reason = f"{type(error).__name__}: {error}"
-            self.on_event("llm-fallback", reason)
-            child = self.fallback.crossover(rng, parents[0].source, parents[1].source) \
-                if len(parents) > 1 else self.fallback.mutate(rng, parents[0].source)
-            return child, {"proposer": "heuristic", "fallback_from": "llm", "reason": reason,
-                           "prompt": prompt, "replies": replies}
+            (source, edit), repaired = self.usable(
+                messages, draw, lambda reply: read_reply(reply, parents), replies)
+        except (*UNUSABLE, LLMError) as error:
+            proposal = self.fallback(error, prompt, replies)
+            child = self.mutator.crossover(rng, parents[0].source, parents[1].source) \
+                if len(parents) > 1 else self.mutator.mutate(rng, parents[0].source)
+            return child, proposal
         how = ("an edit" if edit else "a full rewrite") + (", repaired" if repaired else "")
         return (CodeChild(source, edit, f"written by the LLM ({how})"),
                 {"proposer": "llm", "prompt": prompt, "replies": replies, "repaired": repaired})

@@ -84,15 +84,15 @@ def canonical_key(recipe: Recipe) -> str:
     """A key that two recipes share when they make the same model for the same reason: the
     recipe's key with the seed of every merge that draws nothing random left out (TIES, task
     arithmetic, PCB… give the same tensors whatever their seed; DARE, DELLA and weight noise
-    do not)."""
+    do not) and without the record of who proposed it (`proposal`)."""
     return recipe_key(_without_idle_seeds(recipe))
 
 
 def _without_idle_seeds(recipe: Recipe) -> Recipe:
     if "model" in recipe:
-        return recipe
+        return {key: value for key, value in recipe.items() if key != "proposal"}
     out = {key: value for key, value in recipe.items()
-           if key not in ("input", "base", "inputs")}
+           if key not in ("input", "base", "inputs", "proposal")}
     if recipe.get("op") == "merge" and get_method(recipe["method"]).sparsifier not in (
             Sparsifier.RANDOM, Sparsifier.DELLA):
         out.pop("seed", None)

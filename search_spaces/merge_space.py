@@ -31,10 +31,15 @@ from __future__ import annotations
 
 import bisect
 import copy
+import json
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from operators.llm_client import Endpoint
+from operators.llm_edits import DecoderShape, LLMEditProposer
+from operators.llm_proposer import ReplyMemo
 from operators.prune import PRUNE_FIELDS
 from operators.recipes import Recipe, canonical_key, sources_of
 
@@ -61,7 +66,7 @@ def default_merge_recipes(base: str, experts: list[str] | tuple[str, ...]) -> li
             for method, params in DEFAULT_MERGES.values()]
 
 
-@dataclass(frozen=True)
+@dataclass
 class MergeSpace:
     base: str
     experts: tuple[str, ...]
@@ -73,6 +78,10 @@ class MergeSpace:
     mlp_width: int | None = None  # the sources' MLP width, where it can be pruned
     kv_heads: int | None = None  # the sources' key/value heads, where they can be pruned
     prune: float = 0.0  # share of edits that prune width or heads instead of changing depth
+    group: int = 1  # query heads per key/value head (what the LLM is told a head group holds)
+    endpoint: Endpoint | None = None  # an LLM proposes the edits (the heuristic: fallback)
+    llm: LLMEditProposer | None = field(default=None, init=False, repr=False, compare=False)
+    context: Any = field(default=None, init=False, repr=False, compare=False)
 
     # -- what a run asks of its space --------------------------------------------------------
 
@@ -94,8 +103,27 @@ class MergeSpace:
 
     key = staticmethod(canonical_key)  # a recipe's identity, for the breeder's duplicate check
 
-    def observe(self, context, memo, on_event) -> None:
-        """The merge operators need no view of the run (an LLM writes code children only)."""
+    def observe(self, context, memo: ReplyMemo, on_event: Callable[[str, str], None]) -> None:
+        """The run's view (parents' scores, the front, failures) for the LLM edit proposer."""
+        self.context = context
+        if self.endpoint is not None:
+            self.llm = LLMEditProposer(self.endpoint, memo, on_event)
+
+    @property
+    def shape(self) -> DecoderShape:
+        return DecoderShape(self.layers, self.min_layers, self.mlp_width, self.kv_heads,
+                            self.group)
+
+    def architecture(self, recipe: Recipe) -> dict:
+        """A recipe's decoder architecture, as the LLM edit proposer reads and writes it."""
+        widths = self.widths(recipe)
+        return {"layers": self.layer_plan(recipe)} | {
+            cut: widths.get(cut, self._full(cut)) for cut in PRUNE_FIELDS if self._full(cut)}
+
+    def describe(self, recipe: Recipe) -> str:
+        """What a proposer reads of a member: its architecture (the merge genes it does not
+        edit)."""
+        return json.dumps(self.architecture(recipe))
 
     def lineage_check(self, recipes: dict[str, Recipe]):
         """The breeder's lineage rule: a proposal merges no expert that none of its parents (a
@@ -194,8 +222,9 @@ class MergeSpace:
 
     def _rewrap(self, template: Recipe, core: Recipe) -> Recipe:
         """`core` wrapped in the same wrappers as `template` (edits outermost)."""
-        if template.get("op") in WRAPPERS:
-            return {**template, "input": self._rewrap(template["input"], core)}
+        if template.get("op") in WRAPPERS:  # (who proposed the template is not the child's)
+            wrapper = {k: v for k, v in template.items() if k != "proposal"}
+            return {**wrapper, "input": self._rewrap(template["input"], core)}
         return core
 
     # -- operators ------------------------------------------------------------------------
@@ -306,6 +335,22 @@ class MergeSpace:
         return moves
 
     def edit(self, rng: random.Random, recipe: Recipe) -> Recipe:
+        """An architecture edit: the LLM's where one is configured (its `proposal` recorded on
+        the child), the heuristic's otherwise or where the LLM's could not be used."""
+        if self.llm is None:
+            return self._heuristic_edit(rng, recipe)
+        architecture, proposal = self.llm.child(
+            rng, self.context.scored(recipe), self.context.front(), self.context.failures(),
+            self.shape)
+        if architecture is None:
+            child = self._heuristic_edit(rng, recipe)
+        else:
+            child = self._shaped(self._unshaped(recipe), architecture["layers"],
+                                 {cut: architecture[cut] for cut in PRUNE_FIELDS
+                                  if cut in architecture})
+        return {**child, "proposal": proposal}
+
+    def _heuristic_edit(self, rng: random.Random, recipe: Recipe) -> Recipe:
         layers, widths = self.layer_plan(recipe), self.widths(recipe)
         moves = self._prune_moves(widths)
         if self.prune and moves and rng.random() < self.prune:

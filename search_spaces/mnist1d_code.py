@@ -195,6 +195,11 @@ class CodeSpace:
         return source_key(recipe["source"])
 
     @staticmethod
+    def describe(recipe: dict) -> str:
+        """What a proposer reads of a member: its program."""
+        return recipe["source"]
+
+    @staticmethod
     def lineage_check(recipes: dict[str, dict]) -> None:
         """No lineage rule: any code may come from any parents."""
         return None

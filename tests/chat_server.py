@@ -4,6 +4,7 @@ HTTP, JSON, `POST /v1/chat/completions`, with scripted behaviours per conversati
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -29,11 +30,26 @@ class Net(nn.Module):
 ```'''
 
 
+def _architecture(prompt: str, serial: int) -> str:
+    """A decoder architecture that differs from the parent's in the prompt: one layer fewer
+    (or the one stacked), one head group fewer where it can, the MLP a little narrower."""
+    parent = json.loads(re.search(r"architecture: (\{.*\})", prompt).group(1))
+    layers = parent["layers"]
+    child = {"layers": layers[:-1] if len(layers) > 2 else layers + layers[-1:]}
+    if parent.get("kv_heads", 1) > 1:
+        child["kv_heads"] = parent["kv_heads"] - 1
+    if "mlp" in parent:
+        child["mlp"] = max(1, parent["mlp"] - serial)
+    return json.dumps(child)
+
+
 class Script:
     """Behaviours by conversation (a conversation: its first user message and seed):
     `valid` an edit of the first parent; `malformed` prose, then a full rewrite when asked to
     repair; `schema` code importing os, twice; `timeout` no answer in time; `broken` a reply
-    that is not a chat completion. Every request is logged."""
+    that is not a chat completion. For decoder edits: `json` an architecture unlike the
+    parent's; `json-malformed` prose, then the architecture in a ```json block; `json-schema`
+    a layer out of range and an unknown key, twice. Every request is logged."""
 
     def __init__(self, behaviours: list[str], delay: float = 3.0):
         self.behaviours, self.delay = behaviours, delay
@@ -52,7 +68,14 @@ class Script:
             behaviour, repair = self.conversations[key], len(messages) > 2
             serial = len(self.requests)
         content = None
-        if behaviour == "valid" or (behaviour == "malformed" and repair):
+        if behaviour == "json" or (behaviour == "json-malformed" and repair):
+            content = _architecture(messages[1]["content"], serial)
+            content = f"```json\n{content}\n```" if repair else content
+        elif behaviour == "json-malformed":
+            content = "Dropping a middle layer should keep most of the accuracy."
+        elif behaviour == "json-schema":
+            content = '{"layers": [0, 99], "heads": 3}'
+        elif behaviour == "valid" or (behaviour == "malformed" and repair):
             content = REWRITE.format(channels=3 + serial) if repair else (
                 "Widen the head.\n<<<<<<< SEARCH\n            nn.Flatten(),\n=======\n"
                 f"            nn.Flatten(),\n            nn.LazyLinear({8 + serial}),\n"
