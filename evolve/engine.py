@@ -387,8 +387,16 @@ class Evolution:
         self.store.add_generation(generation, population, front, hypervolume(matrix, reference))
 
     def finish(self, population: list[str]) -> list[str]:
-        """Evaluate the final front fully (search split), then report it on the test split."""
-        front = self._front(population)
+        """Evaluate the final front fully (search split), then report it on the test split.
+
+        Where every candidate was scored exactly (`fitness.full_evaluation`, every code
+        search), the final front is the run's archive: every scored candidate that none
+        dominates, as optuna's `best_trials` is. A population of a few members drops
+        non-dominated candidates by crowding, and an exact score gives no reason to lose one.
+        With estimates, it is the final population's front, whose members are then evaluated
+        fully."""
+        archive = [i for i, result in self.results.items() if result.ok]
+        front = self._front(self._distinct(archive) if self.budget.full else population)
         self.progress("final front (full + test)", 0, len(front))
         partial = [Candidate(i, self.recipes[i]) for i in front if self.results[i].stage != "full"]
         for result in self._timed_fitness(lambda: self.fitness.add_full(partial, "final")):

@@ -278,7 +278,7 @@ def _print_front(run_dir: Path, as_json: bool = False) -> None:
     data = front_report(run_dir)
     if data is None:
         console.print(f"no generation of {run_dir.name} has finished yet "
-                      f"({run_state(RunStore(run_dir))})")
+                      f"({run_state(RunStore.reader(run_dir))})")
         raise typer.Exit(code=1)
     if as_json:
         _json(data)
@@ -339,7 +339,7 @@ def export(
     from operators.errors import MergeError
 
     run_dir = _run_dir(run)
-    store = RunStore(run_dir)
+    store = RunStore.reader(run_dir)
     record = store.individual(individual)
     if record is None:
         _fail(KeyError(f"no individual {individual!r} in {run_dir}; `evoforge front "

@@ -51,7 +51,7 @@ def plan(run_dir: Path) -> dict:
 
 def summary(run_dir: Path) -> dict:
     """A run's progress: status, generations, counts, hypervolume per generation."""
-    store = RunStore(run_dir)
+    store = RunStore.reader(run_dir)
     config = load_config(run_dir / "config.yaml")
     planned = len(config.generation_sizes())
     generations = store.generations()
@@ -98,7 +98,7 @@ def cost_line(data: dict) -> str:
 def front(run_dir: Path) -> dict | None:
     """The last saved front (the final one once the run is done) with each member's objectives
     (value, stderr), held-out report, lineage and recipe; None before any generation."""
-    store = RunStore(run_dir)
+    store = RunStore.reader(run_dir)
     generations = store.generations()
     if not generations:
         return None

@@ -185,6 +185,13 @@ def test_a_code_run_breeds_scores_and_reports(code_run):
     front = [i for i, _ in last_front(code_run)]
     reported = {i for (i,) in db.execute("SELECT id FROM reports WHERE split = 'test'")}
     assert reported == set(front)
+    scores = {i: (json.loads(o)["accuracy"][0], json.loads(o)["params"][0]) for i, o in
+              db.execute("SELECT id, objectives FROM evaluations WHERE error IS NULL")}
+    undominated = {score for score in scores.values() if not any(
+        other != score and other[0] >= score[0] and other[1] <= score[1]
+        for other in scores.values())}
+    assert {scores[i] for i in front} == undominated  # the archive: every scored candidate
+    assert len(front) == len(undominated)  # one member per distinct score
     said = CliRunner().invoke(app, ["front", str(code_run)]).output
     assert all(i in said for i in front)
 
