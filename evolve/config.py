@@ -301,6 +301,16 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _edits_are_read(self) -> RunConfig:
+        """Only the GA makes edit children: the gene strategies' keys for edits would be read
+        by nothing."""
+        edit = self.operators.edit
+        if self.strategy != "ga" and {"prune", "proposer", "llm"} & edit.model_fields_set:
+            raise ValueError(f"operators.edit.prune/proposer/llm: strategy {self.strategy} "
+                             "breeds no edit children (only ga does); remove them")
+        return self
+
+    @model_validator(mode="after")
     def _one_local_worker(self) -> RunConfig:
         if self.backend == "local" and self.workers > 1:
             raise ValueError(f"workers: {self.workers} needs backend: ray (the local backend is "

@@ -493,12 +493,14 @@ def prepare(config: RunConfig, base_dir: Path | None = None,
         worker = spec.build(tasks=tasks)
         sources, pool = worker.sources, LocalPool(worker)
     heads = HeadShape.of(sources.config)
-    widths = prunable_units(sources.reference.names(), sources.reference.shape, heads)
+    widths = prunable_units(sources.reference.names(), sources.reference.shape, heads,
+                            sources.config)
     edit = config.operators.edit
     space = MergeSpace(config.sources.base, tuple(config.sources.experts),
                        sources.architecture.num_layers, tuple(config.operators.methods),
                        config.operators.crossover.compose, mlp_width=widths.get("mlp"),
-                       kv_heads=widths.get("kv_heads"), prune=edit.prune, group=heads.group,
+                       kv_heads=widths.get("kv_heads"), prune=edit.prune,
+                       group=heads.group if heads else 1,
                        endpoint=edit.llm.endpoint() if edit.llm else None)
     task_of = torch.tensor([t for t, _ in item_pool(tasks)])
     return Setup(space, sources, pool, task_of, tuple(t.name for t in tasks))

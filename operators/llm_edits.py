@@ -43,8 +43,10 @@ class DecoderShape:
     def max_layers(self) -> int:
         return max(self.layers, self.layers * 3 // 2)
 
-    def keys(self) -> tuple[str, ...]:
-        return ("layers",) + ("mlp",) * bool(self.mlp_width) + ("kv_heads",) * bool(self.kv_heads)
+    def fields(self) -> tuple[str, ...]:
+        """The architecture's keys: a cut the model allows and that has something to remove."""
+        return ("layers",) + ("mlp",) * ((self.mlp_width or 0) > 1) \
+            + ("kv_heads",) * ((self.kv_heads or 0) > 1)
 
 
 def system_prompt(shape: DecoderShape) -> str:
@@ -56,10 +58,10 @@ def system_prompt(shape: DecoderShape) -> str:
         f'- "layers": the source layer behind each output layer, in order; leave a layer out to '
         f"drop it, repeat one to stack it ({shape.min_layers} to {shape.max_layers} entries).",
     ]
-    if shape.mlp_width:
+    if "mlp" in shape.fields():
         lines.append(f'- "mlp": MLP neurons every layer keeps, 1 to {shape.mlp_width} (the least '
                      "important go first, by weight magnitude).")
-    if shape.kv_heads:
+    if "kv_heads" in shape.fields():
         lines.append(f'- "kv_heads": key/value head groups every layer keeps, 1 to '
                      f"{shape.kv_heads}; each group has {shape.group} query heads.")
     lines += ["Models are scored on accuracy (higher is better) and parameter count (lower is "
@@ -108,13 +110,13 @@ def _count(value, name: str, low: int, high: int) -> int:
 
 
 def read_architecture(reply: str, parent: dict, shape: DecoderShape) -> dict:
-    """The child's architecture (every key of `shape.keys()`), or `ValueError` saying why the
+    """The child's architecture (every field of `shape.fields()`), or `ValueError` saying why the
     reply cannot be used."""
     found = _json_object(reply)
-    unknown = sorted(set(found) - set(shape.keys()))
+    unknown = sorted(set(found) - set(shape.fields()))
     if unknown:
         raise ValueError(f"unknown or unavailable keys {unknown}; this model's architecture has "
-                         f"{list(shape.keys())}")
+                         f"{list(shape.fields())}")
     child = {**parent, **found}
     layers = child["layers"]
     if not isinstance(layers, list) or not shape.min_layers <= len(layers) <= shape.max_layers:
@@ -122,9 +124,9 @@ def read_architecture(reply: str, parent: dict, shape: DecoderShape) -> dict:
                          f"layer numbers, got {layers!r}")
     for layer in layers:
         _count(layer, "layers", 0, shape.layers - 1)
-    if shape.mlp_width:
+    if "mlp" in shape.fields():
         _count(child["mlp"], "mlp", 1, shape.mlp_width)
-    if shape.kv_heads:
+    if "kv_heads" in shape.fields():
         _count(child["kv_heads"], "kv_heads", 1, shape.kv_heads)
     if child == parent:
         raise ValueError("that is the parent's own architecture; change something")

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 MLP_TENSOR = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.mlp\."
                         r"(?P<part>gate_proj|up_proj|down_proj|gate_up_proj)\.(?P<kind>weight|bias)$")
@@ -40,7 +41,7 @@ ATTENTION_TENSOR = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.self_attn\."
                               r"(?P<part>q_proj|k_proj|v_proj|o_proj|qkv_proj)\."
                               r"(?P<kind>weight|bias)$")
 
-PRUNE_FIELDS = ("mlp", "kv_heads")  # a prune recipe's cuts, applied in this order
+PRUNE_FIELDS = ("mlp", "kv_heads")  # a prune recipe's cuts (disjoint tensors)
 Parts = dict[tuple[str, str], str]  # (part, kind) -> tensor name, for one layer
 
 
@@ -49,8 +50,10 @@ class PruneError(ValueError):
 
 
 def kept_units(importance: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` most important units, ties to the lower index, in their original order."""
-    order = sorted(range(len(importance)), key=lambda j: (-float(importance[j]), j))
+    """The `keep` most important units, ties to the lower index, in their original order (a CPU
+    index: each cut moves it to its tensor's device)."""
+    values = importance.detach().float().cpu().tolist()
+    order = sorted(range(len(values)), key=lambda j: (-values[j], j))
     return torch.tensor(sorted(order[:keep]), dtype=torch.long)
 
 
@@ -63,9 +66,26 @@ def _by_layer(names: list[str], pattern: re.Pattern) -> dict[int, Parts]:
     return found
 
 
+def _check_layers(layers: dict[int, Parts], names: list[str], module: str,
+                  complete: Callable[[Parts], bool], allowed: Callable[[str], bool],
+                  what: str) -> None:
+    """Every layer has the full set of tensors a cut rewrites, and no other tensor of that
+    module that the cut would leave at the wrong size (`allowed`: one that does not scale)."""
+    for layer, parts in layers.items():
+        if not complete(parts):
+            raise PruneError(f"layer {layer}'s {module} has {sorted(p for p, _ in parts)}, not "
+                             f"{what}: this model's {module} cannot be pruned")
+    pattern = re.compile(rf"^.*\.layers\.\d+\.{module}\.")
+    matched = {name for parts in layers.values() for name in parts.values()}
+    for name in names:
+        if pattern.match(name) and name not in matched and not allowed(name):
+            raise PruneError(f"{name} would keep its size while the {module} shrinks: this "
+                             f"model's {module} cannot be pruned")
+
+
 def _rows(index: torch.Tensor, size: int) -> torch.Tensor:
     """Row indices of the kept units when each unit owns `size` consecutive rows."""
-    return (index[:, None] * size + torch.arange(size)).reshape(-1)
+    return (index[:, None] * size + torch.arange(size, device=index.device)).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -76,8 +96,11 @@ class HeadShape:
     group: int
 
     @classmethod
-    def of(cls, config) -> HeadShape:
-        heads = config.num_attention_heads
+    def of(cls, config) -> HeadShape | None:
+        """The config's head shape; None for a model without attention heads (Mamba, say)."""
+        heads = getattr(config, "num_attention_heads", None)
+        if not heads:
+            return None
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(head_dim, heads // kv_heads)
@@ -125,6 +148,10 @@ class MlpWidth(Cut):
         if not self.layers:
             raise PruneError("no gated MLP tensors (layers.N.mlp.gate_proj/up_proj/down_proj or "
                              "gate_up_proj) in this model: its MLP width cannot be pruned")
+        _check_layers(self.layers, names, "mlp", lambda parts: ("down_proj", "weight") in parts
+                      and (("gate_up_proj", "weight") in parts or {("gate_proj", "weight"),
+                                                                   ("up_proj", "weight")} <= set(parts)),
+                      lambda name: False, "a gated MLP (gate, up and down projections)")
 
     def units(self, shape: Callable[[str], tuple[int, ...]]) -> int:
         return shape(next(iter(self.layers.values()))[("down_proj", "weight")])[1]
@@ -159,15 +186,22 @@ class AttentionHeads(Cut):
 
     kind = "kv_heads"
 
-    def __init__(self, names: list[str], heads: HeadShape | None):
+    def __init__(self, names: list[str], shape: Callable[[str], tuple[int, ...]],
+                 heads: HeadShape | None):
         self.layers = _by_layer(names, ATTENTION_TENSOR)
-        if not self.layers or not any(("o_proj", "weight") in p for p in self.layers.values()):
+        if not self.layers:
             raise PruneError("no attention projections (layers.N.self_attn.q_proj/k_proj/v_proj/"
                              "o_proj or qkv_proj) in this model: its heads cannot be pruned")
         if heads is None:
             raise PruneError("pruning heads needs the model's head_dim and query heads per "
                              "key/value head (HeadShape.of(config)); none was given")
         self.heads = heads
+        per_head = (heads.head_dim,)  # q/k norms over one head's features (Qwen3, Gemma3)
+        _check_layers(self.layers, names, "self_attn", lambda parts: ("o_proj", "weight") in parts
+                      and (("qkv_proj", "weight") in parts or {("q_proj", "weight"), (
+                          "k_proj", "weight"), ("v_proj", "weight")} <= set(parts)),
+                      lambda name: tuple(shape(name)) == per_head,
+                      "separate or fused q/k/v projections and o_proj")
 
     def units(self, shape: Callable[[str], tuple[int, ...]]) -> int:
         parts = next(iter(self.layers.values()))
@@ -214,25 +248,35 @@ class AttentionHeads(Cut):
                           value.index_select(0, _rows(index, dim))])
 
 
-def cut_for(kind: str, names: list[str], heads: HeadShape | None = None) -> Cut:
+def cut_for(kind: str, names: list[str], shape: Callable[[str], tuple[int, ...]],
+            heads: HeadShape | None = None) -> Cut:
     """The cut a prune's field names: `mlp` (neurons) or `kv_heads` (head groups)."""
     if kind == "mlp":
         return MlpWidth(names)
     if kind == "kv_heads":
-        return AttentionHeads(names, heads)
+        return AttentionHeads(names, shape, heads)
     raise PruneError(f"unknown prune field {kind!r}; expected mlp or kv_heads")
 
 
 def prunable_units(names: list[str], shape: Callable[[str], tuple[int, ...]],
-                   heads: HeadShape) -> dict[str, int]:
-    """Per cut this model allows (`mlp`, `kv_heads`), its units per layer; a cut whose tensors
-    the model does not have is left out."""
+                   heads: HeadShape | None, config=None) -> dict[str, int]:
+    """Per cut this model allows (`mlp`, `kv_heads`), its units per layer. A cut whose tensors
+    the model does not have in full is left out, and so are heads where `config` (the sources'
+    transformers config) would not validate with fewer of them: Phi-3's long-context RoPE
+    factors are sized by hidden_size / heads, so its pruned config would not load again."""
     units = {}
     for kind in PRUNE_FIELDS:
         try:
-            units[kind] = cut_for(kind, names, heads).units(shape)
+            units[kind] = cut_for(kind, names, shape, heads).units(shape)
         except PruneError:
             continue
+    if "kv_heads" in units and config is not None:
+        fewest = {"num_key_value_heads": 1, "num_attention_heads": heads.group,
+                  "head_dim": heads.head_dim}
+        try:
+            type(config).from_dict(config.to_dict() | fewest)
+        except (ValueError, TypeError, StrictDataclassError):  # transformers' config validation
+            del units["kv_heads"]
     return units
 
 
@@ -246,7 +290,7 @@ def prune_state(state: Mapping[str, torch.Tensor], cut: Cut, keep: int
     for parts in cut.layers.values():
         index = kept_units(cut.importance(state, parts, units), keep)
         for (part, kind), name in parts.items():
-            out[name] = cut.cut(part, kind, state[name], index, units)
+            out[name] = cut.cut(part, kind, state[name], index.to(state[name].device), units)
     return out
 
 

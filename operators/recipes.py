@@ -283,7 +283,7 @@ class _Prune(_Node):
         self.part_of: dict[str, tuple[int, int, str, str]] = {}  # name -> (cut, layer, part, kind)
         try:
             for kind, kept in keep.items():
-                cut = cut_for(kind, source.names(), heads)
+                cut = cut_for(kind, source.names(), source.shape, heads)
                 units = cut.units(source.shape)
                 cut.check(units, kept)
                 for layer, parts in cut.layers.items():
@@ -321,7 +321,7 @@ class _Prune(_Node):
         if tensor is None:  # asked again, or after another layer's
             tensor = self.source.get(name)
         cut, units, _ = self.cuts[which]
-        return self._rounded(cut.cut(part, kind, tensor, index, units))
+        return self._rounded(cut.cut(part, kind, tensor, index.to(tensor.device), units))
 
 
 def pruned_widths(recipe: Recipe) -> dict[str, int]:

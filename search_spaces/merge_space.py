@@ -118,7 +118,7 @@ class MergeSpace:
         """A recipe's decoder architecture, as the LLM edit proposer reads and writes it."""
         widths = self.widths(recipe)
         return {"layers": self.layer_plan(recipe)} | {
-            cut: widths.get(cut, self._full(cut)) for cut in PRUNE_FIELDS if self._full(cut)}
+            cut: widths.get(cut, self._full(cut)) for cut in self.shape.fields() if cut != "layers"}
 
     def describe(self, recipe: Recipe) -> str:
         """What a proposer reads of a member: its architecture (the merge genes it does not
@@ -297,11 +297,12 @@ class MergeSpace:
 
     @staticmethod
     def _unshaped(recipe: Recipe) -> Recipe:
-        """`recipe` without its shape wrappers (edit, then prune)."""
+        """`recipe` without its shape wrappers (edit, then prune), and without the record of who
+        proposed it: that belongs to the recipe, not to the children built from its inside."""
         for op in ("edit", "prune"):
             if recipe.get("op") == op:
                 recipe = recipe["input"]
-        return recipe
+        return {key: value for key, value in recipe.items() if key != "proposal"}
 
     def _shaped(self, recipe: Recipe, layers: list[int], widths: dict[str, int]) -> Recipe:
         """`recipe` pruned to `widths` and edited to `layers`; a wrapper that would change

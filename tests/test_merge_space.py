@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -156,3 +157,18 @@ def test_prune_edits_narrow_and_restore_width_and_heads_within_bounds(world, tin
             space.layer_plan(edited), child
         materialize(child, states.__getitem__, heads=heads)
     assert MergeSpace(space.base, space.experts, layers=4).edit(rng, recipe)["op"] == "edit"
+
+
+def test_who_proposed_a_parent_is_not_copied_onto_its_children(world):
+    """An LLM child's `proposal` record describes that child only: weight noise, a composing
+    crossover, gene operators and edits of it carry no copy, on any node."""
+    space, _ = world
+    rng = random.Random(5)
+    proposed = {**space.random(rng), "proposal": {"proposer": "llm", "prompt": "ab"}}
+    wrapped = {"op": "edit", "layers": [0, 2, 3], "proposal": {"proposer": "llm"},
+               "input": {"op": "prune", "mlp": 64, "input": proposed}}
+    composing = MergeSpace(space.base, space.experts, layers=4, compose=1.0)
+    for parent in (proposed, wrapped):
+        for child in (space.mutate_weights(rng, parent), composing.crossover(rng, parent, parent),
+                      space.mutate(rng, parent), space.edit(rng, parent)):
+            assert "proposal" not in json.dumps(child), child

@@ -89,7 +89,7 @@ def test_pruned_heads_load_count_and_compute_the_same(family, tmp_path):
         if name.endswith("self_attn.o_proj.weight"):
             state[name][:, silent] = 0
     model.load_state_dict(state)
-    cut = AttentionHeads(list(state), heads)
+    cut = AttentionHeads(list(state), lambda name: tuple(state[name].shape), heads)
     pruned_state = prune_state(state, cut, 1)
     for parts in cut.layers.values():
         output = parts[("o_proj", "weight")]
@@ -130,11 +130,12 @@ def test_a_width_out_of_range_or_a_model_without_gated_mlp_is_refused():
     with pytest.raises(PruneError, match="mlp 0: this model has 128 per layer; keep between"):
         prune_state(state, MlpWidth(list(state)), 0)
     with pytest.raises(PruneError, match="kv_heads 3: this model has 2 per layer"):
-        prune_state(state, AttentionHeads(list(state), HeadShape.of(config)), 3)
+        prune_state(state, AttentionHeads(list(state), lambda n: tuple(state[n].shape),
+                                          HeadShape.of(config)), 3)
     with pytest.raises(PruneError, match="no gated MLP"):
         MlpWidth(["model.embed_tokens.weight"])
     with pytest.raises(PruneError, match="no attention projections"):
-        AttentionHeads(["model.embed_tokens.weight"], HeadShape(16, 2))
+        AttentionHeads(["model.embed_tokens.weight"], lambda n: (4, 4), HeadShape(16, 2))
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma2", "qwen2"])
@@ -170,7 +171,7 @@ def test_a_prune_recipe_streams_scores_and_exports(family, tmp_path_factory, tmp
     merged = {name: sources.source(merge).get(name) for name in sources.source(merge).names()}
     streamed = sources.source(recipe)
     expected = prune_state(prune_state(merged, MlpWidth(list(merged)), keep),
-                           AttentionHeads(list(merged), heads), 1)
+                           AttentionHeads(list(merged), lambda n: tuple(merged[n].shape), heads), 1)
     assert set(streamed.names()) == set(expected)
     for name in streamed.names():
         assert tuple(streamed.shape(name)) == tuple(expected[name].shape), name
@@ -257,3 +258,58 @@ def test_a_run_proposes_prunes_whose_sizes_follow(tmp_path_factory, tmp_path):
         expected = _count(base) - (config.num_hidden_layers - kept) * layer - kept * removed
         assert sizes[identifier] == expected, (identifier, recipe)
     assert seen == {"mlp", "kv_heads"}
+
+
+def test_cuts_a_model_cannot_take_are_not_offered():
+    """Only layers whose every tensor of the module is rewritten are cut: an MLP without a gate
+    (Arcee), q/k norms over all heads (OLMo2), a packed W_pack (Baichuan) and an attention-free
+    config each leave that cut out instead of failing a candidate later."""
+    from types import SimpleNamespace
+
+    from operators.prune import prunable_units
+
+    hidden, dim = 16, 4
+    shapes = {"model.layers.0.mlp.up_proj.weight": (32, hidden),
+              "model.layers.0.mlp.down_proj.weight": (hidden, 32),
+              "model.layers.0.self_attn.q_proj.weight": (4 * dim, hidden),
+              "model.layers.0.self_attn.k_proj.weight": (2 * dim, hidden),
+              "model.layers.0.self_attn.v_proj.weight": (2 * dim, hidden),
+              "model.layers.0.self_attn.o_proj.weight": (hidden, 4 * dim),
+              "model.layers.0.self_attn.q_norm.weight": (4 * dim,)}
+    heads = HeadShape(dim, 2)
+    assert prunable_units(list(shapes), shapes.__getitem__, heads) == {}
+    with pytest.raises(PruneError, match=r"layer 0's mlp has .*not a gated MLP"):
+        MlpWidth(list(shapes))
+    with pytest.raises(PruneError, match=r"q_norm\.weight would keep its size"):
+        AttentionHeads(list(shapes), shapes.__getitem__, heads)
+    shapes["model.layers.0.self_attn.q_norm.weight"] = (dim,)  # per head: Qwen3, Gemma3
+    assert prunable_units(list(shapes), shapes.__getitem__, heads) == {"kv_heads": 2}
+    packed = {"model.layers.0.self_attn.W_pack.weight": (8 * dim, hidden),
+              "model.layers.0.self_attn.o_proj.weight": (hidden, 4 * dim)}
+    assert prunable_units(list(packed), packed.__getitem__, heads) == {}
+    assert HeadShape.of(SimpleNamespace(hidden_size=hidden)) is None  # no attention (Mamba)
+
+
+def test_heads_are_not_offered_where_the_pruned_config_would_not_load():
+    """Phi-3's long-context RoPE factors are sized by hidden_size / heads: with fewer heads its
+    config no longer validates, so the run does not offer head pruning (MLP width it does)."""
+    from transformers import Phi3Config
+
+    from operators.prune import prunable_units
+
+    def phi3(rope: dict | None):
+        return Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          vocab_size=128, num_attention_heads=8, num_key_value_heads=4,
+                          pad_token_id=0, eos_token_id=2, bos_token_id=1,
+                          max_position_embeddings=256, original_max_position_embeddings=64,
+                          rope_parameters=rope)
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+    shapes = {"model.layers.0.self_attn.qkv_proj.weight": (16 * 8, 64),
+              "model.layers.0.self_attn.o_proj.weight": (64, 8 * 8),
+              "model.layers.0.mlp.gate_up_proj.weight": (256, 64),
+              "model.layers.0.mlp.down_proj.weight": (64, 128)}
+    for rope, offered in ((None, {"mlp": 128, "kv_heads": 4}), (longrope, {"mlp": 128})):
+        config = phi3(rope)
+        assert prunable_units(list(shapes), shapes.__getitem__, HeadShape.of(config),
+                              config) == offered

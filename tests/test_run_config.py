@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evolve.config import ConfigError, load_config
+from evolve.config import ConfigError, RunConfig, load_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -67,3 +67,11 @@ def test_an_evaluation_budget_sets_the_generations(tmp_path):
     path.write_text("sources: {base: a, experts: [b, c]}\ntasks: [t]\npopulation: 8\n"
                     "generations: 3")
     assert load_config(path).generation_sizes() == [8, 8, 8]
+
+
+def test_edit_keys_a_gene_strategy_would_not_read_are_refused():
+    config = {"sources": {"base": "zoo/base", "experts": ["zoo/rev", "zoo/sort"]},
+              "tasks": ["zoo/rev"], "strategy": "tpe",
+              "operators": {"edit": {"rate": 0.1, "proposer": "heuristic"}}}
+    with pytest.raises(ValueError, match="strategy tpe breeds no edit children"):
+        RunConfig(**config)
