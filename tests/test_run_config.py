@@ -72,6 +72,9 @@ def test_an_evaluation_budget_sets_the_generations(tmp_path):
 def test_edit_keys_a_gene_strategy_would_not_read_are_refused():
     config = {"sources": {"base": "zoo/base", "experts": ["zoo/rev", "zoo/sort"]},
               "tasks": ["zoo/rev"], "strategy": "tpe",
-              "operators": {"edit": {"rate": 0.1, "proposer": "heuristic"}}}
+              "operators": {"edit": {"rate": 0.1, "proposer": "llm", "llm": {
+                  "base_url": "http://127.0.0.1:8000/v1", "model": "m"}}}}
     with pytest.raises(ValueError, match="strategy tpe breeds no edit children"):
         RunConfig(**config)
+    config["operators"] = {"edit": {"rate": 0.1, "prune": 0.5, "proposer": "heuristic"}}
+    RunConfig(**config)  # every key at its value, as a run's own config.yaml lists them
