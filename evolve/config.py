@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -79,29 +79,33 @@ class LLM(_Strict):
 PROPOSERS = ("heuristic", "llm")
 
 
-def _check_proposer(section: str, proposer: str, llm: LLM | None) -> None:
-    """`llm` is given exactly when the proposer is the LLM (a key nothing would read is an
-    error, not a silent default)."""
-    if proposer == "llm" and llm is None:
-        raise ValueError(f"{section}.proposer: llm needs {section}.llm (base_url and model)")
-    if proposer == "heuristic" and llm is not None:
-        raise ValueError(f"{section}.llm is read only with {section}.proposer: llm")
+class _Proposed(_Strict):
+    """Who writes a section's children: the heuristic, or an LLM (one repair round, then the
+    heuristic as fallback). `llm` is given exactly when the proposer is the LLM: a key nothing
+    would read is an error, not a silent default."""
+
+    section: ClassVar[str]  # the config path, for the messages
+    proposer: Literal[PROPOSERS] = Field(  # type: ignore[valid-type]
+        "heuristic", description="who writes children: the heuristic, or an LLM (with one repair "
+        "round, then the heuristic as fallback)")
+    llm: LLM | None = None
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> _Proposed:
+        if self.proposer == "llm" and self.llm is None:
+            raise ValueError(f"{self.section}.proposer: llm needs {self.section}.llm (base_url "
+                             "and model)")
+        if self.proposer == "heuristic" and self.llm is not None:
+            raise ValueError(f"{self.section}.llm is read only with {self.section}.proposer: llm")
+        return self
 
 
-class Edit(Rate):
+class Edit(Rate, _Proposed):
+    section: ClassVar[str] = "operators.edit"
     rate: float = Field(0.15, ge=0, le=1)
     prune: float = Field(0.5, ge=0, le=1, description="share of the heuristic's edits that prune "
                          "MLP width or key/value head groups (where the model has them) instead "
                          "of changing depth")
-    proposer: Literal[PROPOSERS] = Field(  # type: ignore[valid-type]
-        "heuristic", description="who proposes architectures: the heuristic, or an LLM replying "
-        "JSON (one repair round, then the heuristic as fallback)")
-    llm: LLM | None = None
-
-    @model_validator(mode="after")
-    def _endpoint(self) -> Edit:
-        _check_proposer("operators.edit", self.proposer, self.llm)
-        return self
 
 
 class Operators(_Strict):
@@ -197,20 +201,12 @@ class Sandbox(_Strict):
                       memory_bytes=self.memory)
 
 
-class CodeSearch(_Strict):
+class CodeSearch(_Proposed):
     """A code search (`search_space: mnist1d-code`): how children are written and trained."""
+    section: ClassVar[str] = "code"
     steps: int = Field(6000, ge=1, description="training steps (batches of 100) per candidate; "
                        "6,000 is how the MNIST-1D paper and the NAS zoo train the references")
     sandbox: Sandbox = Sandbox()
-    proposer: Literal[PROPOSERS] = Field(  # type: ignore[valid-type]
-        "heuristic", description="who writes children: the heuristic code mutator, or an LLM "
-        "(with one repair round, then the heuristic as fallback)")
-    llm: LLM | None = None
-
-    @model_validator(mode="after")
-    def _endpoint(self) -> CodeSearch:
-        _check_proposer("code", self.proposer, self.llm)
-        return self
 
 
 CODE_SPACES = ("mnist1d-code",)

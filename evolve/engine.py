@@ -54,7 +54,7 @@ from fitness.reduced_fitness import (
     promotable,
 )
 from operators.llm_proposer import Scored
-from operators.prune import HeadShape, prunable_units
+from operators.prune import prunable_units
 from operators.recipes import Recipe
 from search_spaces.merge_space import MergeSpace
 from search_spaces.mnist1d_code import CodeSpace
@@ -492,7 +492,7 @@ def prepare(config: RunConfig, base_dir: Path | None = None,
     else:
         worker = spec.build(tasks=tasks)
         sources, pool = worker.sources, LocalPool(worker)
-    heads = HeadShape.of(sources.config)
+    heads = sources.heads
     widths = prunable_units(sources.reference.names(), sources.reference.shape, heads,
                             sources.config)
     edit = config.operators.edit

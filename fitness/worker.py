@@ -242,6 +242,7 @@ class RunSources:
     def __init__(self, folders: Mapping[str, Path], base: str, config, tokenizer,
                  device: str = "cpu", dtype: torch.dtype | None = None):
         self.config, self.tokenizer = config, tokenizer
+        self.heads = HeadShape.of(config)  # what a head prune keeps fixed (None: no heads)
         self.device = torch.device(device)
         self.architecture = Architecture.of(config)
         self.bank = SourceBank(folders, self.device)
@@ -268,7 +269,7 @@ class RunSources:
         by key, reused)."""
         return recipe_source(recipe, self.bank.source, dtype=self.dtype,
                              naming=self.architecture, cached=cached, device=self.device,
-                             heads=HeadShape.of(self.config))
+                             heads=self.heads)
 
     def candidate_config(self, recipe: Recipe):
         """The transformers config of the recipe's model: edits applied to per-layer lists, a
@@ -279,14 +280,13 @@ class RunSources:
             edited_config(self.config, plan, self.architecture)
         widths = pruned_widths(recipe)
         if widths:
-            heads = HeadShape.of(self.config)
             config = copy.deepcopy(config)
             if "mlp" in widths:
                 config.intermediate_size = widths["mlp"]
             if "kv_heads" in widths:
-                config.head_dim = heads.head_dim
+                config.head_dim = self.heads.head_dim
                 config.num_key_value_heads = widths["kv_heads"]
-                config.num_attention_heads = widths["kv_heads"] * heads.group
+                config.num_attention_heads = widths["kv_heads"] * self.heads.group
         return config
 
     def export_specs(self, recipe: Recipe) -> tuple[list[TensorSpec], TensorSource]:

@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from operators.llm_client import LLMError
-from operators.llm_proposer import UNUSABLE, LLMProposer, Scored, prompt_hash, score_text, target_text
+from operators.llm_proposer import (
+    UNUSABLE,
+    LLMProposer,
+    Scored,
+    prompt_hash,
+    run_context,
+    score_text,
+    target_text,
+)
 
 JSON_BLOCK = re.compile(r"```(?:json)?\s*\n(.*?)```", re.DOTALL)
 
@@ -74,14 +82,8 @@ def edit_messages(parent: Scored, front: Sequence[Scored], failures: Sequence[st
                   shape: DecoderShape) -> list[dict]:
     """The chat messages for one child of `parent`."""
     lines = [f"Parent ({parent.id}): {score_text(parent)}", f"architecture: {parent.source}", ""]
-    if front:
-        lines.append("The current Pareto front (accuracy against parameters):")
-        lines += [f"- {m.id}: {score_text(m)}; architecture: {m.source}" for m in front]
-        lines.append("")
-    if failures:
-        lines.append("Recent children that failed, and why:")
-        lines += [f"- {failure}" for failure in failures]
-        lines.append("")
+    lines += run_context(front, failures,
+                         lambda member: f"{score_text(member)}; architecture: {member.source}")
     lines.append(f"{target_text([parent])} Write the child's architecture.")
     return [{"role": "system", "content": system_prompt(shape)},
             {"role": "user", "content": "\n".join(lines)}]

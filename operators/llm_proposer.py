@@ -95,16 +95,25 @@ def prompt_messages(parents: Sequence[Scored], front: Sequence[Scored],
     for number, parent in enumerate(parents, start=1):
         lines += [f"Parent {number} ({parent.id}): {score_text(parent)}", "```python",
                   parent.source.rstrip(), "```", ""]
+    lines += run_context(front, failures, score_text)
+    lines.append(f"{target_text(parents)} Write one child program.")
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def run_context(front: Sequence[Scored], failures: Sequence[str],
+                describe: Callable[[Scored], str]) -> list[str]:
+    """The prompt's lines on the run: its front (each member as `describe` says it) and its
+    recent failures with their reasons."""
+    lines = []
     if front:
         lines.append("The current Pareto front (accuracy against parameters):")
-        lines += [f"- {member.id}: {score_text(member)}" for member in front]
+        lines += [f"- {member.id}: {describe(member)}" for member in front]
         lines.append("")
     if failures:
         lines.append("Recent children that failed, and why:")
         lines += [f"- {failure}" for failure in failures]
         lines.append("")
-    lines.append(f"{target_text(parents)} Write one child program.")
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    return lines
 
 
 def target_text(parents: Sequence[Scored]) -> str:
