@@ -157,7 +157,13 @@ class Fitness(_Strict):
                              "that the IRT model gets enough")
     items_per_task: int = Field(20, ge=1)
     promote_items_per_task: int = Field(100, ge=1)
+    bank_items_per_task: int = Field(100, ge=1, description="the item bank: a uniform sample of "
+                                     "each task's search split that calibration, the item sets and "
+                                     "full evaluations use (its sampling error is in every "
+                                     "stderr); a task with fewer items is used whole")
     max_full_per_generation: int = Field(3, ge=0)
+    promote_z: float = Field(2.0, ge=0, description="a child earns the promotion set when its "
+                             "accuracy estimate plus this many stderrs is not dominated")
     selection: Literal[SELECTIONS] = "random"  # type: ignore[valid-type]
     estimator: Literal[ESTIMATORS] = "gpirt"  # type: ignore[valid-type]
     dims: int = Field(0, ge=0, description="IRT dimensions; 0 = one per task")
@@ -165,6 +171,15 @@ class Fitness(_Strict):
     full_evaluation: bool = Field(False, description="every candidate answers the whole search "
                                   "split (exact fitness, no IRT): the baseline reduced fitness "
                                   "is measured against; the other keys but calibration are unread")
+
+    @model_validator(mode="after")
+    def _sets_fit_the_bank(self) -> Fitness:
+        if not self.items_per_task <= self.promote_items_per_task <= self.bank_items_per_task:
+            raise ValueError(
+                f"fitness: items_per_task ({self.items_per_task}) <= promote_items_per_task "
+                f"({self.promote_items_per_task}) <= bank_items_per_task "
+                f"({self.bank_items_per_task}) must hold: each set is drawn from the next")
+        return self
 
 
 class LmEval(_Strict):

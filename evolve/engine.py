@@ -53,6 +53,7 @@ from fitness.reduced_fitness import (
     finalist,
     promotable,
 )
+from fitness.reduced_sets import item_bank
 from operators.llm_proposer import Scored
 from operators.prune import prunable_units
 from operators.recipes import Recipe
@@ -135,13 +136,17 @@ class Evolution:
         self.activity = activity
         journal = JournalPool(setup.pool, store.results(), store.add_result)
         self.pool = TimedPool(journal)
+        bank = None if config.fitness.full_evaluation else item_bank(
+            setup.task_of, config.fitness.bank_items_per_task, config.seed)
         self.fitness = ReducedFitness(self.pool, setup.task_of, setup.task_names,
-                                      config.fitness.dims, config.seed, journal=journal.journal,
+                                      config.fitness.dims, config.seed, bank=bank,
+                                      journal=journal.journal,
                                       conventions=Conventions(
                                           **config.fitness.conventions.model_dump()))
         self.budget = Budget(config.fitness.items_per_task, config.fitness.promote_items_per_task,
                              config.fitness.max_full_per_generation, config.fitness.selection,
-                             config.fitness.estimator, config.fitness.full_evaluation)
+                             config.fitness.estimator, config.fitness.promote_z,
+                             config.fitness.full_evaluation)
         self.sizes = config.generation_sizes()
         self.results: dict[str, FitnessResult] = {}
         self.recipes: dict[str, Recipe] = {}
@@ -300,7 +305,7 @@ class Evolution:
                                          self._lineage(proposal.parents)),
                                proposal, generation, stages[generation])
                 if self.budget.full:
-                    child.stage, items = "full", torch.arange(len(self.setup.task_of))
+                    child.stage, items = "full", torch.arange(len(self.fitness.task_of))
                 else:
                     items = stages[generation].reduced.reduced.indices
                 child.job = self.fitness.job(child.candidate, items, child.stage)
@@ -341,7 +346,7 @@ class Evolution:
             result = fitness.estimate(candidate, estimators, self.budget, child.stage)
             front = self._rivals(population)
             if child.stage == "reduced":
-                if not promotable(result, front):
+                if not promotable(result, front, self.budget.promote_z):
                     return result
                 child.stage, items = "promoted", child.stages.promoted.reduced.indices
             else:
@@ -349,7 +354,7 @@ class Evolution:
                         fulls[child.generation] >= self.budget.max_full_per_call:
                     return result
                 fulls[child.generation] += 1
-                child.stage, items = "full", torch.arange(len(self.setup.task_of))
+                child.stage, items = "full", torch.arange(len(self.fitness.task_of))
             child.job = fitness.job(candidate, items, child.stage)
             if child.job is not None:
                 return None
@@ -402,7 +407,7 @@ class Evolution:
         for result in self._timed_fitness(lambda: self.fitness.add_full(partial, "final")):
             self.results[result.candidate_id] = result
             self.store.add_evaluation(result.candidate_id, -1, "full", result.objectives,
-                                      len(self.setup.task_of), None)
+                                      len(self.fitness.task_of), None)
         jobs = {self.pool.submit(Job(i, self.recipes[i], test=True)): i for i in front}
         for done, future in enumerate(self._timed_fitness(
                 lambda: list(self.pool.completed(list(jobs)))), start=1):

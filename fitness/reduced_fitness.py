@@ -5,11 +5,18 @@ differences between near-identical siblings are measured on identical questions)
 
 1. every candidate answers the reduced set (`items_per_task` per task) and gets an estimate ± stderr
    of its accuracy per task and overall;
-2. a candidate whose optimistic accuracy (estimate + 2·stderr) is not dominated by the current front
+2. a candidate whose optimistic accuracy (estimate + z·stderr, z = `Budget.promote_z`) is not
+   dominated by the current front
    (accuracy up, size down) answers the larger promotion set, and is re-estimated;
-3. a promoted candidate whose estimate is still not dominated is evaluated on the full search split
-   (exact accuracy, stderr 0). Its answers join the calibration matrix; the IRT model is refitted
-   before the next call, so the model keeps learning the region the search explores.
+3. a promoted candidate whose estimate is still not dominated is evaluated fully: on every item of
+   the bank (exact there; its stderr is the bank's sampling error alone, zero when the bank is the
+   whole search split). Its answers join the calibration matrix; the IRT model is refitted before
+   the next call, so the model keeps learning the region the search explores.
+
+All stages draw from the **item bank** (`bank`, `fitness.bank_items_per_task`): a uniform sample
+of each task's search split on which the IRT model is calibrated. A bank of 100 items per task
+makes calibration and full evaluations 4x cheaper on a 400-item split, at the price of its
+sampling error, which every stderr carries (`fitness.reduced_sets.bank_variance`).
 
 Answers are cached per candidate, so a later stage only asks the items it has not asked. Size
 objectives (parameters, bytes at the export dtype, non-zero parameters) come back with the answers.
@@ -52,7 +59,7 @@ from fitness.estimators import (
 )
 from fitness.irt import MODELS_PER_DIMENSION, IRTModel, fit_irt
 from fitness.pool import Job, Pool
-from fitness.reduced_sets import SELECTIONS, select_items
+from fitness.reduced_sets import SELECTIONS, bank_variance, select_items
 from fitness.size import Size
 from operators.errors import MergeInputError, MergeParameterError
 from operators.recipes import RecipeError
@@ -87,6 +94,7 @@ class Budget:
     max_full_per_call: int = 4
     selection: str = "random"
     estimator: str = "gpirt"
+    promote_z: float = 2.0  # stderrs of optimism a reduced estimate gets to earn promotion
     full: bool = False  # every candidate answers every item: exact, no IRT (the baseline)
 
     def __post_init__(self) -> None:
@@ -103,7 +111,7 @@ class FitnessResult:
     candidate_id: str
     objectives: dict[str, tuple[float, float]]  # name -> (value, stderr)
     stage: str  # "reduced", "promoted" or "full"
-    asked: torch.Tensor  # pool indices of the items asked, in order
+    asked: torch.Tensor  # bank indices of the items asked, in order
     answers: torch.Tensor  # 0/1 answers to them
     error: str | None = None  # why the candidate failed (stage "failed"); the run goes on
 
@@ -123,13 +131,18 @@ class Stages:
 
 @dataclass
 class ReducedFitness:
-    """Staged, paired, IRT-reduced fitness over a pool of items (see the module docstring)."""
+    """Staged, paired, IRT-reduced fitness over a pool of items (see the module docstring).
+
+    Everything lives on the item `bank` (`fitness.reduced_sets.item_bank`; default: the whole
+    pool): the calibration matrix, the IRT model and the item sets have one column per bank item,
+    and "full" means every bank item. Jobs, answers and the journal speak pool indices."""
 
     pool: Pool
-    task_of: torch.Tensor
+    pool_task_of: torch.Tensor  # the task of every pool item
     task_names: tuple[str, ...]
     dims: int = 0  # 0: one per task
     seed: int = 0
+    bank: torch.Tensor | None = None  # pool indices of the bank's items, sorted
     journal: Journal | None = None
     conventions: Conventions = field(default_factory=Conventions)
     calibration_ids: list[str] = field(default_factory=list)
@@ -142,18 +155,23 @@ class ReducedFitness:
     _sizes: dict[str, Size] = field(default_factory=dict)
     _fitted_on: int = 0
     calls: int = 0
+    task_of: torch.Tensor = field(init=False)  # the task of every bank item
 
     def __post_init__(self) -> None:
         self.dims = self.dims or len(self.task_names)
+        if self.bank is None:
+            self.bank = torch.arange(len(self.pool_task_of))
+        self.task_of = self.pool_task_of[self.bank]
+        self._position = {item: local for local, item in enumerate(self.bank.tolist())}
 
     # -- answers, cached -------------------------------------------------------------------
 
     def job(self, candidate: Candidate, items: torch.Tensor, stage: str) -> Job | None:
-        """The job that asks `candidate` the items it has not answered yet (and its size, the
-        first time) for `stage` (calibration, reduced, promoted, full, final: what the run's
+        """The job that asks `candidate` the bank `items` it has not answered yet (and its size,
+        the first time) for `stage` (calibration, reduced, promoted, full, final: what the run's
         item count is charged to); None when nothing is missing."""
         known = self._cache.setdefault(candidate.id, {})
-        missing = tuple(dict.fromkeys(i for i in items.tolist() if i not in known))
+        missing = tuple(dict.fromkeys(i for i in self.bank[items].tolist() if i not in known))
         if missing or candidate.id not in self._sizes:
             return Job(candidate.id, candidate.recipe, missing, stage=stage)
         return None
@@ -202,13 +220,13 @@ class ReducedFitness:
 
     def _answers(self, candidate: Candidate, items: torch.Tensor) -> torch.Tensor:
         known = self._cache[candidate.id]
-        return torch.tensor([known[i] for i in items.tolist()], dtype=torch.float64)
+        return torch.tensor([known[i] for i in self.bank[items].tolist()], dtype=torch.float64)
 
     # -- calibration -----------------------------------------------------------------------
 
     def add_full(self, candidates: Sequence[Candidate], stage: str = "calibration",
                  progress: Progress | None = None) -> list[FitnessResult]:
-        """Evaluate the candidates on every pool item (all at once in the pool); they join the
+        """Evaluate the candidates on every bank item (all at once in the pool); they join the
         calibration matrix. Any failure stops the run (nothing here is guarded)."""
         every = torch.arange(len(self.task_of))
         self._ask([(c, every) for c in candidates], guard=False, stage=stage, progress=progress)
@@ -256,16 +274,17 @@ class ReducedFitness:
                     f"{candidate_id!r} has answered nothing, so it has no ability for its "
                     "children's mp-IRT; a parent must be a candidate scored before its child (a "
                     "source model enters as its seed candidate's id)")
-            items = torch.tensor(list(known))
+            items = torch.tensor([self._position[i] for i in known])
             answers = torch.tensor(list(known.values()), dtype=torch.float64)
             self._abilities[candidate_id] = self.irt.fit_ability(answers, items)[0]
         return self._abilities[candidate_id]
 
     def _answer_row(self, candidate_id: str) -> torch.Tensor:
-        """The candidate's answers over the whole pool, NaN where it was not asked."""
+        """The candidate's answers over the bank, NaN where it was not asked."""
         row = torch.full((len(self.task_of),), float("nan"), dtype=torch.float64)
         known = self._cache.get(candidate_id, {})
-        row[list(known)] = torch.tensor(list(known.values()), dtype=torch.float64)
+        row[[self._position[i] for i in known]] = torch.tensor(list(known.values()),
+                                                               dtype=torch.float64)
         return row
 
     @property
@@ -317,7 +336,8 @@ class ReducedFitness:
         stage("reduced", candidates, stages.reduced.reduced.indices,
               lambda c: self.estimate(c, stages.reduced, budget, "reduced"), on_candidate)
         fronts = list(front) if front is not None else self.exact_front()
-        promoted = [c for c in candidates if promotable(results[c.id], fronts)]
+        promoted = [c for c in candidates
+                    if promotable(results[c.id], fronts, budget.promote_z)]
         stage("promoted", promoted, stages.promoted.reduced.indices,
               lambda c: self.estimate(c, stages.promoted, budget, "promoted"))
         finalists = sorted((c for c in promoted if finalist(results[c.id], fronts)),
@@ -329,6 +349,7 @@ class ReducedFitness:
     def _objectives(self, candidate: Candidate, means: torch.Tensor, stderr: torch.Tensor
                     ) -> dict[str, tuple[float, float]]:
         size = self._sizes[candidate.id]
+        stderr = (stderr.pow(2) + bank_variance(means, self.task_of, self.pool_task_of)).sqrt()
         objectives = {"accuracy": (float(means[-1]), float(stderr[-1]))}
         objectives |= {f"accuracy/{name}": (float(means[t]), float(stderr[t]))
                        for t, name in enumerate(self.task_names)}
@@ -358,7 +379,7 @@ class ReducedFitness:
                              stage, reduced.indices, answers)
 
     def full(self, candidate: Candidate) -> FitnessResult:
-        """The exact result of a candidate that has answered every pool item; it joins the
+        """The exact result of a candidate that has answered every bank item; it joins the
         calibration matrix (the next `stages()` refits on it)."""
         return self._add_full(candidate)
 
@@ -368,10 +389,10 @@ def minimum_calibration(dims: int) -> int:
     return math.ceil(MODELS_PER_DIMENSION * (dims + 1) * 5 / 4)
 
 
-def promotable(result: FitnessResult, front: Sequence[FitnessResult]) -> bool:
-    """Does the reduced estimate earn the promotion set? Its optimistic accuracy (+2 stderr) must
+def promotable(result: FitnessResult, front: Sequence[FitnessResult], z: float = 2.0) -> bool:
+    """Does the reduced estimate earn the promotion set? Its optimistic accuracy (+z stderr) must
     not be dominated by the front."""
-    return result.ok and not _dominated(result, front, optimistic=True)
+    return result.ok and not _dominated(result, front, optimism=z)
 
 
 def finalist(result: FitnessResult, front: Sequence[FitnessResult]) -> bool:
@@ -385,11 +406,11 @@ def failed_result(candidate: Candidate, error: str) -> FitnessResult:
 
 
 def _dominated(result: FitnessResult, front: Sequence[FitnessResult],
-               optimistic: bool = False) -> bool:
-    """Is `result` dominated (accuracy up, params down) by a member of `front`?"""
+               optimism: float = 0.0) -> bool:
+    """Is `result`, its accuracy raised by `optimism` stderrs, dominated (accuracy up, params
+    down) by a member of `front`?"""
     accuracy, stderr = result.objectives["accuracy"]
-    if optimistic:
-        accuracy += 2 * stderr
+    accuracy += optimism * stderr
     params = result.objectives["params"][0]
     for member in front:
         other, other_params = member.objectives["accuracy"][0], member.objectives["params"][0]
