@@ -156,6 +156,7 @@ class ReducedFitness:
     _fitted_on: int = 0
     calls: int = 0
     task_of: torch.Tensor = field(init=False)  # the task of every bank item
+    _position: dict[int, int] = field(init=False)  # pool index -> bank index
 
     def __post_init__(self) -> None:
         self.dims = self.dims or len(self.task_names)

@@ -9,7 +9,8 @@ from fitness.errors import FitnessError
 from fitness.estimators import task_accuracies
 from fitness.irt import simulate_responses
 from fitness.pool import LocalPool
-from fitness.reduced_fitness import Budget, Candidate, ReducedFitness
+from fitness.reduced_fitness import Budget, Candidate, FitnessResult, ReducedFitness, promotable
+from fitness.reduced_sets import bank_variance, item_bank
 from fitness.size import Size
 
 
@@ -173,3 +174,67 @@ def test_local_worker_answers_sizes_and_reports(tiny_models):
     deeper = {"op": "edit", "layers": [0, 1, 1, 2, 3], "input": recipe}  # a stacked layer
     assert worker.size("d", deeper).params > size.params
     assert worker.answers("d", deeper, torch.tensor([0, 1])).shape == (2,)
+
+
+def test_item_bank_is_a_seeded_uniform_sample_of_every_task():
+    task_of = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)
+    bank = item_bank(task_of, 10, seed=4)
+    assert torch.equal(bank, torch.sort(bank).values)
+    assert torch.bincount(task_of[bank]).tolist() == [10, 10, 5]  # a short task is used whole
+    assert len(set(bank.tolist())) == len(bank)
+    assert torch.equal(bank, item_bank(task_of, 10, seed=4))
+    assert not torch.equal(bank, item_bank(task_of, 10, seed=5))
+    # every item of a task is as likely to be banked: over many seeds, each is drawn 10/50 times
+    draws = torch.zeros(len(task_of))
+    for seed in range(400):
+        draws[item_bank(task_of, 10, seed)] += 1
+    assert (draws[:50] / 400 - 0.2).abs().max() < 0.1
+    with pytest.raises(FitnessError, match="at least 1 item"):
+        item_bank(task_of, 0, seed=0)
+
+
+def test_bank_variance_is_the_finite_population_variance():
+    task_of = torch.tensor([0] * 10 + [1] * 20)
+    bank_task_of = torch.tensor([0] * 4 + [1] * 20)  # task 1 is banked whole
+    variance = bank_variance(torch.tensor([0.5, 0.25, 0.375]), bank_task_of, task_of)
+    # task 0: p smoothed to (0.5·4 + 1)/6 = 0.5; 0.25/4 · (10 − 4)/(10 − 1)
+    assert variance[0].item() == pytest.approx(0.25 / 4 * 6 / 9)
+    assert variance[1].item() == 0.0
+    assert variance[2].item() == pytest.approx(variance[0].item() / 4)
+    # all wrong on the bank still leaves the split's accuracy uncertain
+    assert bank_variance(torch.zeros(3), bank_task_of, task_of)[0] > 0
+
+
+def test_a_banked_fitness_asks_only_bank_items_and_carries_the_bank_error():
+    responses = simulate_responses(60, 800, dims=1, seed=8)[0]
+    task_of = torch.arange(800) % 2
+    bank = item_bank(task_of, 100, seed=1)
+    scorer = TableScorer(responses)
+    fitness = ReducedFitness(LocalPool(scorer), task_of, ("a", "b"), dims=1, seed=0, bank=bank)
+    results = fitness.add_full([Candidate(f"c{i}", {"row": i}) for i in range(20)])
+    assert sorted(scorer.asked["c3"]) == bank.tolist()  # "full" is the whole bank, in pool ids
+    truth = task_accuracies(responses[3:4, bank], task_of[bank])[0]
+    spread = bank_variance(truth, task_of[bank], task_of)
+    accuracy, stderr = results[3].objectives["accuracy"]
+    assert accuracy == pytest.approx(truth[-1].item())
+    assert stderr == pytest.approx(spread[-1].sqrt().item())
+    fitness.refit()
+    assert fitness.irt.n_items == 200  # calibrated on the bank's columns
+    child = [Candidate("g", {"row": 40}, parents=("c0", "c1"))]
+    result = fitness.evaluate(child, Budget(items_per_task=10, promote_items_per_task=20,
+                                            estimator="gmpirt"), front=[])[0]
+    assert set(scorer.asked["g"]) <= set(bank.tolist())
+    assert result.stage == "full"  # nothing to beat: it goes all the way, on the bank
+    assert len(scorer.asked["g"]) == 200
+
+
+def test_promotion_takes_z_stderrs_of_optimism():
+    def scored(accuracy, stderr, params):
+        return FitnessResult("x", {"accuracy": (accuracy, stderr), "params": (params, 0.0)},
+                             "reduced", torch.zeros(0), torch.zeros(0))
+
+    front = [scored(0.70, 0.0, 1000.0)]
+    child = scored(0.60, 0.06, 1000.0)  # 0.60 + 1·0.06 < 0.70 <= 0.60 + 2·0.06
+    assert promotable(child, front, z=2.0)
+    assert not promotable(child, front, z=1.0)
+    assert promotable(scored(0.60, 0.06, 900.0), front, z=0.0)  # smaller: not dominated at all
