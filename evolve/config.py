@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -157,10 +158,10 @@ class Fitness(_Strict):
                              "that the IRT model gets enough")
     items_per_task: int = Field(20, ge=1)
     promote_items_per_task: int = Field(100, ge=1)
-    bank_items_per_task: int = Field(100, ge=1, description="the item bank: a uniform sample of "
-                                     "each task's search split that calibration, the item sets and "
-                                     "full evaluations use (its sampling error is in every "
-                                     "stderr); a task with fewer items is used whole")
+    bank_items_per_task: int | None = Field(
+        100, ge=1, description="the item bank: a uniform sample of each task's search split that "
+        "calibration, the item sets and full evaluations use (its sampling error is in every "
+        "reported stderr); a task with fewer items is used whole; null: the whole split")
     max_full_per_generation: int = Field(3, ge=0)
     promote_z: float = Field(2.0, ge=0, description="a child earns the promotion set when its "
                              "accuracy estimate plus this many stderrs is not dominated")
@@ -174,11 +175,14 @@ class Fitness(_Strict):
 
     @model_validator(mode="after")
     def _sets_fit_the_bank(self) -> Fitness:
-        if not self.items_per_task <= self.promote_items_per_task <= self.bank_items_per_task:
+        if self.full_evaluation:  # no reduced sets, no bank: the keys are unread
+            return self
+        bank = self.bank_items_per_task
+        if not self.items_per_task <= self.promote_items_per_task <= (bank or math.inf):
             raise ValueError(
                 f"fitness: items_per_task ({self.items_per_task}) <= promote_items_per_task "
-                f"({self.promote_items_per_task}) <= bank_items_per_task "
-                f"({self.bank_items_per_task}) must hold: each set is drawn from the next")
+                f"({self.promote_items_per_task}) <= bank_items_per_task ({bank}) must hold: "
+                "each set is drawn from the next")
         return self
 
 
@@ -378,10 +382,16 @@ class RunConfig(_Strict):
         return value
 
 
+# Keys added after runs were saved, with the value that reproduces those runs: a run's own
+# config.yaml lists every key it was started with, so one missing there predates the key.
+BEFORE_THE_KEY = {("fitness", "bank_items_per_task"): None}  # no bank: the whole split
+
+
 def load_config(path: Path, overrides: dict | None = None,
-                ray_overrides: dict | None = None) -> RunConfig:
+                ray_overrides: dict | None = None, saved_run: bool = False) -> RunConfig:
     """A validated RunConfig from YAML, with the CLI's overrides (None: keep the file's); every
-    error names its key."""
+    error names its key. `saved_run`: the file is a run's own config.yaml, in which a key added
+    since the run began takes the value the run ran with (`BEFORE_THE_KEY`), not the default."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as error:
@@ -390,6 +400,10 @@ def load_config(path: Path, overrides: dict | None = None,
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the run config must be a mapping of keys to values")
+    if saved_run:
+        for (section, key), value in BEFORE_THE_KEY.items():
+            if isinstance(data.get(section), dict):
+                data[section].setdefault(key, value)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "generations" in overrides:  # a generations override replaces an evaluation budget
         data.pop("evaluations", None)

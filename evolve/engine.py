@@ -136,8 +136,9 @@ class Evolution:
         self.activity = activity
         journal = JournalPool(setup.pool, store.results(), store.add_result)
         self.pool = TimedPool(journal)
-        bank = None if config.fitness.full_evaluation else item_bank(
-            setup.task_of, config.fitness.bank_items_per_task, config.seed)
+        per_task = config.fitness.bank_items_per_task
+        bank = None if config.fitness.full_evaluation or per_task is None else item_bank(
+            setup.task_of, per_task, config.seed)
         self.fitness = ReducedFitness(self.pool, setup.task_of, setup.task_names,
                                       config.fitness.dims, config.seed, bank=bank,
                                       journal=journal.journal,
@@ -170,7 +171,8 @@ class Evolution:
         self.results[candidate.id] = result
         self.store.add_individual(candidate.id, generation, candidate.recipe,
                                   list(candidate.parents), operator)
-        self.store.add_evaluation(candidate.id, generation, result.stage, result.objectives,
+        self.store.add_evaluation(candidate.id, generation, result.stage,
+                                  self.fitness.reported(result),
                                   len(result.asked), result.error)
 
     def _lineage(self, parents) -> tuple[str, ...]:
@@ -392,7 +394,7 @@ class Evolution:
         self.store.add_generation(generation, population, front, hypervolume(matrix, reference))
 
     def finish(self, population: list[str]) -> list[str]:
-        """Evaluate the final front fully (search split), then report it on the test split.
+        """Evaluate the final front fully (the whole item bank), then report it on the test split.
 
         Where every candidate was scored exactly (`fitness.full_evaluation`, every code
         search), the final front is the run's archive: every scored candidate that none
@@ -406,7 +408,8 @@ class Evolution:
         partial = [Candidate(i, self.recipes[i]) for i in front if self.results[i].stage != "full"]
         for result in self._timed_fitness(lambda: self.fitness.add_full(partial, "final")):
             self.results[result.candidate_id] = result
-            self.store.add_evaluation(result.candidate_id, -1, "full", result.objectives,
+            self.store.add_evaluation(result.candidate_id, -1, "full",
+                                      self.fitness.reported(result),
                                       len(self.fitness.task_of), None)
         jobs = {self.pool.submit(Job(i, self.recipes[i], test=True)): i for i in front}
         for done, future in enumerate(self._timed_fitness(

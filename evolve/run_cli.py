@@ -55,7 +55,7 @@ def _execute(run_dir: Path) -> None:
         console.print("resuming after changes: " + "; ".join(changes))
     setup = None
     try:
-        config = load_config(run_dir / "config.yaml")
+        config = load_config(run_dir / "config.yaml", saved_run=True)
         _build_zoo_if_needed(config)
         store.set_meta("driver", {"pid": os.getpid(), "host": socket.gethostname()})
         setup = prepare(config, run_dir, on_event=store.event)
@@ -344,7 +344,7 @@ def export(
     if record is None:
         _fail(KeyError(f"no individual {individual!r} in {run_dir}; `evoforge front "
                        f"{run}` lists the front's ids"))
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", saved_run=True)
     objectives = (store.evaluation(individual) or {}).get("objectives", {})
     try:
         if config.search_space != "merge":

@@ -44,7 +44,7 @@ def _status(state: str) -> str:
 def plan(run_dir: Path) -> dict:
     """What the run's config asks for, as the readers of a store need it: the objectives with
     their directions, the generations planned, the strategy and mode."""
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", saved_run=True)
     return {"objectives": dict(config.objectives), "planned": len(config.generation_sizes()),
             "strategy": config.strategy, "mode": config.mode}
 
@@ -52,7 +52,7 @@ def plan(run_dir: Path) -> dict:
 def summary(run_dir: Path) -> dict:
     """A run's progress: status, generations, counts, hypervolume per generation."""
     store = RunStore.reader(run_dir)
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", saved_run=True)
     planned = len(config.generation_sizes())
     generations = store.generations()
     state = run_state(store)
@@ -103,7 +103,7 @@ def front(run_dir: Path) -> dict | None:
     if not generations:
         return None
     last = generations[-1]
-    planned = len(load_config(run_dir / "config.yaml").generation_sizes())
+    planned = len(load_config(run_dir / "config.yaml", saved_run=True).generation_sizes())
     members = []
     for identifier in last["front"]:
         individual = store.individual(identifier) or {}

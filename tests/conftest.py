@@ -58,14 +58,16 @@ def pick_task(folder: Path, seed: int = 0) -> Path:
 
 
 def small_run_config(tiny_models, task: Path, folder: Path, generations: int) -> Path:
-    """A small evolution over the tiny models (population 4, a 10-recipe calibration), as YAML."""
+    """A small evolution over the tiny models (population 4, a 10-recipe calibration), as YAML.
+    Its item bank (20 per task) is a strict part of a task's 40 search items, so that bank and
+    pool indices differ in every run a test makes of it."""
     config = {
         "sources": {"base": str(tiny_models["base"]),
                     "experts": [str(tiny_models[n]) for n in ("add", "sort", "reverse")]},
         "tasks": [str(task)], "population": 4, "generations": generations, "seed": 5,
         "dtype": "float32",
         "fitness": {"calibration": 10, "items_per_task": 5, "promote_items_per_task": 12,
-                    "max_full_per_generation": 1, "dims": 1},
+                    "bank_items_per_task": 20, "max_full_per_generation": 1, "dims": 1},
     }
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config))

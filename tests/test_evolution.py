@@ -48,7 +48,7 @@ def test_run_front_status_export(config_path, tmp_path):
         "SELECT id, generation FROM individuals"))
     calibrated = sum(generation == 0 for generation in individuals.values())
     children = len(individuals) - calibrated
-    assert asked["calibration"] == calibrated * 40  # the task's 40 search items
+    assert asked["calibration"] == calibrated * 20  # the bank: 20 of the task's 40 search items
     assert asked["reduced"] == children * 5  # items_per_task 5, one task
     pairs = {(c, i) for c, items in db.execute("SELECT candidate, items FROM answers")
              for i in json.loads(items)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from evolve.config import ConfigError, RunConfig, load_config
 
@@ -82,3 +83,27 @@ def test_edit_keys_a_gene_strategy_would_not_read_are_refused():
         RunConfig(**config)
     config["operators"] = {"edit": {"rate": 0.1, "prune": 0.5, "proposer": "heuristic"}}
     RunConfig(**config)  # every key at its value, as a run's own config.yaml lists them
+
+
+def test_a_saved_run_without_the_bank_key_keeps_the_whole_split(tmp_path):
+    saved = yaml.safe_load((EXAMPLES / "zoo.yaml").read_text())
+    del saved["fitness"]["bank_items_per_task"]  # a run saved before the key existed
+    saved["fitness"]["promote_items_per_task"] = 200  # more than the new default bank
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_config(path, saved_run=True).fitness.bank_items_per_task is None
+    with pytest.raises(ConfigError, match="bank_items_per_task \\(100\\)"):
+        load_config(path)  # as a new config, the default bank is too small for that set
+    saved["fitness"]["bank_items_per_task"] = 64
+    path.write_text(yaml.safe_dump(saved | {"fitness": saved["fitness"] | {
+        "promote_items_per_task": 32}}))
+    assert load_config(path, saved_run=True).fitness.bank_items_per_task == 64
+
+
+def test_full_evaluation_does_not_check_the_sets_it_never_draws():
+    config = RunConfig.model_validate({
+        "sources": {"base": "a", "experts": ["b", "c"]}, "tasks": ["t"],
+        "fitness": {"full_evaluation": True, "promote_items_per_task": 500}})
+    assert config.fitness.full_evaluation
+    code = RunConfig.model_validate({"search_space": "mnist1d-code"})
+    assert code.fitness.full_evaluation

@@ -23,6 +23,7 @@ from evolve.store import RunStore
 from fitness.errors import CandidateOutOfMemory
 from fitness.journal import ResumeMismatch
 from fitness.pool import Job, run_job
+from fitness.reduced_sets import item_bank
 from tests.conftest import journal_only, pick_task, run_tables, small_run_config
 
 FAILING = "g2-1"
@@ -155,3 +156,30 @@ def test_a_resume_that_meets_another_recipe_under_a_recorded_id_is_refused(confi
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ResumeMismatch, match="another recipe than the one this run recorded"):
         _run(config_path, tmp_path / "run", seed=1)
+
+
+def test_every_item_asked_is_in_the_runs_item_bank(config_path, tmp_path):
+    _run(config_path, tmp_path / "run", seed=1)
+    config = load_config(config_path)
+    task_of = prepare(config, config_path.parent).task_of
+    bank = set(item_bank(task_of, config.fitness.bank_items_per_task, config.seed).tolist())
+    assert len(bank) == 20 < len(task_of)
+    db = sqlite3.connect(tmp_path / "run" / "run.db")
+    asked = {i for (items,) in db.execute("SELECT items FROM answers WHERE error IS NULL")
+             for i in json.loads(items)}
+    assert asked == bank  # calibration answers the whole bank, and nothing else is asked
+    full = [(json.loads(objectives)["accuracy"], items) for objectives, items in db.execute(
+        "SELECT objectives, items FROM evaluations WHERE stage = 'full'")]
+    # exact on the bank (20 items); stored as an estimate of the 40-item split, with its error
+    assert full and all(items == 20 and stderr > 0 for (_, stderr), items in full)
+
+
+def test_promote_z_sets_how_optimistic_promotion_is(config_path, tmp_path):
+    config = yaml.safe_load(config_path.read_text())
+    config["fitness"]["promote_z"] = 1000.0  # no estimate is dominated with that much optimism
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _run(path, tmp_path / "run", seed=1)
+    stages = dict(sqlite3.connect(tmp_path / "run" / "run.db").execute(
+        "SELECT id, stage FROM evaluations WHERE generation > 0 AND error IS NULL"))
+    assert stages and set(stages.values()) <= {"promoted", "full"}
