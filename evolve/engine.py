@@ -171,8 +171,7 @@ class Evolution:
         self.results[candidate.id] = result
         self.store.add_individual(candidate.id, generation, candidate.recipe,
                                   list(candidate.parents), operator)
-        self.store.add_evaluation(candidate.id, generation, result.stage,
-                                  self.fitness.reported(result),
+        self.store.add_evaluation(candidate.id, generation, result.stage, result.objectives,
                                   len(result.asked), result.error)
 
     def _lineage(self, parents) -> tuple[str, ...]:
@@ -408,8 +407,7 @@ class Evolution:
         partial = [Candidate(i, self.recipes[i]) for i in front if self.results[i].stage != "full"]
         for result in self._timed_fitness(lambda: self.fitness.add_full(partial, "final")):
             self.results[result.candidate_id] = result
-            self.store.add_evaluation(result.candidate_id, -1, "full",
-                                      self.fitness.reported(result),
+            self.store.add_evaluation(result.candidate_id, -1, "full", result.objectives,
                                       len(self.fitness.task_of), None)
         jobs = {self.pool.submit(Job(i, self.recipes[i], test=True)): i for i in front}
         for done, future in enumerate(self._timed_fitness(

@@ -2,8 +2,9 @@
 
 Accuracy-like objectives are estimates with standard errors. Selection ranks on a cautious value,
 mean − `caution`·stderr for objectives to maximize (mean + … to minimize), so a lucky estimate from
-a few items does not displace a member that was measured exactly: exact results have stderr 0
-(exact on the item bank every candidate shares; see `fitness.reduced_fitness`).
+a few items does not displace a member that was measured exactly: an exact result's stderr is the
+item bank's sampling error alone (0 when the bank is the whole search split), which every estimate
+carries too.
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def test_every_item_asked_is_in_the_runs_item_bank(config_path, tmp_path):
     assert asked == bank  # calibration answers the whole bank, and nothing else is asked
     full = [(json.loads(objectives)["accuracy"], items) for objectives, items in db.execute(
         "SELECT objectives, items FROM evaluations WHERE stage = 'full'")]
-    # exact on the bank (20 items); stored as an estimate of the 40-item split, with its error
+    # exact on the bank (20 items), an estimate of the 40-item split, with the bank's error
     assert full and all(items == 20 and stderr > 0 for (_, stderr), items in full)
 
 
