@@ -157,7 +157,7 @@ def _build_zoo_if_needed(config) -> None:
         return
     names = [config.sources.base, *config.sources.experts, *config.tasks]
     if any(str(name).startswith("zoo/") for name in names) and not is_built():
-        console.print("building the built-in zoo first (once, about 4 minutes on 2 cores)")
+        console.print("building the built-in zoo first (once, about 2 minutes on 2 cores)")
         build_with_progress("merge")
 
 
