@@ -1,6 +1,7 @@
 """Full-split accuracy from a reduced set of answers, each estimate with a standard error.
 
-Targets are each task's accuracy on its full search split and their mean (the fitness). A
+Targets are each task's accuracy on its full search split and their mean (the fitness); inside
+a run that "split" is the item bank, whose sampling error `fitness.reduced_fitness` adds. A
 candidate answers only the reduced set S; y are its 0/1 answers there.
 
 - `mean` — the weighted mean Σ vⱼ yⱼ of the reduced set (weights from the item selection). Its
