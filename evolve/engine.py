@@ -306,7 +306,7 @@ class Evolution:
                                          self._lineage(proposal.parents)),
                                proposal, generation, stages[generation])
                 if self.budget.full:
-                    child.stage, items = "full", torch.arange(len(self.fitness.task_of))
+                    child.stage, items = "full", self.fitness.whole_bank
                 else:
                     items = stages[generation].reduced.reduced.indices
                 child.job = self.fitness.job(child.candidate, items, child.stage)
@@ -355,7 +355,7 @@ class Evolution:
                         fulls[child.generation] >= self.budget.max_full_per_call:
                     return result
                 fulls[child.generation] += 1
-                child.stage, items = "full", torch.arange(len(self.fitness.task_of))
+                child.stage, items = "full", self.fitness.whole_bank
             child.job = fitness.job(candidate, items, child.stage)
             if child.job is not None:
                 return None

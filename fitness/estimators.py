@@ -49,7 +49,7 @@ import torch
 
 from fitness.errors import FitnessError
 from fitness.irt import MODELS_PER_DIMENSION, IRTModel, _newton_rows, fit_irt
-from fitness.reduced_sets import ReducedSet
+from fitness.reduced_sets import ReducedSet, finite_population, smoothed_spread
 
 ESTIMATORS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
 BLENDS = {"gpirt": "pirt", "gmpirt": "mpirt"}
@@ -129,12 +129,11 @@ class ReducedEstimators:
         means, variances = means.double(), variances.double()
         for t in range(self.tasks):
             here = self.reduced_task == t
-            n, size = int(here.sum()), float(self.sizes[t])
+            n = here.sum().double()
             means[t] = (v[here] * y[here]).sum()
-            smoothed = (y[here].sum() + 1) / (n + 2)
-            spread = smoothed * (1 - smoothed)
+            spread = smoothed_spread(y[here].sum(), n)
             if self.reduced.method == "random":
-                variances[t] = spread / n * max(size - n, 0.0) / max(size - 1, 1.0)
+                variances[t] = spread * finite_population(n, self.sizes[t])
             else:
                 variances[t] = spread * v[here].pow(2).sum()
         return (torch.cat([means, means.mean()[None]]),

@@ -169,6 +169,11 @@ class ReducedFitness:
         self.task_of = self.pool_task_of[self.bank]
         self._position = {item: local for local, item in enumerate(self.bank.tolist())}
 
+    @property
+    def whole_bank(self) -> torch.Tensor:
+        """Every bank item: what a full evaluation asks."""
+        return torch.arange(len(self.task_of))
+
     # -- answers, cached -------------------------------------------------------------------
 
     def job(self, candidate: Candidate, items: torch.Tensor, stage: str) -> Job | None:
@@ -233,12 +238,12 @@ class ReducedFitness:
                  progress: Progress | None = None) -> list[FitnessResult]:
         """Evaluate the candidates on every bank item (all at once in the pool); they join the
         calibration matrix. Any failure stops the run (nothing here is guarded)."""
-        every = torch.arange(len(self.task_of))
-        self._ask([(c, every) for c in candidates], guard=False, stage=stage, progress=progress)
+        self._ask([(c, self.whole_bank) for c in candidates], guard=False, stage=stage,
+                  progress=progress)
         return [self._add_full(c) for c in candidates]
 
     def _add_full(self, candidate: Candidate) -> FitnessResult:
-        every = torch.arange(len(self.task_of))
+        every = self.whole_bank
         row = self._answers(candidate, every)
         if candidate.id not in self.calibration_ids:
             self.calibration_ids.append(candidate.id)
@@ -335,7 +340,7 @@ class ReducedFitness:
                 results[c.id] = failed_result(c, failed[c.id]) if c.id in failed else estimate(c)
 
         if budget.full:
-            stage("full", candidates, torch.arange(len(self.task_of)), self.full, on_candidate)
+            stage("full", candidates, self.whole_bank, self.full, on_candidate)
             return [results[c.id] for c in candidates]
         stages = self.stages(budget)
         stage("reduced", candidates, stages.reduced.reduced.indices,
@@ -347,8 +352,7 @@ class ReducedFitness:
               lambda c: self.estimate(c, stages.promoted, budget, "promoted"))
         finalists = sorted((c for c in promoted if finalist(results[c.id], fronts)),
                            key=lambda c: -results[c.id].objectives["accuracy"][0])
-        stage("full", finalists[:budget.max_full_per_call], torch.arange(len(self.task_of)),
-              self.full)
+        stage("full", finalists[:budget.max_full_per_call], self.whole_bank, self.full)
         return [results[c.id] for c in candidates]
 
     def _objectives(self, candidate: Candidate, means: torch.Tensor, stderr: torch.Tensor

@@ -153,6 +153,18 @@ def bank_variance(accuracy: torch.Tensor, bank_task_of: torch.Tensor, pool_task_
     tasks = len(accuracy) - 1
     n = torch.bincount(bank_task_of, minlength=tasks).double()
     total = torch.bincount(pool_task_of, minlength=tasks).double()
-    p = (accuracy[:tasks].double() * n + 1) / (n + 2)
-    per_task = p * (1 - p) / n * (total - n) / (total - 1).clamp_min(1)
+    per_task = smoothed_spread(accuracy[:tasks].double() * n, n) * finite_population(n, total)
     return torch.cat([per_task, per_task.sum()[None] / tasks ** 2])
+
+
+def smoothed_spread(successes: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """p(1 − p) of 0/1 answers, p smoothed to (k + 1)/(n + 2): 0/n or n/n answers do not claim
+    zero variance."""
+    p = (successes + 1) / (n + 2)
+    return p * (1 - p)
+
+
+def finite_population(n: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """(N − n)/(n(N − 1)): times p(1 − p), the variance of the mean of n items drawn uniformly
+    without replacement from N (0 when n is all of them)."""
+    return (size - n).clamp_min(0) / (n * (size - 1).clamp_min(1))
